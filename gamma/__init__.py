@@ -1,0 +1,30 @@
+"""gamma: generic image quality and aesthetics assessment with a Mixture of Assessment Experts."""
+
+__version__ = "0.1.0"
+
+from .archs import CropProtocol, GammaModel, MoAE, keep_only_experts  # noqa: E402
+from .config import GammaConfig, TextCfg, VisionCfg  # noqa: E402
+from .factory import create_model, list_models  # noqa: E402
+from .prompts import DATASET_SCENES, NAIVE_PROMPTS, SCENES, SDP_PROMPTS, canonical_scene  # noqa: E402
+from .weights import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
+
+__all__ = [
+    "DATASET_SCENES",
+    "NAIVE_PROMPTS",
+    "SCENES",
+    "SDP_PROMPTS",
+    "CheckpointError",
+    "CropProtocol",
+    "GammaConfig",
+    "GammaModel",
+    "MoAE",
+    "TextCfg",
+    "VisionCfg",
+    "__version__",
+    "canonical_scene",
+    "create_model",
+    "keep_only_experts",
+    "list_models",
+    "read_checkpoint",
+    "save_checkpoint",
+]

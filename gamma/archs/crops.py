@@ -1,0 +1,125 @@
+"""Test-time crop protocols: where the fixed-size crops of a full-resolution image are taken.
+
+Offsets depend only on the image size and the protocol (never on the batch or on global RNG state), so a score is
+reproducible and independent of batch composition. Identical windows (a 224x224 image has only one) are scored once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+CROP_MODES = ("random", "grid", "five", "center", "resize")
+
+
+@dataclass(frozen=True)
+class CropProtocol:
+    """How an image is cut into ``size`` x ``size`` crops whose scores are averaged.
+
+    Modes:
+        random: ``num`` uniformly random offsets from a generator seeded with ``seed`` (the release's 10-crop protocol,
+            made reproducible; the release draws from the global RNG).
+        grid: ``num`` crops on an evenly spaced rows x cols grid covering the image (deterministic).
+        five: the centre and the four corners (the release's alternative ``random_5crop_test``).
+        center: the central crop only.
+        resize: the whole image resized to ``size`` x ``size`` (one pass, aspect ratio not kept).
+    """
+
+    mode: str = "random"
+    num: int = 10
+    seed: int = 0
+    size: int = 224
+
+    def __post_init__(self) -> None:
+        if self.mode not in CROP_MODES:
+            raise ValueError(f"unknown crop mode {self.mode!r}; known modes: {', '.join(CROP_MODES)}")
+        if self.num < 1:
+            raise ValueError(f"number of crops must be >= 1, got {self.num}")
+        if self.size < 1:
+            raise ValueError(f"crop size must be >= 1, got {self.size}")
+
+    @property
+    def crops_per_image(self) -> int:
+        return {"five": 5, "center": 1, "resize": 1}.get(self.mode, self.num)
+
+    def offsets(self, height: int, width: int) -> list[tuple[int, int]]:
+        """(top, left) of each crop, in protocol order, for an image of at least ``size`` on both sides."""
+        s = self.size
+        if height < s or width < s:
+            raise ValueError(f"image {height}x{width} is smaller than the crop size {s}; call prepare() first")
+        if self.mode == "random":
+            gen = torch.Generator().manual_seed(self.seed)
+            out = []
+            for _ in range(self.num):
+                top = int(torch.randint(0, height - s + 1, (1,), generator=gen))
+                left = int(torch.randint(0, width - s + 1, (1,), generator=gen))
+                out.append((top, left))
+            return out
+        if self.mode == "grid":
+            rows, cols = _grid_shape(self.num, height, width)
+            tops = _spread(height - s, rows)
+            lefts = _spread(width - s, cols)
+            return [(t, l) for t in tops for l in lefts][: self.num]
+        if self.mode == "five":
+            ct, cl = (height - s) // 2, (width - s) // 2
+            return [(ct, cl), (0, 0), (0, width - s), (height - s, 0), (height - s, width - s)]
+        # center / resize (resize is handled before offsets are asked for: the image is then exactly s x s)
+        return [((height - s) // 2, (width - s) // 2)]
+
+
+def _grid_shape(num: int, height: int, width: int) -> tuple[int, int]:
+    """rows x cols >= num, shaped like the image (more columns for wide images)."""
+    rows = max(1, round(math.sqrt(num * height / width)))
+    cols = math.ceil(num / rows)
+    return rows, cols
+
+
+def _spread(span: int, count: int) -> list[int]:
+    if count == 1:
+        return [span // 2]
+    return [round(i * span / (count - 1)) for i in range(count)]
+
+
+def prepare(images: torch.Tensor, protocol: CropProtocol) -> torch.Tensor:
+    """Bring a batch (B, 3, H, W) to a size the protocol can crop.
+
+    ``resize`` resizes to size x size; otherwise an image smaller than the crop on either side is upscaled
+    (bicubic, aspect ratio kept) so that its short side equals the crop size. Larger images are left untouched.
+    """
+    h, w = images.shape[-2:]
+    s = protocol.size
+    if protocol.mode == "resize":
+        if (h, w) == (s, s):
+            return images
+        return _resize(images, (s, s))
+    if h >= s and w >= s:
+        return images
+    scale = s / min(h, w)
+    return _resize(images, (max(s, round(h * scale)), max(s, round(w * scale))))
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    antialias = size[0] < images.shape[-2] or size[1] < images.shape[-1]
+    out = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=antialias)
+    return out.clamp_(0.0, 1.0)
+
+
+def unique_crops(images: torch.Tensor, protocol: CropProtocol) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct crops of a prepared batch and the weight of each in the average.
+
+    Returns:
+        crops (U * B, 3, s, s), crop-major (all images' first window, then all images' second ...), and weights (U,)
+        that sum to 1: the share of the protocol's crops that fall on each distinct window.
+    """
+    h, w = images.shape[-2:]
+    s = protocol.size
+    counts = Counter(protocol.offsets(h, w))
+    windows = list(counts)
+    crops = torch.cat([images[:, :, t : t + s, l : l + s] for t, l in windows], dim=0)
+    total = sum(counts.values())
+    weights = torch.tensor([counts[win] / total for win in windows], dtype=torch.float64)
+    return crops, weights

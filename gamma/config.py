@@ -1,0 +1,143 @@
+"""Model configuration dataclasses and the table of named variants."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .prompts import PROMPT_SETS
+
+
+@dataclass
+class VisionCfg:
+    """Image tower of an OpenAI-layout CLIP ViT."""
+
+    width: int = 768  # token width D
+    layers: int = 12  # number of transformer blocks
+    heads: int = 12  # attention heads (OpenAI rule: width // 64)
+    patch_size: int = 16  # conv1 stride and kernel
+    image_size: int = 224  # input (crop) resolution; positional embedding covers (image_size // patch_size)**2 + 1
+
+
+@dataclass
+class TextCfg:
+    """Text tower of an OpenAI-layout CLIP."""
+
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    context_length: int = 77  # BPE tokens incl. SOT/EOT, zero padded
+    vocab_size: int = 49408
+
+
+@dataclass
+class GammaConfig:
+    """Everything needed to build a Gamma model (and nothing about how it is trained)."""
+
+    embed_dim: int = 512  # joint image/text embedding width (visual.proj / text_projection columns)
+    vision: VisionCfg = field(default_factory=VisionCfg)
+    text: TextCfg = field(default_factory=TextCfg)
+    moae_layers: int = 6  # MoAE replaces the MLP of the last `moae_layers` blocks of both towers (0 = none)
+    num_experts: int = 3  # adaptive experts per MoAE block (0 = plain backbone MLP)
+    freeze_shared: bool = True  # the shared expert (pretrained MLP) stays frozen
+    merge_factor: bool = True  # scalar alpha per block, zero-initialised; off = adaptive sum added with weight 1
+    adapter_reduction: int = 2  # head adapter hidden width = embed_dim // adapter_reduction
+    levels: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)  # initial learnable level vector
+    prompt_set: str = "naive"  # "naive" | "quality" | "sdp"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = _from_dict(VisionCfg, self.vision, "vision")
+        if isinstance(self.text, dict):
+            self.text = _from_dict(TextCfg, self.text, "text")
+        self.levels = tuple(float(v) for v in self.levels)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if self.prompt_set not in PROMPT_SETS:
+            raise ValueError(f"prompt_set must be one of {PROMPT_SETS}, got {self.prompt_set!r}")
+        max_layers = min(self.vision.layers, self.text.layers)
+        if not 0 <= self.moae_layers <= max_layers:
+            raise ValueError(f"moae_layers must be in [0, {max_layers}], got {self.moae_layers}")
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+        for name, tower in (("vision", self.vision), ("text", self.text)):
+            if tower.width % tower.heads:
+                raise ValueError(f"{name}.width ({tower.width}) must be divisible by {name}.heads ({tower.heads})")
+        if self.vision.image_size % self.vision.patch_size:
+            raise ValueError("vision.image_size must be a multiple of vision.patch_size")
+        if len(self.levels) != 5:
+            raise ValueError(f"levels must have 5 entries (one per prompt level), got {len(self.levels)}")
+
+    @property
+    def has_moae(self) -> bool:
+        return self.moae_layers > 0 and self.num_experts > 0
+
+    def moae_blocks(self, num_layers: int) -> list[int]:
+        """Indices of the blocks that carry MoAE in a tower of ``num_layers`` blocks."""
+        if not self.has_moae:
+            return []
+        return list(range(num_layers - self.moae_layers, num_layers))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["levels"] = list(self.levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GammaConfig:
+        return _from_dict(cls, d, "model config")
+
+    def replace(self, **overrides: Any) -> GammaConfig:
+        """A copy with ``overrides`` applied; nested fields accept dicts (``vision={'width': 64}``)."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            if key not in d:
+                raise ValueError(f"unknown model option {key!r}; known options: {', '.join(sorted(d))}")
+            if isinstance(d[key], dict) and isinstance(value, dict):
+                d[key] = {**d[key], **value}
+            elif dataclasses.is_dataclass(value):
+                d[key] = asdict(value)
+            else:
+                d[key] = value
+        return GammaConfig.from_dict(d)
+
+
+def _from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {what}: {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
+    return cls(**d)
+
+
+# Named variants. ``gamma_vitb16`` is the paper's model (CLIP ViT-B/16 + MoAE in the last 6 blocks, 3 experts).
+VARIANTS: dict[str, GammaConfig] = {
+    "gamma_vitb16": GammaConfig(),
+    "gamma_vitb16_sdp": GammaConfig(prompt_set="sdp"),
+    # The plain backbone with the score head ("w/o MoAE" rows of the paper's ablations).
+    "clip_vitb16_head": GammaConfig(moae_layers=0, num_experts=0),
+    # Tiny variants for tests and the offline demo: same structure, widths 64, 4 blocks, patch 32.
+    "gamma_test": GammaConfig(
+        embed_dim=64,
+        vision=VisionCfg(width=64, layers=4, heads=1, patch_size=32, image_size=224),
+        text=TextCfg(width=64, layers=4, heads=1),
+        moae_layers=2,
+    ),
+    "gamma_test_sdp": GammaConfig(
+        embed_dim=64,
+        vision=VisionCfg(width=64, layers=4, heads=1, patch_size=32, image_size=224),
+        text=TextCfg(width=64, layers=4, heads=1),
+        moae_layers=2,
+        prompt_set="sdp",
+    ),
+}
+
+
+def get_variant(name: str) -> GammaConfig:
+    """A fresh copy of a named variant's config."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
+    return GammaConfig.from_dict(VARIANTS[name].to_dict())

@@ -1,0 +1,89 @@
+"""Prompt tables (data only): the naive level prompts and the Scene-based Differential Prompts (SDP).
+
+The five levels are ordered from worst to best; their order matches the learnable level vector of the score head
+(initialised to 0.2, 0.4, 0.6, 0.8, 1.0).
+"""
+
+from __future__ import annotations
+
+LEVELS: tuple[str, ...] = ("bad", "poor", "fair", "good", "perfect")
+
+#: Prompts of the released "Gamma" weights.
+NAIVE_PROMPTS: tuple[str, ...] = tuple(f"{level} image" for level in LEVELS)
+
+#: Scene names, in a fixed order (the SDP text features are stacked in this order).
+SCENES: tuple[str, ...] = ("natural", "aigc", "underwater", "face", "aesthetics")
+
+# (scene prefix, assessed property) of each SDP scene; paper App. A.4 and the release's prompt table.
+_SDP_PARTS: dict[str, tuple[str, str]] = {
+    "natural": ("natural", "quality"),
+    "aigc": ("AI-generated", "quality"),
+    "underwater": ("underwater", "quality"),
+    "face": ("face", "quality"),
+    "aesthetics": ("natural", "aesthetics"),
+}
+
+#: Prompts of the released "Gamma-Prompt" weights: scene -> five level prompts.
+SDP_PROMPTS: dict[str, tuple[str, ...]] = {
+    scene: tuple(f"{prefix} {level}-{prop} image" for level in LEVELS) for scene, (prefix, prop) in _SDP_PARTS.items()
+}
+
+#: Prompt sets of the paper's prompt ablation (Table 15): "general" and "quality" use one set for every scene.
+GENERAL_PROMPTS: tuple[str, ...] = NAIVE_PROMPTS
+QUALITY_PROMPTS: tuple[str, ...] = tuple(f"{level}-quality image" for level in LEVELS)
+
+PROMPT_SETS: tuple[str, ...] = ("naive", "quality", "sdp")
+
+#: Dataset name (lower case, as registered in :mod:`gamma.data`) -> scene.
+DATASET_SCENES: dict[str, str] = {
+    "live": "natural",
+    "csiq": "natural",
+    "tid2013": "natural",
+    "kadid10k": "natural",
+    "livec": "natural",
+    "koniq10k": "natural",
+    "spaq": "natural",
+    "agiqa3k": "aigc",
+    "uwiqa": "underwater",
+    "gfiqa20k": "face",
+    "ava": "aesthetics",
+    "aadb": "aesthetics",
+    "exbedde": "natural",
+    "eciqad": "natural",
+}
+
+# Accepted spellings of scene names; the canonical names are SCENES.
+_SCENE_ALIASES: dict[str, str] = {
+    "ai-generated": "aigc",
+    "ai_generated": "aigc",
+    "aigi": "aigc",
+    "aesthetic": "aesthetics",
+    "iaa": "aesthetics",
+    "uw": "underwater",
+}
+
+
+def canonical_scene(scene: str) -> str:
+    """Return the canonical scene name for ``scene`` (case-insensitive, a few aliases accepted).
+
+    Raises:
+        ValueError: the scene is unknown; the message lists the known scenes.
+    """
+    if not isinstance(scene, str):
+        raise ValueError(f"scene must be a string, one of {list(SCENES)}; got {type(scene).__name__}")
+    key = scene.strip().lower()
+    key = _SCENE_ALIASES.get(key, key)
+    if key not in SCENES:
+        raise ValueError(f"unknown scene {scene!r}; known scenes: {', '.join(SCENES)}")
+    return key
+
+
+def prompt_table(prompt_set: str) -> dict[str, tuple[str, ...]]:
+    """Scene -> five level prompts for a prompt set; single-set prompt sets map every scene to the same prompts."""
+    if prompt_set == "sdp":
+        return dict(SDP_PROMPTS)
+    if prompt_set == "naive":
+        return {scene: NAIVE_PROMPTS for scene in SCENES}
+    if prompt_set == "quality":
+        return {scene: QUALITY_PROMPTS for scene in SCENES}
+    raise ValueError(f"unknown prompt set {prompt_set!r}; known prompt sets: {', '.join(PROMPT_SETS)}")

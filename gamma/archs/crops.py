@@ -23,7 +23,8 @@ class CropProtocol:
     Modes:
         random: ``num`` uniformly random offsets from a generator seeded with ``seed`` (the release's 10-crop protocol,
             made reproducible; the release draws from the global RNG).
-        grid: ``num`` crops on an evenly spaced rows x cols grid covering the image (deterministic).
+        grid: ``num`` crops on an evenly spaced rows x cols grid (rows * cols = num, shaped like the image) that
+            reaches all four borders (deterministic).
         five: the centre and the four corners (the release's alternative ``random_5crop_test``).
         center: the central crop only.
         resize: the whole image resized to ``size`` x ``size`` (one pass, aspect ratio not kept).
@@ -63,7 +64,7 @@ class CropProtocol:
             rows, cols = _grid_shape(self.num, height, width)
             tops = _spread(height - s, rows)
             lefts = _spread(width - s, cols)
-            return [(t, l) for t in tops for l in lefts][: self.num]
+            return [(t, l) for t in tops for l in lefts]
         if self.mode == "five":
             ct, cl = (height - s) // 2, (width - s) // 2
             return [(ct, cl), (0, 0), (0, width - s), (height - s, 0), (height - s, width - s)]
@@ -72,10 +73,9 @@ class CropProtocol:
 
 
 def _grid_shape(num: int, height: int, width: int) -> tuple[int, int]:
-    """rows x cols >= num, shaped like the image (more columns for wide images)."""
-    rows = max(1, round(math.sqrt(num * height / width)))
-    cols = math.ceil(num / rows)
-    return rows, cols
+    """rows x cols == num, the factor pair whose shape is closest to the image's (more columns for wide images)."""
+    pairs = [(r, num // r) for r in range(1, num + 1) if num % r == 0]
+    return min(pairs, key=lambda rc: abs(math.log(rc[0] / rc[1]) - math.log(height / width)))
 
 
 def _spread(span: int, count: int) -> list[int]:

@@ -123,11 +123,15 @@ class GammaModel(nn.Module):
 
         They do not depend on the image, so outside autograd they are computed once and reused until a text-tower
         weight changes (an optimiser step, ``load_state_dict``, ``.to()``: each changes a parameter's version or
-        storage, which is the cache key).
+        storage, which is the cache key) or :func:`keep_only_experts` changes the routing.
         """
         tokens = self.prompt_tokens
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._text_params)
-        key = (tuple((p.data_ptr(), p._version, p.dtype) for p in self._text_params), tokens.device)
+        key = (
+            tuple((p.data_ptr(), p._version, p.dtype) for p in self._text_params),
+            tuple(m.kept_experts for m in self.moae_modules()),  # keep_only_experts changes the text tower too
+            tokens.device,
+        )
         cache = self._text_cache
         if not needs_grad and cache is not None and cache[0] == key:
             # An inference-mode tensor may only be reused where autograd is off.
@@ -240,6 +244,7 @@ class GammaModel(nn.Module):
             if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
                 raise ValueError(
                     f"pixel values must be RGB in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
-                    + ("; divide 0-255 images by 255" if hi > 2 else "; do not CLIP-normalise: the model does it")
+                    + ("; do not CLIP-normalise: the model does it" if lo < -RANGE_TOLERANCE
+                       else "; divide 0-255 images by 255")
                 )
         return images.to(self.score_level.dtype) if images.dtype != self.score_level.dtype else images

@@ -56,7 +56,7 @@ class MoAE(nn.Module):
         # False selects the literal form (each expert called in turn); both give the same result up to rounding.
         self.fused = True
         # Expert indices kept by `keep_only_experts` (paper Table 6); None keeps all.
-        self.expert_mask: torch.Tensor | None = None
+        self.kept_experts: tuple[int, ...] | None = None
 
     def _expert_params(self) -> list[nn.Parameter]:
         params = []
@@ -83,9 +83,11 @@ class MoAE(nn.Module):
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights (..., N) for tokens x (..., D), after any expert mask."""
         gate = self.gating(x)
-        if self.expert_mask is not None:
+        if self.kept_experts is not None:
             # Table 6 protocol: the other experts' router weights are zeroed (not renormalised).
-            gate = gate * self.expert_mask.to(gate)
+            mask = torch.zeros(self.num_experts, dtype=gate.dtype, device=gate.device)
+            mask[list(self.kept_experts)] = 1.0
+            gate = gate * mask
         if self.record_routing:
             self.last_routing = gate.detach()
         return gate
@@ -122,11 +124,9 @@ def keep_only_experts(module: nn.Module, keep: list[int] | None) -> None:
     for m in module.modules():
         if isinstance(m, MoAE):
             if keep is None:
-                m.expert_mask = None
+                m.kept_experts = None
                 continue
             bad = [k for k in keep if not 0 <= k < m.num_experts]
             if bad:
                 raise ValueError(f"expert index {bad[0]} out of range for {m.num_experts} experts")
-            mask = torch.zeros(m.num_experts)
-            mask[list(keep)] = 1.0
-            m.expert_mask = mask
+            m.kept_experts = tuple(sorted(set(keep)))

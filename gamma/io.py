@@ -1,0 +1,333 @@
+"""Image decoding shared by the CLI, the scorer, the datasets and the pyiqa path.
+
+:func:`load_image` turns whatever users have — JPEG, PNG, WebP, BMP, TIFF, GIF; EXIF-rotated photos; grayscale,
+palette, RGBA, CMYK, 16-bit and float images — into one thing: an RGB float32 tensor (3, H, W) in [0, 1]. Anything it
+cannot decode (missing, empty, truncated or non-image files, declared sizes past a decompression-bomb limit) raises
+:class:`ImageDecodeError` whose message names the file; PIL's own exceptions never escape.
+
+:func:`iter_image_files` / :func:`list_image_files` expand files, folders (recursively) and glob patterns.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+logger = logging.getLogger(__name__)
+
+#: Default decompression-bomb limit: PIL's own hard limit (2 x ``Image.MAX_IMAGE_PIXELS`` of a fresh PIL, ~179 MP).
+#: A 179 MP image is already 2.1 GB as a float32 tensor.
+MAX_PIXELS = 2 * 89_478_485
+
+#: File suffixes (lower case) picked up when a folder or glob is expanded. Explicitly named files are always tried.
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+     ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+
+ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image]
+
+_GLOB_CHARS = frozenset("*?[")
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageDecodeError(ValueError):
+    """An image cannot be decoded; ``str(err)`` starts with the file's name and says why.
+
+    Attributes:
+        source: the file name (or ``<bytes>`` / ``<stream>``) that failed.
+        reason: why, in words.
+    """
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------------------------------- decoding
+def load_image(
+    source: ImageSource,
+    *,
+    background: tuple[int, int, int] = (255, 255, 255),
+    max_pixels: int | None = MAX_PIXELS,
+) -> torch.Tensor:
+    """Decode an image into an RGB float32 tensor (3, H, W) with values in [0, 1].
+
+    - EXIF orientation is applied (a phone photo comes out the way it is displayed).
+    - Grayscale is replicated to three channels; palette, CMYK, YCbCr, LAB and HSV images are converted to RGB.
+    - Transparency (RGBA, LA, palette with a transparent colour) is composited on ``background``.
+    - 16-bit images keep their precision (divided by 65535); 32-bit integer images holding 16-bit values likewise.
+      Float images already in [0, 1] are kept; float images in 0..255 or 0..65535 are divided accordingly.
+    - Multi-frame files (GIF, multi-page TIFF) give their first frame.
+
+    Args:
+        source: a file path, the encoded bytes, a binary file object, or a ``PIL.Image.Image``.
+        background: the RGB colour (0..255) that transparent pixels are composited on.
+        max_pixels: refuse images whose *declared* size (read from the header, before any decoding) exceeds this many
+            pixels, to guard against decompression bombs. ``None`` disables the guard.
+
+    Raises:
+        ImageDecodeError: the file is missing, empty, truncated, not an image, too large, or holds NaN/inf.
+    """
+    bg = _check_background(background)
+    if isinstance(source, Image.Image):
+        name = getattr(source, "filename", "") or "<PIL image>"
+        return _decode(source, name, bg, max_pixels)
+    name, opened = _open_source(source)
+    with _pil_limit(max_pixels), warnings.catch_warnings():
+        # Our own size check below replaces PIL's bomb warning; other PIL warnings (odd EXIF, palette transparency
+        # given in bytes) concern details we handle and would only clutter a million-file run.
+        warnings.simplefilter("ignore")
+        try:
+            with opened as fh:
+                try:
+                    img = Image.open(fh)
+                except Image.DecompressionBombError as exc:
+                    raise ImageDecodeError(name, f"refused as a possible decompression bomb ({exc})") from None
+                except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on bad data
+                    raise ImageDecodeError(name, f"not a readable image ({_why(exc)})") from None
+                with img:
+                    return _decode(img, name, bg, max_pixels)
+        except OSError as exc:  # opening the file itself
+            raise ImageDecodeError(name, f"cannot open file ({_why(exc)})") from None
+
+
+def _decode(img: Image.Image, name: str, bg: np.ndarray, max_pixels: int | None) -> torch.Tensor:
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageDecodeError(name, f"image has no pixels (size {width}x{height})")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageDecodeError(
+            name,
+            f"declared size {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} pixels "
+            "(a possible decompression bomb); raise max_pixels (CLI: --max-pixels) if the image is genuine",
+        )
+    try:
+        if getattr(img, "n_frames", 1) > 1:
+            img.seek(0)
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(name, f"refused as a possible decompression bomb ({exc})") from None
+    except MemoryError:
+        raise ImageDecodeError(name, f"not enough memory to decode a {width}x{height} image") from None
+    except Exception as exc:  # noqa: BLE001 - truncated data raises OSError, broken headers anything
+        raise ImageDecodeError(name, f"corrupt or truncated image data ({_why(exc)})") from None
+    try:
+        img = ImageOps.exif_transpose(img) or img
+    except Exception as exc:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good image
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", name, _why(exc))
+    try:
+        array = _to_float_rgb(img, bg)
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise ImageDecodeError(name, f"cannot convert image mode {img.mode!r} to RGB ({_why(exc)})") from None
+    if not np.isfinite(array).all():
+        raise ImageDecodeError(name, "image contains NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def _to_float_rgb(img: Image.Image, bg: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1], alpha composited on ``bg`` (3,) in [0, 1]."""
+    mode = img.mode
+    if mode == "P" or mode == "PA":
+        img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+        mode = img.mode
+    elif mode == "L" and "transparency" in img.info or mode in ("LA", "La", "RGBa"):
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    elif mode == "RGB" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+
+    if mode == "RGBA":
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        rgb, alpha = arr[..., :3], arr[..., 3:]
+        return (rgb * alpha + bg * (1.0 - alpha)).astype(np.float32)
+    if mode in ("1", "L"):
+        gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(img).astype(np.float64)
+        return np.repeat(_scale_integer(values, mode)[..., None], 3, axis=-1).astype(np.float32)
+    if mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        return np.repeat(_scale_float(values)[..., None], 3, axis=-1).astype(np.float32)
+    if mode != "RGB":  # CMYK, YCbCr, LAB, HSV, RGBX ...
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _scale_integer(values: np.ndarray, mode: str) -> np.ndarray:
+    if mode.startswith("I;16"):
+        return values / 65535.0
+    # Mode "I" (32-bit signed): how PIL gives 16-bit PNGs/TIFFs on some versions and 32-bit integer TIFFs.
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 65535:
+        return values / 65535.0
+    logger.warning("32-bit integer image with values in [%g, %g]: rescaled by its own range", lo, hi)
+    return (values - lo) / max(hi - lo, 1.0)
+
+
+def _scale_float(values: np.ndarray) -> np.ndarray:
+    finite = values[np.isfinite(values)]
+    if finite.size != values.size:
+        return values  # rejected by the caller with a clear message
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo >= -1e-3 and hi <= 1 + 1e-3:
+        return np.clip(values, 0.0, 1.0)
+    if lo >= 0 and hi <= 255:
+        return values / 255.0
+    if lo >= 0 and hi <= 65535:
+        return values / 65535.0
+    logger.warning("float image with values in [%g, %g]: rescaled by its own range", lo, hi)
+    return (values - lo) / max(hi - lo, 1e-12)
+
+
+def _check_background(background: tuple[int, int, int]) -> np.ndarray:
+    try:
+        bg = np.asarray(background, dtype=np.float64).reshape(3)
+    except (TypeError, ValueError):
+        raise ValueError(f"background must be three integers in 0..255, got {background!r}") from None
+    if not np.all((bg >= 0) & (bg <= 255)):
+        raise ValueError(f"background must be three integers in 0..255, got {background!r}")
+    return (bg / 255.0).astype(np.float32)
+
+
+def _open_source(source: ImageSource) -> tuple[str, IO[bytes]]:
+    """(name for messages, a context-managed binary stream)."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageDecodeError("<bytes>", "empty input (0 bytes)")
+        return "<bytes>", io.BytesIO(bytes(source))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        name = str(source)
+        if not path.exists():
+            raise ImageDecodeError(name, "no such file")
+        if path.is_dir():
+            raise ImageDecodeError(name, "is a directory, not an image file")
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise ImageDecodeError(name, f"cannot open file ({_why(exc)})") from None
+        if size == 0:
+            raise ImageDecodeError(name, "empty file (0 bytes)")
+        try:
+            return name, open(path, "rb")  # noqa: SIM115 - closed by the caller's `with`
+        except OSError as exc:
+            raise ImageDecodeError(name, f"cannot open file ({_why(exc)})") from None
+    if hasattr(source, "read"):
+        name = str(getattr(source, "name", "<stream>"))
+        return name, _NoClose(source)
+    raise TypeError(
+        f"cannot load an image from a {type(source).__name__}; pass a path, bytes, a binary file or a PIL image"
+    )
+
+
+class _NoClose:
+    """Context manager that hands out a caller-owned stream without closing it."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self.stream = stream
+
+    def __enter__(self) -> IO[bytes]:
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@contextmanager
+def _pil_limit(max_pixels: int | None) -> Iterator[None]:
+    """Let our own ``max_pixels`` govern: lift PIL's global bomb limit only while opening, when ours is larger."""
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    if pil_limit is None or (max_pixels is not None and max_pixels <= 2 * pil_limit):
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------------------------------------- finding files
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether the path has one of :data:`IMAGE_EXTENSIONS` (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def iter_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = True) -> Iterator[str]:
+    """Expand files, folders and glob patterns lazily, in a deterministic order.
+
+    - a file is yielded as given, whatever its suffix;
+    - a folder yields its image files (by suffix, :data:`IMAGE_EXTENSIONS`), sorted by name, descending into
+      sub-folders (sorted) when ``recursive``; hidden files and folders (``.name``) are skipped;
+    - a pattern with ``*``, ``?`` or ``[`` is expanded with :func:`glob.glob` (``**`` matches sub-folders), its
+      matches sorted; matching folders are expanded as above;
+    - a path that does not exist is yielded as given, so that the caller reports it like any unreadable file.
+
+    Nothing but the current folder's listing is held in memory, so a million files cost no more than a thousand.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    for item in inputs:
+        text = os.fspath(item)
+        if os.path.isdir(text):
+            yield from _walk(text, recursive)
+        elif os.path.exists(text) or not (_GLOB_CHARS & set(text)):
+            yield text
+        else:
+            matches = sorted(glob.iglob(text, recursive=True))
+            if not matches:
+                logger.warning("no files match %s", text)
+            for match in matches:
+                if os.path.isdir(match):
+                    yield from _walk(match, recursive)
+                elif is_image_file(match):
+                    yield match
+
+
+def _walk(folder: str, recursive: bool) -> Iterator[str]:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        logger.warning("cannot list %s (%s)", folder, _why(exc))
+        return
+    subdirs = []
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            subdirs.append(entry.path)
+        elif is_image_file(entry.name):
+            yield entry.path
+    if recursive:
+        for sub in subdirs:
+            yield from _walk(sub, recursive)
+
+
+def list_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = True) -> list[str]:
+    """:func:`iter_image_files` as a sorted list without duplicates."""
+    return sorted(set(iter_image_files(inputs, recursive=recursive)))

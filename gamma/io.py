@@ -37,7 +37,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
      ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 
-ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image]
+ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image]  # noqa: UP007 - runtime alias (py3.10)
 
 _GLOB_CHARS = frozenset("*?[")
 _PIL_LIMIT_LOCK = threading.Lock()
@@ -69,7 +69,8 @@ def load_image(
     - EXIF orientation is applied (a phone photo comes out the way it is displayed).
     - Grayscale is replicated to three channels; palette, CMYK, YCbCr, LAB and HSV images are converted to RGB.
     - Transparency (RGBA, LA, palette with a transparent colour) is composited on ``background``.
-    - 16-bit images keep their precision (divided by 65535); 32-bit integer images holding 16-bit values likewise.
+    - 16-bit images keep their precision (divided by 65535); 32-bit integer images are divided by 255 or 65535,
+      whichever range holds their values.
       Float images already in [0, 1] are kept; float images in 0..255 or 0..65535 are divided accordingly.
     - Multi-frame files (GIF, multi-page TIFF) give their first frame.
 
@@ -96,7 +97,9 @@ def load_image(
                 try:
                     img = Image.open(fh)
                 except Image.DecompressionBombError as exc:
-                    raise ImageDecodeError(name, f"refused as a possible decompression bomb ({exc})") from None
+                    raise ImageDecodeError(name, _bomb_message(exc)) from None
+                except Image.UnidentifiedImageError:
+                    raise ImageDecodeError(name, "not an image file, or an unsupported format") from None
                 except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on bad data
                     raise ImageDecodeError(name, f"not a readable image ({_why(exc)})") from None
                 with img:
@@ -120,7 +123,7 @@ def _decode(img: Image.Image, name: str, bg: np.ndarray, max_pixels: int | None)
             img.seek(0)
         img.load()
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(name, f"refused as a possible decompression bomb ({exc})") from None
+        raise ImageDecodeError(name, _bomb_message(exc)) from None
     except MemoryError:
         raise ImageDecodeError(name, f"not enough memory to decode a {width}x{height} image") from None
     except Exception as exc:  # noqa: BLE001 - truncated data raises OSError, broken headers anything
@@ -174,8 +177,11 @@ def _to_float_rgb(img: Image.Image, bg: np.ndarray) -> np.ndarray:
 def _scale_integer(values: np.ndarray, mode: str) -> np.ndarray:
     if mode.startswith("I;16"):
         return values / 65535.0
-    # Mode "I" (32-bit signed): how PIL gives 16-bit PNGs/TIFFs on some versions and 32-bit integer TIFFs.
+    # Mode "I" (32-bit signed) carries no bit depth: older PILs give 16-bit PNGs this way, 8-bit data converted to
+    # "I" stays in 0..255. Judge by the values: a 16-bit image whose brightest pixel is below 256 would be black.
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if lo >= 0 and hi <= 255:
+        return values / 255.0
     if lo >= 0 and hi <= 65535:
         return values / 65535.0
     logger.warning("32-bit integer image with values in [%g, %g]: rescaled by its own range", lo, hi)
@@ -265,6 +271,10 @@ def _pil_limit(max_pixels: int | None) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+
+
+def _bomb_message(exc: BaseException) -> str:
+    return f"refused as a possible decompression bomb ({exc}); raise max_pixels (CLI: --max-pixels) if it is genuine"
 
 
 def _why(exc: BaseException) -> str:

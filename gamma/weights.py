@@ -105,8 +105,10 @@ def _torch_load(path: Path, allow_unsafe: bool) -> Any:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:  # noqa: BLE001
             raise CheckpointError(f"cannot read checkpoint {path}: {exc2}") from exc2
-    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {path} (truncated or not a checkpoint?): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - torch.load fails in many ways on a damaged or foreign file
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated or not a checkpoint?): {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _read_safetensors(path: Path) -> Checkpoint:
@@ -186,7 +188,8 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Gamma
         vision = VisionCfg(width=vwidth, layers=_count_layers(sd, "visual.transformer"), heads=max(1, vwidth // 64),
                            patch_size=patch, image_size=patch * grid)
         text = TextCfg(width=twidth, layers=_count_layers(sd, "transformer"), heads=max(1, twidth // 64),
-                       context_length=sd["positional_embedding"].shape[0], vocab_size=sd["token_embedding.weight"].shape[0])
+                       context_length=sd["positional_embedding"].shape[0],
+                       vocab_size=sd["token_embedding.weight"].shape[0])
     except KeyError as exc:
         raise CheckpointError(f"cannot infer the architecture: missing key {prefix}{exc.args[0]}") from exc
     found: dict[str, Any] = {"embed_dim": embed_dim, "vision": vision, "text": text}
@@ -217,7 +220,8 @@ def infer_config(state_dict: dict[str, torch.Tensor], **overrides: Any) -> Gamma
 
 
 def _count_layers(sd: dict[str, torch.Tensor], tower: str) -> int:
-    return len({k.split(".")[-3] for k in sd if k.startswith(f"{tower}.resblocks.") and k.endswith("attn.in_proj_weight")})
+    blocks = {k.split(".")[-3] for k in sd if k.startswith(f"{tower}.resblocks.") and k.endswith("attn.in_proj_weight")}
+    return len(blocks)
 
 
 # ------------------------------------------------------------------------------------------------ converting

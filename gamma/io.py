@@ -15,7 +15,6 @@ import io
 import logging
 import os
 import threading
-import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,10 +87,8 @@ def load_image(
         name = getattr(source, "filename", "") or "<PIL image>"
         return _decode(source, name, bg, max_pixels)
     name, opened = _open_source(source)
-    with _pil_limit(max_pixels), warnings.catch_warnings():
-        # Our own size check below replaces PIL's bomb warning; other PIL warnings (odd EXIF, palette transparency
-        # given in bytes) concern details we handle and would only clutter a million-file run.
-        warnings.simplefilter("ignore")
+    # No warnings.catch_warnings() here: it is not thread-safe, and the scorer decodes in threads.
+    with _pil_limit(max_pixels):
         try:
             with opened as fh:
                 try:

@@ -1,0 +1,216 @@
+"""Finding weight files: an explicit path, an environment variable, a cache folder, or a checked download.
+
+Resolution order for a known weight file (:data:`KNOWN_WEIGHTS`):
+
+1. an explicit path (``Scorer(weights=...)``, ``gamma score --weights``, pyiqa's ``pretrained_model_path=``);
+2. the file's environment variable (``GAMMA_WEIGHTS`` for ``gamma``, ``GAMMA_SDP_WEIGHTS`` for ``gamma_sdp`` ...);
+3. the cache folder :func:`weights_dir` — ``$GAMMA_HOME`` if set, else ``<torch.hub.get_dir()>/checkpoints/gamma``
+   (``~/.cache/torch/hub/checkpoints/gamma``), the same place torch and pyiqa keep their weights;
+4. a download into the cache folder, checked against its sha256, where a direct URL is known.
+
+The authors publish their files on Google Drive and Baidu NetDisk pages, not at direct URLs, so no entry has a URL
+or checksum yet and step 4 is skipped: the error then says which file to fetch from which page and where to put it.
+The download code is real and tested (with a local ``file://`` URL); filling in ``url`` and ``sha256`` enables it.
+Nothing downloads when ``GAMMA_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """A weight file gamma knows by name."""
+
+    name: str  # what users type: gamma.hub.resolve_weights("gamma"), pyiqa.create_metric("gamma")
+    filename: str  # name in the cache folder
+    env_var: str  # environment variable holding a path to the file
+    prompt_set: str | None  # prompts the weights were trained with (None: a backbone, not a Gamma model)
+    description: str
+    page: str  # where a person can get the file
+    url: str | None = None  # direct download URL (None: none is known)
+    sha256: str | None = None  # hex digest checked after a download (required whenever url is set)
+    aliases: tuple[str, ...] = ()  # other file names the same file is often saved under
+
+
+_RELEASE_PAGE = "the 'Weight' section of https://github.com/zht8506/Assess-Any-Image (Google Drive / Baidu NetDisk)"
+
+#: Weight files known by name. url/sha256 stay None until a direct, checksummed URL exists.
+KNOWN_WEIGHTS: dict[str, WeightFile] = {
+    w.name: w
+    for w in (
+        WeightFile(
+            name="gamma",
+            filename="Gamma.pth",
+            env_var="GAMMA_WEIGHTS",
+            prompt_set="naive",
+            description="the authors' released Gamma weights (naive prompts, unified training on 12 datasets)",
+            page=_RELEASE_PAGE,
+            aliases=("gamma_weight.pth",),
+        ),
+        WeightFile(
+            name="gamma_sdp",
+            filename="Gamma-Prompt.pth",
+            env_var="GAMMA_SDP_WEIGHTS",
+            prompt_set="sdp",
+            description="the authors' released Gamma-Prompt weights (scene-based differential prompts)",
+            page=_RELEASE_PAGE,
+            aliases=("gamma_prompt_weight.pth", "Gamma_Prompt.pth"),
+        ),
+        WeightFile(
+            name="uniqa",
+            filename="UniQA_weight.pt",
+            env_var="GAMMA_UNIQA_WEIGHTS",
+            prompt_set=None,
+            description="the UniQA CLIP ViT-B/16 backbone that Gamma's training starts from",
+            page=_RELEASE_PAGE,
+            aliases=("UniQA.pt",),
+        ),
+    )
+}
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """No weight file could be found or fetched; the message says which file to place where."""
+
+
+class ChecksumError(OSError):
+    """A downloaded file does not have the expected sha256 (it is deleted)."""
+
+
+def weights_dir() -> Path:
+    """The cache folder for weight files: ``$GAMMA_HOME`` or ``<torch.hub.get_dir()>/checkpoints/gamma``."""
+    home = os.environ.get("GAMMA_HOME")
+    if home:
+        return Path(home).expanduser()
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / "gamma"
+
+
+def is_offline() -> bool:
+    """Whether downloads are disabled (``GAMMA_OFFLINE`` or ``HF_HUB_OFFLINE`` set to a true value)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("GAMMA_OFFLINE",
+                                                                                             "HF_HUB_OFFLINE"))
+
+
+def known_weights(name: str) -> WeightFile:
+    """The :class:`WeightFile` called ``name``."""
+    try:
+        return KNOWN_WEIGHTS[name]
+    except KeyError:
+        raise ValueError(f"unknown weights {name!r}; known: {', '.join(KNOWN_WEIGHTS)}") from None
+
+
+def resolve_weights(
+    name: str = "gamma",
+    path: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Find the weight file ``name`` (see the module docstring for the order).
+
+    Args:
+        name: a key of :data:`KNOWN_WEIGHTS`.
+        path: an explicit file; used as is (it must exist). A known name instead of a path selects that entry.
+        download: allow step 4 (ignored when offline or when no URL is known).
+        progress: show a progress bar while downloading.
+
+    Raises:
+        WeightsNotFoundError: nothing found; the message lists where it looked and what to do.
+    """
+    if path is not None:
+        text = os.fspath(path)
+        if text in KNOWN_WEIGHTS and not os.path.exists(text):
+            return resolve_weights(text, download=download, progress=progress)
+        p = Path(text).expanduser()
+        if not p.is_file():
+            raise WeightsNotFoundError(f"weight file not found: {p}")
+        return p
+    entry = known_weights(name)
+    looked: list[str] = []
+
+    env = os.environ.get(entry.env_var)
+    if env:
+        p = Path(env).expanduser()
+        if p.is_file():
+            return p
+        raise WeightsNotFoundError(f"${entry.env_var} points to {p}, which is not a file")
+    looked.append(f"${entry.env_var} (not set)")
+
+    cache = weights_dir()
+    for filename in (entry.filename, *entry.aliases):
+        p = cache / filename
+        if p.is_file():
+            return p
+    looked.append(f"{cache / entry.filename}" + (f" (or {', '.join(entry.aliases)} there)" if entry.aliases else ""))
+
+    if entry.url and download and not is_offline():
+        return download_weights(entry, cache / entry.filename, progress=progress)
+
+    if entry.url is None:
+        why = "no direct download URL is known for it"
+    elif is_offline():
+        why = "downloads are disabled (GAMMA_OFFLINE / HF_HUB_OFFLINE)"
+    else:
+        why = "downloading was not allowed"
+    raise WeightsNotFoundError(
+        f"no weight file for {entry.name!r}: {entry.description}. Looked in: {'; '.join(looked)}. Since {why}, "
+        f"get the file from {entry.page} and save it as {cache / entry.filename}, or set {entry.env_var}=/path/to/it, "
+        f"or pass its path explicitly (Scorer(weights=...), gamma score --weights ..., "
+        f"pyiqa.create_metric(..., pretrained_model_path=...))."
+    )
+
+
+def download_weights(entry: WeightFile, dest: str | os.PathLike, progress: bool = True) -> Path:
+    """Download ``entry.url`` to ``dest`` through a temporary file, verify its sha256, then move it into place.
+
+    Raises:
+        ValueError: the entry has no URL or no checksum (unchecked downloads are refused).
+        ChecksumError: the downloaded file's digest differs (the file is removed).
+    """
+    if not entry.url:
+        raise ValueError(f"no download URL for {entry.name!r}")
+    if not entry.sha256:
+        raise ValueError(f"refusing to download {entry.name!r} without a sha256 to check it against")
+    from torch.hub import download_url_to_file
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        logger.info("downloading %s to %s", entry.url, dest)
+        download_url_to_file(entry.url, tmp, hash_prefix=None, progress=progress)
+        verify_sha256(tmp, entry.sha256, what=entry.url)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return dest
+
+
+def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 digest of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: str | os.PathLike, expected: str, what: str | None = None) -> None:
+    """Raise :class:`ChecksumError` (naming ``what`` or the path) if the file's sha256 differs from ``expected``."""
+    actual = sha256sum(path)
+    if actual.lower() != expected.strip().lower():
+        raise ChecksumError(
+            f"sha256 mismatch for {what or path}: expected {expected}, got {actual} (corrupt or changed download)"
+        )

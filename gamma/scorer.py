@@ -241,16 +241,18 @@ class Scorer:
             try:
                 values = self._forward(batch, scene)
             except (ValueError, RuntimeError) as exc:
-                if on_error == "raise" or len(indices) == 1:
+                if len(indices) == 1:
                     if on_error == "raise":
                         raise ValueError(f"{pending[indices[0]][0]}: {exc}") from exc
                     errors[indices[0]] = f"{pending[indices[0]][0]}: {exc}"
                     continue
                 values = []
-                for i in indices:  # isolate the bad input(s)
+                for i in indices:  # isolate the bad input(s): an error names the input that caused it
                     try:
                         values.append(self._forward(pending[i][1][None], scene)[0])
                     except (ValueError, RuntimeError) as one:
+                        if on_error == "raise":
+                            raise ValueError(f"{pending[i][0]}: {one}") from one
                         values.append(math.nan)
                         errors[i] = f"{pending[i][0]}: {one}"
             for i, v in zip(indices, values, strict=True):

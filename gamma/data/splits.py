@@ -77,7 +77,7 @@ def split_indices(splits: dict, split_index: int, key: str, n_rows: int, file: s
             entry = splits[k]
             break
     if entry is None:
-        available = sorted(splits, key=str)
+        available = sorted(splits, key=lambda k: (not isinstance(k, (int, np.integer)), str(k).zfill(12)))
         shown = f"{available[0]}..{available[-1]}" if len(available) > 3 else ", ".join(map(str, available))
         raise ValueError(f"{file}: split index {split_index!r} not found; the file has split(s) {shown}")
     if not isinstance(entry, dict):

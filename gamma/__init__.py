@@ -28,3 +28,9 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
 ]
+
+# pyiqa metrics 'gamma' / 'gamma_sdp': registered now if pyiqa is already imported, else by a one-shot hook right after
+# pyiqa's import. Does not import pyiqa (seconds). See gamma.pyiqa_plugin.
+from .pyiqa_plugin import enable as _enable_pyiqa  # noqa: E402
+
+_enable_pyiqa()

@@ -207,14 +207,30 @@ class Scorer:
     __call__ = score
 
     def iter_scores(self, inputs: Any, scene: str | None = None, *, on_error: str = "raise") -> Iterator[ScoreResult]:
-        """Score lazily, yielding one :class:`ScoreResult` per input in input order (see :meth:`score`)."""
+        """Score lazily, yielding one :class:`ScoreResult` per input in input order (see :meth:`score`).
+
+        Arguments are checked (and a missing scene of an SDP model reported) when this is called, not when the first
+        result is asked for.
+        """
+        return self._score_items(self._items(inputs), scene, on_error)
+
+    def iter_file_scores(
+        self, paths: Iterable[str | os.PathLike], scene: str | None = None, *, on_error: str = "skip"
+    ) -> Iterator[ScoreResult]:
+        """Like :meth:`iter_scores` for an iterable of file paths taken literally (no folder or glob expansion)."""
+        items = ((os.fspath(p), self._file_loader(os.fspath(p))) for p in paths)
+        return self._score_items(items, scene, on_error)
+
+    def _score_items(self, items: Iterable[_Item], scene: str | None, on_error: str) -> Iterator[ScoreResult]:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         scene = scene if scene is not None else self.scene
-        if scene is not None:
-            self.model.scene_index(scene, 1, torch.device("cpu"))
+        self.model.scene_index(scene, 1, torch.device("cpu"))  # unknown or missing scene: fail before any work
+        return self._score_stream(items, scene, on_error)
+
+    def _score_stream(self, items: Iterable[_Item], scene: str | None, on_error: str) -> Iterator[ScoreResult]:
         pending: list[tuple[str, torch.Tensor | Exception]] = []
-        for name, loaded in self._decoded(self._items(inputs)):
+        for name, loaded in self._decoded(items):
             if isinstance(loaded, Exception) and on_error == "raise":
                 if isinstance(loaded, ImageDecodeError):
                     raise loaded

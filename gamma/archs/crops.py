@@ -15,6 +15,9 @@ import torch.nn.functional as F
 
 CROP_MODES = ("random", "grid", "five", "center", "resize")
 
+# Images smaller than the crop are upscaled whole, so memory grows with the aspect ratio; past this it is refused.
+MAX_ASPECT_RATIO = 100
+
 
 @dataclass(frozen=True)
 class CropProtocol:
@@ -98,6 +101,10 @@ def prepare(images: torch.Tensor, protocol: CropProtocol) -> torch.Tensor:
         return _resize(images, (s, s))
     if h >= s and w >= s:
         return images
+    if max(h, w) > MAX_ASPECT_RATIO * min(h, w):
+        # Upscaling a 1x20000 strip (20 kpx, well under any decompression-bomb limit) would allocate 224x4.5M pixels.
+        raise ValueError(f"image {h}x{w} is too elongated to upscale to a short side of {s} (aspect ratio over "
+                         f"{MAX_ASPECT_RATIO}:1); score it with the 'resize' crop mode")
     scale = s / min(h, w)
     return _resize(images, (max(s, round(h * scale)), max(s, round(w * scale))))
 

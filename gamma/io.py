@@ -98,7 +98,7 @@ def load_image(
                 except Image.UnidentifiedImageError:
                     raise ImageDecodeError(name, "not an image file, or an unsupported format") from None
                 except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on bad data
-                    raise ImageDecodeError(name, f"not a readable image ({_why(exc)})") from None
+                    raise ImageDecodeError(name, f"corrupt or truncated image header ({_why(exc)})") from None
                 with img:
                     return _decode(img, name, bg, max_pixels)
         except OSError as exc:  # opening the file itself
@@ -143,10 +143,13 @@ def _decode(img: Image.Image, name: str, bg: np.ndarray, max_pixels: int | None)
 def _to_float_rgb(img: Image.Image, bg: np.ndarray) -> np.ndarray:
     """(H, W, 3) float32 in [0, 1], alpha composited on ``bg`` (3,) in [0, 1]."""
     mode = img.mode
+    if mode in ("La", "RGBa"):  # premultiplied alpha: un-premultiply first
+        img = img.convert("LA" if mode == "La" else "RGBA")
+        mode = img.mode
     if mode == "P" or mode == "PA":
         img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
         mode = img.mode
-    elif mode == "L" and "transparency" in img.info or mode in ("LA", "La", "RGBa"):
+    elif mode == "L" and "transparency" in img.info or mode == "LA":
         img = img.convert("RGBA")
         mode = "RGBA"
     elif mode == "RGB" and "transparency" in img.info:

@@ -308,7 +308,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **extra: An
         return _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
                "state_dict": state, **extra}
-    return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    return _atomic_write(path, lambda tmp: _torch_save(payload, tmp, path))
 
 
 def _atomic_write(path: Path, write) -> Path:
@@ -324,6 +324,18 @@ def _atomic_write(path: Path, write) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _torch_save(obj: Any, tmp: str, path: Path) -> None:
+    # Through a Python file object: torch's own writer turns a failed write (disk full, file too large) into an opaque
+    # RuntimeError ("unexpected pos ..."); this way the OSError that caused it is raised, naming the file.
+    with open(tmp, "wb") as fh:
+        try:
+            torch.save(obj, fh)
+        except RuntimeError as exc:
+            if isinstance(exc.__context__, OSError):
+                raise OSError(exc.__context__.errno, exc.__context__.strerror, str(path)) from exc
+            raise
 
 
 def release_state_dict(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:

@@ -130,7 +130,7 @@ def resolve_weights(
     """
     if path is not None:
         text = os.fspath(path)
-        if text in KNOWN_WEIGHTS and not os.path.exists(text):
+        if text in KNOWN_WEIGHTS and not os.path.isfile(text):
             return resolve_weights(text, download=download, progress=progress)
         p = Path(text).expanduser()
         if not p.is_file():

@@ -154,7 +154,7 @@ class Scorer:
         if model is not None:
             raise TypeError(f"model must be a GammaModel or a variant name, got {type(model).__name__}")
         name = "gamma_sdp" if prompt_set == "sdp" else "gamma"
-        if isinstance(weights, str) and weights in KNOWN_WEIGHTS and not os.path.exists(weights):
+        if isinstance(weights, str) and weights in KNOWN_WEIGHTS and not os.path.isfile(weights):
             name = weights
         path = resolve_weights(name, weights)
         entry = KNOWN_WEIGHTS[name]
@@ -286,17 +286,22 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------------------ inputs
     def _items(self, inputs: Any) -> Iterator[_Item]:
-        """Flatten ``inputs`` into (name, decode) pairs, lazily (folders are walked as they are consumed)."""
+        """Flatten ``inputs`` into (name, decode) pairs, lazily (folders are walked as they are consumed).
+
+        Inputs without a file name are called ``<tensor i>``, ``<image i>`` ... after their position i in the
+        flattened input.
+        """
         counter = iter(range(1 << 62))
         yield from self._expand(inputs, counter)
 
     def _expand(self, obj: Any, counter: Iterator[int]) -> Iterator[_Item]:
         if isinstance(obj, (str, os.PathLike)):
             for path in iter_image_files(obj):
+                next(counter)
                 yield path, self._file_loader(path)
         elif isinstance(obj, Image.Image):
-            name = getattr(obj, "filename", "") or f"<image {next(counter)}>"
-            yield name, self._file_loader(obj)
+            index = next(counter)
+            yield getattr(obj, "filename", "") or f"<image {index}>", self._file_loader(obj)
         elif isinstance(obj, torch.Tensor):
             if obj.dim() == 3:
                 yield f"<tensor {next(counter)}>", _tensor_loader(obj)

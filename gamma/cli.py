@@ -293,6 +293,9 @@ def _make_scorer(args: argparse.Namespace, scorer_cls: Any) -> Any:
         weights = args.weights
     if args.model is not None and args.weights is None:
         logger.warning("--model %s without --weights: random weights (tests and demos only)", args.model)
+        import torch
+
+        torch.manual_seed(0)  # the same random weights on every run, so that --resume continues consistently
     try:
         scorer = scorer_cls(
             weights,

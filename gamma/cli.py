@@ -209,6 +209,7 @@ def _score(args: argparse.Namespace) -> int:
     from .io import iter_image_files
     from .scorer import Scorer
 
+    args.scene_explicit = args.scene is not None
     if args.dataset is not None:
         _apply_dataset(args)
     if args.mos_range is not None and args.mos_range[0] == args.mos_range[1]:
@@ -320,6 +321,9 @@ def _make_scorer(args: argparse.Namespace, scorer_cls: Any) -> Any:
         from .prompts import SCENES
 
         raise UsageError(f"this model uses scene-based prompts (SDP): pass --scene, one of {', '.join(SCENES)}")
+    if args.scene is not None and args.scene_explicit and scorer.model.config.prompt_set != "sdp":
+        logger.warning("--scene only applies to scene-based prompts; this model uses %r prompts (for the Gamma-Prompt "
+                       "weights pass --prompt sdp)", scorer.model.config.prompt_set)
     if args.scene is not None:
         try:
             scorer.model.scene_index(args.scene, 1, scorer.device)

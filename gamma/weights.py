@@ -73,6 +73,10 @@ def read_checkpoint(path: str | os.PathLike, allow_unsafe: bool = False) -> Chec
         head = fh.read(16)
     if path.suffix == ".safetensors" or _looks_like_safetensors(head):
         return _read_safetensors(path)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch writes zip archives, or pickles of protocol >= 2
+        # Not worth a torch.load: its error would suggest an unsafe unpickle of what is not even a pickle.
+        raise CheckpointError(f"{path} is not a checkpoint (neither a PyTorch zip archive nor a pickle; it starts "
+                              f"with {head[:8]!r})")
     obj = _torch_load(path, allow_unsafe)
     return _from_object(obj, str(path))
 

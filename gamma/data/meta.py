@@ -47,7 +47,7 @@ _CUSTOM_OPTIONAL = ("scene", "group")
 _SHOW = 5  # how many offending names a message lists
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MetaRecord:
     """One labelled image of a meta file."""
 
@@ -150,7 +150,7 @@ def _csv_rows(file: str) -> Iterator[tuple[int, list[str]]]:
             for fields in reader:
                 # reader.line_num counts physical lines read so far (a quoted field may span lines)
                 line = reader.line_num
-                if not fields or all(not f.strip() for f in fields):
+                if not fields or (len(fields) == 1 and not fields[0].strip()):  # blank line (pandas skips these)
                     continue
                 yield line, fields
     except UnicodeDecodeError as exc:
@@ -203,19 +203,31 @@ def _parse_positional(file: str, kind: str, header: list[str], data: list[tuple[
         if not path:
             raise ValueError(f"{file}, line {line}: empty image path in column {path_col + 1}")
         try:
-            mos = _parse_float(file, line, fields[mos_col], mos_name)
-        except ValueError as exc:
-            if kind == "nr" and len(fields) >= 3 and _is_number(fields[2]) and not _is_number(fields[1]):
-                raise ValueError(f"{exc}; is this a full-reference meta file (ref_name, dist_name, mos)? "
-                                 "then use kind 'fr'") from None
-            raise
+            mos = float(fields[mos_col])
+            if not math.isfinite(mos):
+                raise ValueError
+        except ValueError:
+            mos = None
+        if mos is None:  # slow path: the precise message
+            try:
+                _parse_float(file, line, fields[mos_col], mos_name)
+            except ValueError as exc:
+                if kind == "nr" and len(fields) >= 3 and _is_number(fields[2]) and not _is_number(fields[1]):
+                    raise ValueError(f"{exc}; is this a full-reference meta file (ref_name, dist_name, mos)? "
+                                     "then use kind 'fr'") from None
+                raise
         group = fields[group_col].strip() if group_col is not None else None
         if group_col is not None and not group:
             raise ValueError(f"{file}, line {line}: empty reference name in column {group_col + 1}")
         votes = None
         if kind == "ava" and len(fields) >= 12:
-            votes = tuple(_parse_float(file, line, fields[c], f"vote count c{c - 1}") for c in range(2, 12))
-            if any(v < 0 for v in votes) or sum(votes) <= 0:
+            try:
+                votes = tuple(map(float, fields[2:12]))
+                if not all(map(math.isfinite, votes)):
+                    raise ValueError
+            except ValueError:  # slow path: name the column
+                votes = tuple(_parse_float(file, line, fields[c], f"vote count c{c - 1}") for c in range(2, 12))
+            if min(votes) < 0 or sum(votes) <= 0:
                 raise ValueError(f"{file}, line {line}: vote counts must be >= 0 with a positive sum, got {votes}")
         records.append(MetaRecord(path=path, mos=mos, line=line, group=group, votes=votes))
     return records

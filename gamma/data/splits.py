@@ -154,28 +154,28 @@ def make_splits(
     if eval_key not in ("val", "test"):
         raise ValueError(f"eval_key must be 'val' or 'test', got {eval_key!r}")
     if groups is None:
-        members = [[i] for i in range(n_items)]
+        gid = np.arange(n_items)
     else:
         if len(groups) != n_items:
             raise ValueError(f"groups has {len(groups)} entries for {n_items} items")
-        by_group: dict[object, list[int]] = {}
-        for i, g in enumerate(groups):
-            by_group.setdefault(g, []).append(i)
-        members = list(by_group.values())  # in order of first appearance: independent of hashing
-    if len(members) < 2:
-        raise ValueError(f"cannot split {n_items} items in {len(members)} group: need at least two groups")
+        ids: dict[object, int] = {}  # group -> id in order of first appearance: independent of hashing
+        gid = np.fromiter((ids.setdefault(g, len(ids)) for g in groups), dtype=np.int64, count=n_items)
+    n_groups = int(gid.max()) + 1
+    if n_groups < 2:
+        raise ValueError(f"cannot split {n_items} items in {n_groups} group: need at least two groups")
 
-    sizes = np.array([len(m) for m in members])
+    sizes = np.bincount(gid, minlength=n_groups)
     target = train_ratio * n_items
     rng = np.random.default_rng(seed)
     out: dict[int, dict[str, list[int]]] = {}
     for k in range(1, n_splits + 1):
-        order = rng.permutation(len(members))
+        order = rng.permutation(n_groups)
         cum = np.cumsum(sizes[order])[:-1]  # train sizes for prefixes of 1..G-1 groups
         n_train_groups = int(np.argmin(np.abs(cum - target))) + 1
-        train = sorted(i for g in order[:n_train_groups] for i in members[g])
-        held = sorted(i for g in order[n_train_groups:] for i in members[g])
-        out[k] = {"train": train, eval_key: held}
+        in_train = np.zeros(n_groups, dtype=bool)
+        in_train[order[:n_train_groups]] = True
+        mask = in_train[gid]
+        out[k] = {"train": np.flatnonzero(mask).tolist(), eval_key: np.flatnonzero(~mask).tolist()}
     return out
 
 

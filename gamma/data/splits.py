@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import pickle
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -248,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             groups = None if args.group_by == "none" else table.groups()
             splits = make_splits(len(table), groups, args.n_splits, args.train_ratio, args.seed, eval_key)
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     save_splits(splits, args.output)
     first = splits[1]

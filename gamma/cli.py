@@ -413,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "scene (mos column; scene for SDP models)")
     s.add_argument("--workers", type=int, default=None, help="image decoding threads (default: min(4, CPUs))")
     s.add_argument("--max-pixels", type=int, default=None, help="refuse images with more pixels (decompression-bomb "
-                   "guard; default 178956970; 0 disables)")
+                   "guard; default 178956970; 0 leaves only PIL's own limit)")
     s.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--allow-unsafe-pickle", action="store_true", help="allow weight files that need a full "

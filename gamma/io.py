@@ -77,7 +77,8 @@ def load_image(
         source: a file path, the encoded bytes, a binary file object, or a ``PIL.Image.Image``.
         background: the RGB colour (0..255) that transparent pixels are composited on.
         max_pixels: refuse images whose *declared* size (read from the header, before any decoding) exceeds this many
-            pixels, to guard against decompression bombs. ``None`` disables the guard.
+            pixels, to guard against decompression bombs. A value above PIL's own hard limit (2 x
+            ``PIL.Image.MAX_IMAGE_PIXELS``) replaces it; ``None`` leaves only PIL's limit.
 
     Raises:
         ImageDecodeError: the file is missing, empty, truncated, not an image, too large, or holds NaN/inf.
@@ -259,9 +260,9 @@ class _NoClose:
 
 @contextmanager
 def _pil_limit(max_pixels: int | None) -> Iterator[None]:
-    """Let our own ``max_pixels`` govern: lift PIL's global bomb limit only while opening, when ours is larger."""
+    """Lift PIL's global bomb limit while opening when ``max_pixels`` is larger; ``None`` keeps PIL's limit."""
     pil_limit = Image.MAX_IMAGE_PIXELS
-    if pil_limit is None or (max_pixels is not None and max_pixels <= 2 * pil_limit):
+    if pil_limit is None or max_pixels is None or max_pixels <= 2 * pil_limit:
         yield
         return
     with _PIL_LIMIT_LOCK:

@@ -270,6 +270,10 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, strict: bool = True) -> 
     """
     config: GammaConfig = model.config
     sd, _ = convert_state_dict(ckpt, config)
+    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:  # e.g. saved from a diverged run: every score would be NaN
+        raise CheckpointError(f"{ckpt.path or 'checkpoint'} holds NaN or infinite values in {len(nonfinite)} "
+                              f"tensor(s): {', '.join(nonfinite[:6])}{' ...' if len(nonfinite) > 6 else ''}")
     own = model.state_dict()
     report: dict[str, list[str]] = {"missing": [], "unexpected": [], "mismatched": [], "initial": []}
     for key in own:

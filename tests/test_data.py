@@ -268,6 +268,17 @@ def test_out_of_range_mos_is_an_error_or_a_warning(tmp_path, caplog):
     assert "outside mos_range" in caplog.text and ds.labels.max() == pytest.approx(1.8)
 
 
+def test_registered_datasets_warn_on_out_of_range_by_default(tmp_path, caplog):
+    # The registry's ranges are the release's nominal ones; a label slightly outside must not stop a unified run.
+    d = nr_dataset(tmp_path, n=6, mos=[0, 10, 20, 30, 40, 101])
+    d = {**d, "name": "koniq10k", "split_index": "all", "mos_range": None}
+    with caplog.at_level(logging.WARNING):
+        ds = build_dataset(d, "test")
+    assert "outside mos_range" in caplog.text and ds.labels.max() == pytest.approx(1.01)
+    with pytest.raises(ValueError, match="outside mos_range"):
+        build_dataset({**d, "range_check": "error"}, "test")
+
+
 # ----------------------------------------------------------------------------------------------------- splits
 
 

@@ -68,7 +68,10 @@ class DatasetEntry:
     hflip: bool = True  # train-time random horizontal flip
     skip_missing: bool = False  # drop rows whose image file is missing (counted and logged) instead of failing
     check_files: bool = True  # check that every image exists when the dataset is built
-    range_check: str = "error"  # MOS outside mos_range: 'error' or 'warn'
+    # MOS outside mos_range: 'error' or 'warn'. Default: 'warn' for registered datasets (their ranges are the release's
+    # nominal ones, which real label files may overshoot slightly; the release trains on them as they are), 'error'
+    # for a dataset whose range the user gave.
+    range_check: str | None = None
     data_root: str | None = None  # root for relative paths (default $GAMMA_DATA_ROOT, else the working directory)
 
     def __post_init__(self) -> None:
@@ -79,6 +82,7 @@ class DatasetEntry:
         where = f"dataset {self.name!r}"
         if info is not None:
             self.name = key
+            self.range_check = self.range_check or "warn"
             for f in ("root", "meta_file", "split_file", "eval_key", "mos_range", "lower_better", "scene", "kind",
                       "resize"):
                 if getattr(self, f) is None:
@@ -92,6 +96,7 @@ class DatasetEntry:
             self.lower_better = False if self.lower_better is None else self.lower_better
             self.scene = self.scene or "natural"
             self.eval_key = self.eval_key or "val"
+            self.range_check = self.range_check or "error"
         for f in ("root", "meta_file", "split_file", "data_root"):
             v = getattr(self, f)
             if v is not None and not isinstance(v, (str, os.PathLike)):

@@ -209,6 +209,8 @@ def _score(args: argparse.Namespace) -> int:
     from .io import iter_image_files
     from .scorer import Scorer
 
+    if args.resume and args.out is None:
+        raise UsageError("--resume needs --out (the file to continue)")
     args.scene_explicit = args.scene is not None
     if args.dataset is not None:
         _apply_dataset(args)
@@ -369,12 +371,12 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _train(argv: Sequence[str]) -> int:
+    """``gamma train ARGS`` is ``gamma-train ARGS`` (gamma.train.main.cli), imported only when asked for."""
     try:
-        from .train.main import main as train_main
+        from .train.main import cli as train_cli
     except ImportError as exc:
         raise UsageError(f"training is not available in this installation ({exc})") from None
-    result = train_main(list(argv))
-    return int(result or 0)
+    return int(train_cli(list(argv)) or 0)
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -441,7 +443,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gamma`` command; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        _setup_logging(False)
         return _run(lambda: _train(argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -136,9 +136,17 @@ def test_setup_errors_exit_two_with_a_message(image_dir, tmp_path, monkeypatch, 
     assert main(["score", str(image_dir), *FAST, "--out", str(tmp_path / "s.xlsx")]) == 2
     assert main(["score", str(image_dir), *FAST, "--scene", "mars"]) == 2
     assert "unknown scene" in capsys.readouterr().err
+    assert main(["score", str(image_dir), *FAST, "--resume"]) == 2
+    assert "--resume needs --out" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         main(["score", str(image_dir), "--batch-size", "0"])
     assert exit_.value.code == 2
+
+
+def test_train_is_forwarded(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0 and "gamma-train" in capsys.readouterr().out
 
 
 def test_sdp_scene_and_weights_file(image_dir, tmp_path, capsys):

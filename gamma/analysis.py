@@ -107,10 +107,11 @@ def routing_statistics(
     rows: list[dict[str, Any]] = []
     for group, images in groups.items():
         scene = (scenes or {}).get(group) or _scene_for(group, model)
+        items = scorer._items(images)
+        if max_images is not None:  # cut the inputs, not the results: a batch runs whole through the routers
+            items = islice(items, max_images)
         with _RoutingAccumulator(blocks) as acc:
-            results = scorer.iter_scores(images, scene, on_error="skip")
-            if max_images is not None:
-                results = islice(results, max_images)
+            results = scorer._score_items(items, scene, "skip")
             used = 0
             for r in results:
                 if r.ok:
@@ -231,9 +232,7 @@ def single_expert_evaluation(
     rows = []
     try:
         for name, keep in settings:
-            keep_only_experts(model, keep)
-            # The mask applies to the text tower too, but the text-feature cache is keyed on weights only.
-            model._text_cache = None
+            keep_only_experts(model, keep)  # both towers; the model's text-feature cache is keyed on the kept experts
             results = list(scorer.iter_scores(list(images), scene, on_error="skip"))
             pred = np.array([r.score for r in results], dtype=np.float64)
             ok = np.isfinite(pred) & np.isfinite(y)
@@ -245,7 +244,6 @@ def single_expert_evaluation(
                          "srcc": srcc, "plcc": plcc, "images": int(ok.sum())})
     finally:
         keep_only_experts(model, None)
-        model._text_cache = None
     return rows
 
 

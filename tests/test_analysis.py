@@ -71,7 +71,7 @@ def test_routing_files(model, groups, tmp_path):
     with open(csv_path) as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == len(rows) and table[0].keys() >= {"group", "block", "expert", "weight"}
-    assert {int(r["images"]) for r in table} == {1}
+    assert {int(r["images"]) for r in table} == {1} and {int(r["tokens"]) for r in table} == {50}
     assert png_path.stat().st_size > 1000 and Image.open(png_path).format == "PNG"
 
 

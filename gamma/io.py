@@ -320,23 +320,33 @@ def iter_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], re
                     yield match
 
 
-def _walk(folder: str, recursive: bool) -> Iterator[str]:
+def _walk(folder: str, recursive: bool, _seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+    seen = set() if _seen is None else _seen
     try:
+        st = os.stat(folder)
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
         logger.warning("cannot list %s (%s)", folder, _why(exc))
         return
+    if (st.st_dev, st.st_ino) in seen:  # a symlink back to a folder already listed: a loop would never end
+        logger.warning("skipping %s: it links to a folder already listed", folder)
+        return
+    seen.add((st.st_dev, st.st_ino))
     subdirs = []
     for entry in entries:
         if entry.name.startswith("."):
             continue
-        if entry.is_dir():
+        try:
+            is_dir = entry.is_dir()
+        except OSError:  # a link to itself
+            continue
+        if is_dir:
             subdirs.append(entry.path)
         elif is_image_file(entry.name):
             yield entry.path
     if recursive:
         for sub in subdirs:
-            yield from _walk(sub, recursive)
+            yield from _walk(sub, recursive, seen)
 
 
 def list_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = True) -> list[str]:

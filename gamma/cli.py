@@ -111,33 +111,40 @@ class RowWriter:
         self.format = "stdout" if out is None else OUTPUT_FORMATS.get(Path(out).suffix.lower())
         if self.format is None:
             raise UsageError(f"--out must end in one of {', '.join(OUTPUT_FORMATS)}, got {out}")
-        self._fh: TextIO
+        self._fh: TextIO | None = None
+        self._replace = overwrite and not resume
         if self.path is None:
-            self._fh = sys.stdout
-            self._csv = csv.writer(self._fh, lineterminator="\n")
-            self._csv.writerow(columns)
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         stream_path = self.partial_path if self.format == "json" else self.path
         exists = self.path.exists() or stream_path.exists()
         if exists and not (resume or overwrite):
             raise UsageError(f"{self.path} exists: pass --resume to continue it, or --overwrite to replace it")
-        if overwrite and not resume:
-            stream_path.unlink(missing_ok=True)
-            if self.format == "json":
-                self.path.unlink(missing_ok=True)
         if self.format == "json" and resume and self.path.exists() and not stream_path.exists():
             self._seed_partial_from_json()
-        if stream_path.exists():
+        if stream_path.exists() and not self._replace:
             if self.format == "csv":
                 self.done = _read_csv_names(stream_path, columns)
             else:
                 self.done = _read_jsonl_names(stream_path)
+
+    def open(self) -> None:
+        """Start writing (separate from the checks in ``__init__``, so a setup error leaves the output untouched)."""
+        if self.path is None:
+            self._fh = sys.stdout
+            self._csv = csv.writer(self._fh, lineterminator="\n")
+            self._csv.writerow(self.columns)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        stream_path = self.partial_path if self.format == "json" else self.path
+        if self._replace:
+            stream_path.unlink(missing_ok=True)
+            if self.format == "json":
+                self.path.unlink(missing_ok=True)
         new_file = not stream_path.exists() or stream_path.stat().st_size == 0
         self._fh = open(stream_path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._csv = csv.writer(self._fh, lineterminator="\n")
         if self.format == "csv" and new_file:
-            self._csv.writerow(columns)
+            self._csv.writerow(self.columns)
             self._fh.flush()
 
     @property
@@ -169,6 +176,8 @@ class RowWriter:
 
     def close(self, complete: bool) -> None:
         """Close the stream; for ``.json`` output, write the final file when the run is ``complete``."""
+        if self._fh is None:
+            return
         if self._fh is sys.stdout:
             self._fh.flush()
             return
@@ -223,6 +232,7 @@ def _score(args: argparse.Namespace) -> int:
     complete = False
     try:
         scorer = _make_scorer(args, Scorer)
+        writer.open()
         recursive = not args.no_recursive
         # Counting first walks the folders twice but keeps memory flat and gives the bar an ETA.
         total = None if args.no_progress else sum(1 for _ in iter_image_files(args.paths, recursive=recursive))
@@ -315,10 +325,12 @@ def _make_scorer(args: argparse.Namespace, scorer_cls: Any) -> Any:
             num_workers=args.workers,
             allow_unsafe=args.allow_unsafe_pickle,
         )
-    except (WeightsNotFoundError, CheckpointError) as exc:
+    except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except (RuntimeError, AssertionError) as exc:  # torch: unknown device, or CUDA not available
+        if args.device is None:
+            raise
+        raise UsageError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
     if scorer.model.config.prompt_set == "sdp" and args.scene is None:
         from .prompts import SCENES
 

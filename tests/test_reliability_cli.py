@@ -139,3 +139,18 @@ def test_interrupted_json_run_leaves_no_half_written_json(folder, weights, tmp_p
     rows = json.loads(out.read_text())
     assert sorted(r["name"] for r in rows) == sorted(good)
     assert not list(tmp_path.glob(".scores.json*")), "side files left behind"
+
+
+def test_symlink_loops_and_dangling_links_in_a_folder(folder, weights, tmp_path, capsys):
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "a.png").write_bytes((folder / "gray.png").read_bytes())
+    (tree / "sub" / "up").symlink_to("..")  # tree/sub/up/sub/up/... would list a.png forty times, then fail
+    (tree / "self").symlink_to("self")  # a link to itself
+    (tree / "gone.png").symlink_to(tmp_path / "deleted.png")  # a dangling link
+    out = tmp_path / "s.csv"
+    assert main(["score", str(tree), "--weights", str(weights), "--out", str(out), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"cannot score {tree / 'gone.png'}: no such file" in err
+    with open(out, newline="") as fh:
+        assert [row[0] for row in csv.reader(fh)][1:] == [str(tree / "sub" / "a.png")]  # once

@@ -1,0 +1,182 @@
+"""Run-folder files: the lock that keeps two runs apart, resumable training checkpoints, RNG state.
+
+A training checkpoint is our model checkpoint (:func:`gamma.weights.save_checkpoint`: config + weights, written
+atomically, loadable with ``weights_only=True``) with the training state in its extras: optimiser, scheduler and
+grad-scaler state, progress counters, best metric, evaluation history and the RNG states of torch (CPU and CUDA),
+numpy and Python. All of it is plain tensors, numbers, strings, lists and dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..weights import Checkpoint, CheckpointError, _atomic_write, read_checkpoint, save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+LAST = "last.pth"  # resumable state, rewritten every epoch (and every checkpoint.every_steps steps)
+BEST = "best"  # best.pth / best.safetensors: weights of the best epoch
+LOCK = "run.lock"
+
+try:  # POSIX advisory locks vanish with the process that holds them, even after kill -9
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+
+class RunLockedError(RuntimeError):
+    """Another live process is writing into the same run folder."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held for the life of the run.
+
+    The lock is an ``flock`` on ``<run_dir>/run.lock``: a second run into the same folder is refused while the first
+    lives, and a run killed with ``kill -9`` leaves no stale lock behind (the file stays, the lock goes).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fh = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's lifetime
+        try:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise RunLockedError(f"{self.path.parent} is in use by another run ({holder}); two runs cannot write into "
+                                 "one folder. Wait for it to finish, or choose another name= / output_dir=") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        self._fh = fh
+        return self
+
+    def release(self) -> None:
+        if self._fh is not None:
+            if fcntl is not None:
+                fcntl.flock(self._fh.fileno(), fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU and every CUDA device), numpy and Python, as ``weights_only``-loadable data."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only for the devices present)."""
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        states = state["cuda"][: torch.cuda.device_count()]
+        for i, s in enumerate(states):
+            torch.cuda.set_rng_state(s, i)
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def save_training_state(path: str | os.PathLike, model: torch.nn.Module, *, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, scaler: Any, progress: dict[str, Any], train_config: dict[str, Any]) -> Path:
+    """Write a resumable checkpoint atomically (a kill during the write leaves the previous file intact).
+
+    Args:
+        path: the file (``last.pth``).
+        model: the bare model (not the DDP wrapper).
+        optimizer, scheduler, scaler: their ``state_dict()`` is stored (``scaler`` may be None).
+        progress: counters, best metric and history (plain data).
+        train_config: the resolved run configuration (plain data), checked on resume.
+
+    Raises:
+        OSError: the file cannot be written (disk full ...); the message names it and the previous file is kept.
+    """
+    try:
+        return save_checkpoint(
+            model, path,
+            kind="training_state",
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+            progress=progress,
+            rng=rng_state(),
+            train_config=train_config,
+        )
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write checkpoint {path} ({exc.strerror or exc}); the previous checkpoint "
+                                 "(if any) is unchanged") from exc
+
+
+def load_training_state(path: str | os.PathLike) -> Checkpoint:
+    """Read a checkpoint written by :func:`save_training_state`.
+
+    Raises:
+        CheckpointError: missing, unreadable, or a weights-only file without training state.
+    """
+    ckpt = read_checkpoint(path)
+    if ckpt.kind != "gamma" or ckpt.extra.get("kind") != "training_state":
+        raise CheckpointError(f"{path} holds weights only, not a training state to resume from")
+    for key in ("optimizer", "progress", "rng"):
+        if key not in ckpt.extra:
+            raise CheckpointError(f"{path}: training state lacks {key!r}; cannot resume exactly from it")
+    return ckpt
+
+
+def save_best(run_dir: Path, model: torch.nn.Module, fmt: str, metrics: dict[str, Any],
+              train_config: dict[str, Any]) -> Path:
+    """Weights of the best epoch (``best.pth``, or ``best.safetensors`` without the metrics)."""
+    path = run_dir / f"{BEST}.{fmt}"
+    if fmt == "safetensors":
+        return save_checkpoint(model, path)
+    return save_checkpoint(model, path, kind="weights", metrics=metrics, train_config=train_config)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Atomically write ``data`` as indented JSON (NaN written as null)."""
+    text = json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n"
+    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_safe(obj.item())
+    return obj

@@ -1,0 +1,553 @@
+"""Training configuration: dataclasses with the paper's defaults, YAML files with ``base:`` inheritance, and
+``key=value`` command-line overrides.
+
+A run is described by :class:`TrainConfig`. Option files hold only what differs from the defaults in code::
+
+    base: unified.yml            # path relative to this file; bases chain
+    model:
+      overrides: {prompt_set: sdp}
+
+Command-line overrides use dotted keys, list items by index: ``optim.lr=1e-4 data.0.root=/x epochs=2``. Values are
+read as YAML (``amp=bf16``, ``eval.datasets=[live,csiq]``, ``model.pretrained=null``).
+
+Strings may refer to environment variables, ``${GAMMA_DATA_ROOT}`` or ``${GAMMA_DATA_ROOT:-data}`` (a default after
+``:-``), so shipped files carry no absolute paths. A variable that is unset and has no default is an error naming the
+key, but only if the value is still needed after the overrides (``data_root=/datasets`` on the command line wins).
+
+Every mistake is a :class:`ConfigError` that names the dotted key: an unknown key (with the closest known one
+suggested), a value of the wrong type (with the expected type), a missing base file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from ..data import DatasetEntry
+
+__all__ = [
+    "CheckpointCfg",
+    "ConfigError",
+    "DDPCfg",
+    "EvalCfg",
+    "LogCfg",
+    "ModelCfg",
+    "OptimCfg",
+    "TrainConfig",
+    "apply_overrides",
+    "config_to_dict",
+    "from_dict",
+    "load_config",
+    "load_yaml_tree",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the offending key or file."""
+
+
+# ------------------------------------------------------------------------------------------------ sections
+@dataclass
+class ModelCfg:
+    """Which model to train and where its starting weights come from."""
+
+    name: str | None = "gamma_vitb16"  # variant from gamma.list_models(); None = architecture read from `pretrained`
+    pretrained: str | None = None  # starting weights: UniQA/OpenAI CLIP file, the release's file or ours
+    allow_unsafe: bool = False  # allow a full unpickle of `pretrained` (trusted files only)
+    overrides: dict[str, Any] = field(default_factory=dict)  # GammaConfig fields: {prompt_set: sdp, num_experts: 5}
+
+
+@dataclass
+class OptimCfg:
+    """Optimiser and learning-rate schedule (paper: Adam 2e-5, no weight decay, cosine per epoch down to 0)."""
+
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    scheduler: Literal["cosine", "constant"] = "cosine"  # cosine: stepped once per epoch, T_max = epochs
+    min_lr: float = 0.0  # cosine floor (eta_min)
+    grad_clip: float | None = None  # max global grad norm; None = no clipping (the paper does not clip)
+
+
+@dataclass
+class EvalCfg:
+    """Held-out evaluation after each epoch (per dataset SRCC / PLCC / KRCC on the split's test part)."""
+
+    every: int = 1  # evaluate every N epochs (and always after the last); 0 = only after the last epoch
+    at_start: bool = False  # also evaluate the untrained model (epoch 0)
+    batch_size: int = 8  # images per forward; images of different sizes are grouped, scores are batch-invariant
+    workers: int | None = None  # DataLoader workers for evaluation (None = same as training)
+    crop_mode: Literal["random", "grid", "five", "center", "resize"] = "random"  # test-time protocol (release: random)
+    crops: int = 10  # number of crops (release: 10)
+    crop_seed: int = 0  # seed of the random crop offsets (the release leaves them unseeded)
+    datasets: list[str] | None = None  # evaluate only these entries (by name); None = all entries
+    keep_only_experts: list[int] | None = None  # paper Table 6: zero the other experts' router weights at test time
+    select_metric: Literal["srcc", "plcc", "krcc"] = "srcc"  # best epoch = highest mean of this over datasets
+
+
+@dataclass
+class CheckpointCfg:
+    """What is written into the run folder."""
+
+    every_steps: int = 0  # also write a resumable checkpoint every N optimiser steps inside an epoch (0 = off)
+    keep_epochs: bool = False  # keep epoch_NNN.pth of every epoch besides last.pth
+    save_best: bool = True  # best.pth: weights of the epoch with the best mean metric
+    format: Literal["pth", "safetensors"] = "pth"  # of best.pth / final weights (last.pth is always .pth)
+
+
+@dataclass
+class LogCfg:
+    """Console, JSONL/CSV metrics log and TensorBoard."""
+
+    every_steps: int = 50  # one 'train' record per N optimiser steps
+    tensorboard: bool = True  # when tensorboard is installed
+    progress: bool = True  # tqdm bars (rank 0)
+
+
+@dataclass
+class DDPCfg:
+    """torchrun / DistributedDataParallel settings (used when WORLD_SIZE > 1)."""
+
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: NCCL on CUDA, gloo on CPU
+    find_unused_parameters: bool = False  # only needed when some trainable parameter gets no gradient
+    timeout_s: int = 1800
+
+
+def _pretrain_type() -> Any:
+    """The demo helper's PretrainCfg when gamma.train.pretrain exists, else a free-form mapping."""
+    try:
+        from .pretrain import PretrainCfg
+    except ImportError:
+        return dict[str, Any]
+    return PretrainCfg
+
+
+PretrainSection = _pretrain_type()
+
+
+@dataclass
+class TrainConfig:
+    """One training run (or a 10-split series of them). Defaults are the paper's unified training recipe."""
+
+    name: str = "gamma"  # run name: results go to <output_dir>/<name>/split_<k>/
+    stage: Literal["gamma", "pretrain_clip"] = "gamma"  # pretrain_clip dispatches to gamma.train.pretrain.run
+    output_dir: str = "experiments"
+    seed: int = 123
+    epochs: int = 10
+    batch_size: int = 8  # images per optimiser step, over all processes and accumulation steps
+    grad_accum: int = 1  # micro-batches per optimiser step (per-process micro-batch = batch / world / accum)
+    amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype on CUDA (bf16 also works on CPU)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    workers: int = 4  # DataLoader workers per process
+    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
+    split_index: int = 1  # which of the 10 splits of every dataset (1-based, as the split pickles)
+    splits: list[int] = field(default_factory=lambda: list(range(1, 11)))  # run by --all_splits
+    data_root: str | None = None  # relative dataset paths start here (None: $GAMMA_DATA_ROOT, else the working dir)
+    data: list[DatasetEntry] = field(default_factory=list)  # training datasets; their held-out parts are evaluated
+    eval_data: list[DatasetEntry] = field(default_factory=list)  # extra evaluation-only datasets (cross-dataset tests)
+    sampler: Literal["uniform", "balanced"] = "uniform"  # uniform: one shuffle of the concatenation (size-proportional)
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests); None = whole epochs
+    overwrite: bool = False  # allow a fresh run into a folder that already holds one
+    eval_only: bool = False  # only evaluate model.pretrained on the held-out parts (e.g. paper Table 6)
+    model: ModelCfg = field(default_factory=ModelCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    eval: EvalCfg = field(default_factory=EvalCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    log: LogCfg = field(default_factory=LogCfg)
+    ddp: DDPCfg = field(default_factory=DDPCfg)
+    pretrain: PretrainSection = field(default_factory=PretrainSection)  # type: ignore[valid-type]  # stage pretrain_clip
+
+    def validate(self) -> None:
+        """Cross-field checks; each error names its key."""
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                    "eval.batch_size": self.eval.batch_size, "eval.crops": self.eval.crops}
+        for key, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        for key, value in {"workers": self.workers, "eval.every": self.eval.every,
+                           "checkpoint.every_steps": self.checkpoint.every_steps,
+                           "log.every_steps": self.log.every_steps}.items():
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if not self.optim.lr > 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if self.split_index < 1:
+            raise ConfigError(f"split_index must be >= 1 (split pickles count from 1), got {self.split_index}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ConfigError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
+        if self.model.name is None and not self.model.pretrained:
+            raise ConfigError("model.name or model.pretrained must be set")
+        if self.model.name is not None:
+            from ..factory import list_models
+
+            if self.model.name not in list_models():
+                hint = _suggest(self.model.name, list_models())
+                raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}; "
+                                  f"available: {', '.join(list_models())}")
+        _check_model_overrides(self.model.overrides)
+        names = [e.name for e in (*self.data, *self.eval_data)]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigError(f"data: more than one entry named {dup[0]!r}; results are keyed by name, so give each "
+                              "entry its own name")
+        for i, name in enumerate(self.eval.datasets or []):
+            if name not in names:
+                raise ConfigError(f"eval.datasets.{i}: no dataset entry named {name!r}{_suggest(name, names)}; "
+                                  f"entries: {', '.join(names) or '(none)'}")
+
+
+def _check_model_overrides(overrides: dict[str, Any]) -> None:
+    from ..config import GammaConfig, TextCfg, VisionCfg
+
+    nested = {"vision": VisionCfg, "text": TextCfg}
+    known = [f.name for f in fields(GammaConfig)]
+    for key, value in overrides.items():
+        if key not in known:
+            raise ConfigError(f"model.overrides.{key}: unknown model option{_suggest(key, known)}; "
+                              f"known: {', '.join(known)}")
+        if key in nested and isinstance(value, dict):
+            sub = [f.name for f in fields(nested[key])]
+            for k in value:
+                if k not in sub:
+                    raise ConfigError(f"model.overrides.{key}.{k}: unknown option{_suggest(k, sub)}; "
+                                      f"known: {', '.join(sub)}")
+    try:
+        GammaConfig().replace(**overrides)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ typed conversion
+def _suggest(key: str, known: list[str] | tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = typing.get_args(tp)
+        return f"a list of {_type_name(args[0])}" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping ({tp.__name__})"
+    if tp is Any:
+        return "any value"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """``value`` as type ``tp`` or a ConfigError naming ``key`` and the expected type."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}"
+                              f"{_suggest(value, choices) if isinstance(value, str) else ''}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and tp is DatasetEntry:  # a bare registered name
+            value = {"name": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+        return from_dict(tp, value, prefix=key)
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}.{i}") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected bool (true/false), got {_show(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected int, got {_show(value)}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected float, got {_show(value)}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a numeric folder or run name
+        raise ConfigError(f"{key}: expected str, got {_show(value)}")
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and value type.
+
+    Raises:
+        ConfigError: an unknown key (closest known key suggested) or a value of the wrong type; names the dotted key.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {dotted!r}{_suggest(key, names)}; "
+                              f"known keys{' of ' + prefix if prefix else ''}: {', '.join(names)}")
+        kwargs[key] = _convert(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
+
+
+def config_to_dict(obj: Any) -> Any:
+    """Plain YAML-safe data (dicts, lists, scalars) of a config object."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: config_to_dict(getattr(obj, f.name)) for f in fields(obj) if f.init}
+    if isinstance(obj, dict):
+        return {str(k): config_to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [config_to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- YAML files
+def load_yaml_tree(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read an option file and the chain of ``base:`` files under it, merged (later files win).
+
+    Mappings merge key by key; lists and scalars are replaced whole. ``base`` may be one path or a list of paths,
+    relative to the file that names them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        where = f" (base of {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"option file not found: {path}{where}")
+    resolved = path.resolve()
+    if resolved in _seen:
+        raise ConfigError(f"circular base: chain: {' -> '.join(str(p) for p in (*_seen, resolved))}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an option file must be a mapping of keys, got {type(data).__name__}")
+    bases = data.pop("base", None)
+    if bases is None:
+        return data
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base: expected a path or a list of paths, got {_show(bases)}")
+    merged: dict[str, Any] = {}
+    for base in bases:
+        merged = _merge(merged, load_yaml_tree(path.parent / base, (*_seen, resolved)))
+    return _merge(merged, data)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (dotted keys, list items by index) to a raw config mapping (in place, returned)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"command-line override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"command-line override {item!r}: empty key")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse value {text!r}: {exc}") from exc
+        _set_dotted(data, key, value)
+    return data
+
+
+def _set_dotted(data: Any, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            if not re.fullmatch(r"-?\d+", part):
+                parent = ".".join(parts[:i]) or "value"
+                raise ConfigError(f"{key}: {parent} is a list; index it by number, got {part!r}")
+            index = int(part)
+            if not -len(node) <= index < len(node):
+                raise ConfigError(f"{key}: index {index} out of range ({'.'.join(parts[:i])} has {len(node)} entries)")
+            if last:
+                node[index] = value
+            else:
+                if node[index] is None:
+                    node[index] = {}
+                elif isinstance(node[index], str):  # a bare dataset name: data.0.root=... on `data: [koniq10k]`
+                    node[index] = {"name": node[index]}
+                node = node[index]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    if re.fullmatch(r"-?\d+", parts[i + 1]):
+                        raise ConfigError(f"{key}: {where} is not set, so it has no item {parts[i + 1]}")
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"{key}: {where.rsplit('.', 1)[0]} is a {type(node).__name__}, not a mapping or list")
+
+
+# ------------------------------------------------------------------------------------------- env variables
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, key: str) -> Any:
+    if isinstance(value, str):
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"{key}: environment variable {name} is not set (set it, or override {key}=...)")
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, list):
+        return [_expand(v, f"{key}.{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- top level
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """The resolved configuration of a run: code defaults <- option file (with its bases) <- ``overrides``.
+
+    ``${VAR}`` / ``${VAR:-default}`` in strings are replaced from the environment after the overrides are applied.
+    The run's ``split_index`` is given to every dataset entry (an entry may only say ``split_index: all``), and
+    ``data_root`` to every entry without its own.
+
+    Args:
+        path: an option YAML, or None for the defaults.
+        overrides: ``key=value`` strings.
+
+    Raises:
+        ConfigError: naming the file or dotted key at fault.
+    """
+    data = load_yaml_tree(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    data = _expand(data, "")
+    cfg = from_dict(TrainConfig, data)
+    for section in ("data", "eval_data"):
+        for i, entry in enumerate(getattr(cfg, section)):
+            raw = data[section][i]
+            given = raw.get("split_index") if isinstance(raw, dict) else None
+            if given is not None and entry.split_index not in ("all", cfg.split_index):
+                raise ConfigError(f"{section}.{i}.split_index: the split is chosen for the whole run (split_index / "
+                                  "--split_index); an entry may only say split_index: all (every row, no split file)")
+    cfg.validate()
+    return resolve_entries(cfg)
+
+
+def resolve_entries(cfg: TrainConfig) -> TrainConfig:
+    """Give every dataset entry the run's split index (unless it uses all rows) and the run's data root."""
+    for entries in (cfg.data, cfg.eval_data):
+        for i, entry in enumerate(entries):
+            changes: dict[str, Any] = {}
+            if entry.split_index != "all" and entry.split_index != cfg.split_index:
+                changes["split_index"] = cfg.split_index
+            if entry.data_root is None and cfg.data_root is not None:
+                changes["data_root"] = cfg.data_root
+            if changes:
+                entries[i] = entry.replace(**changes)
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved configuration as YAML (loadable again with :func:`load_config`)."""
+    from ..weights import _atomic_write
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+    _atomic_write(Path(path), write)

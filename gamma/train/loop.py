@@ -1,0 +1,642 @@
+"""The training run: build data and model, train epoch by epoch, evaluate, checkpoint, resume.
+
+The recipe is the paper's (DESIGN.md §6): the training parts of every dataset entry concatenated and shuffled
+together, MSE between the predicted score and the normalised MOS, Adam over ``model.trainable_parameters()``, cosine
+annealing stepped once per epoch. What a run writes into its folder ``<output_dir>/<name>/split_<k>/``:
+
+- ``config.yaml``: the resolved configuration;
+- ``last.pth``: resumable state after every epoch (and every ``checkpoint.every_steps`` steps), written atomically;
+- ``best.pth``: weights of the epoch with the best mean SRCC over datasets (one dataset improving is not enough);
+- ``metrics.jsonl`` (every record) and ``metrics.csv`` (one row per evaluation); TensorBoard under ``tb/``;
+- ``predictions/<dataset>.csv`` of the best epoch; ``results.json`` at the end; ``train.log``.
+
+Resuming (``--resume``) restores weights, optimiser, scheduler, grad scaler, counters and RNG states; the data order
+and every augmentation are functions of (seed, epoch, position) (:mod:`gamma.train.sampling`), so a resumed run
+computes the same losses as an uninterrupted one, from an epoch boundary or from a mid-epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..archs import GammaModel
+from ..data import IQADataset, build_dataset, collate
+from ..factory import create_model
+from ..hub import resolve_weights
+from ..weights import _atomic_write, load_into
+from .checkpoint import (
+    LAST,
+    RunLock,
+    load_training_state,
+    save_best,
+    save_training_state,
+    set_rng_state,
+    write_json,
+)
+from .config import ConfigError, TrainConfig, config_to_dict, save_config
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from .evaluate import METRICS, autocast, evaluate
+from .sampling import EpochPlan, SeededView, SlotBatchSampler
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the weights were not updated by the failing step."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT / SIGTERM arrived; a resumable checkpoint was written (``path``)."""
+
+    def __init__(self, path: Path | None, signum: int) -> None:
+        name = signal.Signals(signum).name if signum else "signal"
+        super().__init__(f"stopped by {name}; resumable checkpoint: {path} (continue with --resume)")
+        self.path = path
+        self.signum = signum
+
+
+# ------------------------------------------------------------------------------------------------- state
+@dataclass
+class Progress:
+    """Counters and results that a checkpoint carries (plain data)."""
+
+    epoch: int = 0  # epoch in progress (0-based); == epochs when training is done
+    step_in_epoch: int = 0  # optimiser steps already done in `epoch`
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0  # sum of squared errors of `epoch` so far (for the epoch's mean loss)
+    epoch_samples: int = 0
+    pending_eval: bool = False  # the checkpoint was written after an epoch, before its evaluation
+    best: dict[str, Any] | None = None  # {'epoch', 'step', 'mean', 'datasets'} of the best evaluation
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Run:
+    """Everything a run's functions share (built once by :func:`prepare`)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    dist: DistInfo
+    model: GammaModel  # the bare model
+    net: torch.nn.Module  # what the training forward calls: the model, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    scaler: torch.amp.GradScaler
+    plan: EpochPlan
+    train_view: SeededView
+    eval_sets: dict[str, IQADataset]
+    log: MetricsLog | None  # rank 0 only
+    progress: Progress = field(default_factory=Progress)
+    step_losses: list[float] = field(default_factory=list)  # losses of the steps run by this process (this call)
+    stop_signal: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ logging
+class MetricsLog:
+    """``metrics.jsonl`` (every record), ``metrics.csv`` (evaluations) and TensorBoard scalars (when installed)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tb"))
+            except ImportError:
+                logger.debug("tensorboard is not installed; metrics go to metrics.jsonl / metrics.csv only")
+
+    def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
+        """Drop records written after the checkpoint a resumed run starts from: those past ``step`` (and the
+        evaluation at ``step`` when the checkpoint still has it pending)."""
+        if not self.jsonl.exists():
+            return
+        kept = []
+        for line in self.jsonl.read_text(encoding="utf-8").splitlines():
+            rec = _parse(line)
+            if rec is None or rec.get("step", math.inf) > step:
+                continue
+            if drop_eval_at_step and rec.get("kind") == "eval" and rec.get("step") == step:
+                continue
+            kept.append(line)
+        text = "".join(line + "\n" for line in kept)
+        _atomic_write(self.jsonl, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        self._write_csv()
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.jsonl, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_finite_or_none(record)) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in _flatten(record).items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch") and math.isfinite(value):
+                    self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
+        if record["kind"] == "eval":
+            self._write_csv()
+
+    def _write_csv(self) -> None:
+        rows = [_parse(line) for line in self.jsonl.read_text(encoding="utf-8").splitlines()]
+        rows = [_flatten(r) for r in rows if r is not None and r.get("kind") == "eval"]
+        if not rows:
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r if k != "kind"))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+        _atomic_write(self.csv, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}/"))
+        else:
+            out[key] = v
+    return out
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------ building
+def run_dir_of(cfg: TrainConfig) -> Path:
+    """``<output_dir>/<name>/split_<k>``."""
+    return Path(cfg.output_dir) / cfg.name / f"split_{cfg.split_index}"
+
+
+def build_model(cfg: TrainConfig) -> GammaModel:
+    """The model to train, its random parts (routers, adapter) initialised from the run seed."""
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    # A known name (uniqa, gamma, gamma_sdp) is found through its environment variable or the weight cache.
+    pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
+    try:
+        model = create_model(m.name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **m.overrides)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model: {exc}") from exc
+    return model
+
+
+def build_datasets(cfg: TrainConfig) -> tuple[list[IQADataset], dict[str, IQADataset]]:
+    """Training datasets (one per ``data`` entry) and held-out datasets by name (``data`` + ``eval_data``)."""
+    train = [build_dataset(e, "train") for e in cfg.data] if not cfg.eval_only else []
+    wanted = set(cfg.eval.datasets) if cfg.eval.datasets is not None else None
+    held = {}
+    for e in (*cfg.data, *cfg.eval_data):
+        if wanted is None or e.name in wanted:
+            held[e.name] = build_dataset(e, e.eval_key)
+    return train, held
+
+
+def _seed_worker(worker_id: int) -> None:
+    # Augmentation is seeded per sample (SeededView); this keeps numpy / random in workers distinct and
+    # reproducible too, and leaves Ctrl-C to the main process (which saves a checkpoint before it stops).
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(run: Run, epoch: int, start_step: int) -> DataLoader:
+    workers = run.cfg.workers
+    return DataLoader(
+        run.train_view,
+        batch_sampler=SlotBatchSampler(run.plan, epoch, start_step),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=run.dist.device.type == "cuda",
+        worker_init_fn=_seed_worker if workers else None,
+        generator=torch.Generator().manual_seed(run.cfg.seed + epoch),
+        persistent_workers=False,
+    )
+
+
+def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | None) -> Run:
+    """Build model, data, optimiser and schedule for a run (nothing is trained or loaded from a checkpoint yet)."""
+    if cfg.amp == "fp16" and dist.device.type != "cuda":
+        raise ConfigError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on CPU")
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    train_sets, eval_sets = build_datasets(cfg)
+    if not cfg.eval_only and not train_sets:
+        raise ConfigError("data: no training datasets; list at least one entry under data:")
+    model = build_model(cfg).to(dist.device)
+    params = model.trainable_parameters()
+    if not params and not cfg.eval_only:
+        raise ConfigError("the model has no trainable parameters")
+    o = cfg.optim
+    optimizer = torch.optim.Adam(params or [torch.nn.Parameter(torch.zeros(1))], lr=o.lr, betas=o.betas, eps=o.eps,
+                                 weight_decay=o.weight_decay)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=o.min_lr)
+                 if o.scheduler == "cosine" else None)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
+    net: torch.nn.Module = model
+    if dist.enabled and not cfg.eval_only:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                                      find_unused_parameters=cfg.ddp.find_unused_parameters)
+    sizes = [len(d) for d in train_sets] or [1]
+    plan = EpochPlan(sizes, cfg.batch_size, cfg.seed, cfg.sampler, dist.world_size, dist.rank, cfg.grad_accum,
+                     cfg.max_steps_per_epoch)
+    if train_sets:
+        logger.info("training on %d images from %d dataset(s) (%s); %d steps per epoch of %d images, %d epochs, "
+                    "%d process%s", plan.total, len(train_sets),
+                    ", ".join(f"{d.entry.name} {len(d)}" for d in train_sets), plan.steps_per_epoch, cfg.batch_size,
+                    cfg.epochs, dist.world_size, "es" if dist.world_size > 1 else "")
+        logger.info("model: %s; %.1f M parameters, %.1f M trainable", cfg.model.name or cfg.model.pretrained,
+                    model.num_parameters() / 1e6, model.num_parameters(trainable_only=True) / 1e6)
+    return Run(cfg=cfg, run_dir=run_dir, dist=dist, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
+               scaler=scaler, plan=plan, train_view=SeededView(train_sets), eval_sets=eval_sets, log=log)
+
+
+def restore(run: Run, path: Path) -> None:
+    """Load a training checkpoint into ``run`` (weights, optimiser, schedule, scaler, counters, RNG)."""
+    ckpt = load_training_state(path)
+    load_into(run.model, ckpt, strict=True)
+    ex = ckpt.extra
+    run.optimizer.load_state_dict(ex["optimizer"])
+    if run.scheduler is not None and ex.get("scheduler") is not None:
+        run.scheduler.load_state_dict(ex["scheduler"])
+    if ex.get("scaler") is not None:
+        run.scaler.load_state_dict(ex["scaler"])
+    run.progress = Progress(**ex["progress"])
+    set_rng_state(ex["rng"])
+    _warn_config_changes(ex.get("train_config") or {}, config_to_dict(run.cfg), path)
+    p = run.progress
+    logger.info("resumed from %s: epoch %d, step %d of it (global step %d)", path, p.epoch + 1, p.step_in_epoch,
+                p.global_step)
+
+
+def _warn_config_changes(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
+    ignore = {"overwrite", "workers", "eval", "log", "splits", "output_dir", "device", "ddp"}
+    old_flat = {k: v for k, v in _flatten(old).items() if k.split("/")[0] not in ignore}
+    new_flat = {k: v for k, v in _flatten(new).items() if k.split("/")[0] not in ignore}
+    changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
+    if changed:
+        logger.warning("resuming %s with a different configuration (%s): the run is no longer the one it started as",
+                       path, ", ".join(k.replace("/", ".") for k in changed[:8]) + (" ..." if len(changed) > 8 else ""))
+
+
+# -------------------------------------------------------------------------------------------------- training
+@contextmanager
+def _stop_on_signals(run: Run):
+    """SIGINT / SIGTERM set ``run.stop_signal``; the loop saves and stops after the current step. A second SIGINT
+    interrupts at once."""
+    def handler(signum, frame):  # noqa: ARG001 - signal API
+        if run.stop_signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        run.stop_signal = signum
+        logger.warning("%s received: finishing this step, saving a checkpoint and stopping (again to abort)",
+                       signal.Signals(signum).name)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def save_state(run: Run, name: str = LAST) -> Path | None:
+    """Write the resumable checkpoint (rank 0; other ranks wait)."""
+    path = run.run_dir / name
+    if run.dist.is_main:
+        save_training_state(path, run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
+                            progress=run.progress.to_dict(), train_config=config_to_dict(run.cfg))
+    barrier(run.dist)
+    return path
+
+
+def current_lr(run: Run) -> float:
+    return float(run.optimizer.param_groups[0]["lr"])
+
+
+def train_one_epoch(run: Run) -> None:
+    """Train from ``run.progress`` (epoch, step_in_epoch) to the end of the epoch.
+
+    Raises:
+        NonFiniteLossError: a step's loss is NaN/inf (checked over all processes before the weights change).
+        TrainingInterrupted: a stop signal arrived; a resumable checkpoint was written first.
+    """
+    cfg, p, plan, dev = run.cfg, run.progress, run.plan, run.dist.device
+    run.net.train()
+    loader = make_loader(run, p.epoch, p.step_in_epoch)
+    batches = iter(loader)
+    world = run.dist.world_size
+    bar = None
+    if cfg.log.progress and run.dist.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=plan.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
+                   dynamic_ncols=True, leave=False)
+    window: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(p.step_in_epoch, plan.steps_per_epoch):
+        n_real = plan.samples_in_step(step)
+        run.optimizer.zero_grad(set_to_none=True)
+        sq_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        for micro in range(cfg.grad_accum):
+            batch = next(batches)
+            images = batch["img"].to(dev, non_blocking=True)
+            target = batch["mos"].to(dev, non_blocking=True).float()
+            weight = batch["weight"].to(dev, non_blocking=True)
+            sync = run.net.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+            with sync:
+                with autocast(dev, cfg.amp):
+                    pred = run.net(images, scene=batch["scene"])
+                sq = (pred.float() - target).square() * weight  # (b,), padding slots weigh 0
+                # Sum over this micro-batch / real samples of the whole step, times world size because DDP averages
+                # gradients over processes: the gradient is exactly that of the step's mean squared error.
+                loss = sq.sum() * (world / n_real)
+                run.scaler.scale(loss).backward()
+            sq_sum += sq.detach().double().sum()
+        flags = torch.stack([sq_sum, torch.tensor(float(run.stop_signal != 0), dtype=torch.float64, device=dev)])
+        flags = all_reduce_sum(flags, run.dist)
+        step_loss = float(flags[0]) / n_real
+        if not math.isfinite(step_loss):
+            raise NonFiniteLossError(
+                f"training loss is {step_loss} at epoch {p.epoch + 1}, step {step + 1} (global step "
+                f"{p.global_step + 1}, lr {current_lr(run):.3g}); stopped before updating the weights. "
+                f"Last good checkpoint: {run.run_dir / LAST if (run.run_dir / LAST).exists() else 'none yet'}. "
+                "Check the labels (mos_range), lower optim.lr, or use amp=none / amp=bf16 instead of fp16.")
+        if cfg.optim.grad_clip:
+            run.scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.model.trainable_parameters(), cfg.optim.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        p.global_step += 1
+        p.step_in_epoch = step + 1
+        p.epoch_loss_sum += step_loss * n_real
+        p.epoch_samples += n_real
+        run.step_losses.append(step_loss)
+        window.append(step_loss)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{current_lr(run):.2e}")
+        if run.log is not None and (cfg.log.every_steps and p.global_step % cfg.log.every_steps == 0):
+            elapsed = time.perf_counter() - t0
+            run.log.write({"kind": "train", "epoch": p.epoch + 1, "step": p.global_step, "loss": float(np.mean(window)),
+                           "lr": current_lr(run), "images_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9)})
+            window, t0 = [], time.perf_counter()
+        last_step = p.step_in_epoch == plan.steps_per_epoch
+        if float(flags[1]) > 0:
+            run.stop_signal = run.stop_signal or signal.SIGTERM  # the signal may have reached another process only
+            if not last_step:  # (after the last step, fit() stops once the epoch is evaluated and saved)
+                path = save_state(run)
+                if bar is not None:
+                    bar.close()
+                raise TrainingInterrupted(path, run.stop_signal)
+        if cfg.checkpoint.every_steps and p.global_step % cfg.checkpoint.every_steps == 0 and not last_step:
+            save_state(run)
+    if bar is not None:
+        bar.close()
+    del batches, loader
+
+
+def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
+    """Evaluate, log, and update the best checkpoint (by the mean of ``eval.select_metric`` over datasets)."""
+    cfg, p = run.cfg, run.progress
+    t0 = time.perf_counter()
+    result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp,
+                      workers=cfg.eval.workers if cfg.eval.workers is not None else min(cfg.workers, 2),
+                      dist_info=run.dist, progress=cfg.log.progress)
+    record = {"kind": "eval", "epoch": epoch, "step": p.global_step,
+              "train_loss": p.epoch_loss_sum / p.epoch_samples if p.epoch_samples else None,
+              "mean": result["mean"], "datasets": result["datasets"], "seconds": time.perf_counter() - t0}
+    p.history.append(record)
+    improved = improves(p.best, result["mean"], cfg.eval.select_metric)
+    if improved:
+        p.best = {"epoch": epoch, "step": p.global_step, "mean": result["mean"], "datasets": result["datasets"]}
+    if run.dist.is_main:
+        run.log.write(record)
+        summary = ", ".join(f"{n} {v['srcc']:.3f}/{v['plcc']:.3f}" for n, v in result["datasets"].items())
+        logger.info("epoch %d eval (SRCC/PLCC): %s; mean %.4f/%.4f%s", epoch, summary, result["mean"]["srcc"],
+                    result["mean"]["plcc"], " (best)" if improved else "")
+        if improved:
+            if cfg.checkpoint.save_best and not cfg.eval_only:
+                save_best(run.run_dir, run.model, cfg.checkpoint.format, {"epoch": epoch, **record},
+                          config_to_dict(cfg))
+            write_predictions(run, result["predictions"])
+    return record
+
+
+def improves(best: dict[str, Any] | None, mean: dict[str, float], metric: str = "srcc") -> bool:
+    """Whether an evaluation with mean metrics ``mean`` beats ``best``: the mean over datasets must rise (one dataset
+    improving while the mean falls is not better; the release's defect)."""
+    score = mean[metric]
+    return math.isfinite(score) and (best is None or score > best["mean"][metric])
+
+
+def write_predictions(run: Run, predictions: dict[str, list[float]]) -> None:
+    folder = run.run_dir / "predictions"
+    folder.mkdir(exist_ok=True)
+    for name, scores in predictions.items():
+        ds = run.eval_sets[name]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "mos", "label", "pred"])
+        for path, raw, label, pred in zip(ds.paths, ds.mos_raw, ds.labels, scores, strict=True):
+            w.writerow([os.path.relpath(path, ds.entry.image_root), f"{raw:.6g}", f"{label:.6f}", f"{pred:.6f}"])
+        text = buf.getvalue()
+        _atomic_write(folder / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
+
+
+def _should_eval(cfg: TrainConfig, epoch: int) -> bool:
+    """Evaluate after 1-based ``epoch``?"""
+    if epoch == cfg.epochs:
+        return True
+    return bool(cfg.eval.every) and epoch % cfg.eval.every == 0
+
+
+def fit(run: Run) -> None:
+    """Train the remaining epochs of ``run`` (evaluating and checkpointing as configured)."""
+    cfg, p = run.cfg, run.progress
+    if p.pending_eval:  # a kill between an epoch's checkpoint and its evaluation
+        _finish_epoch_eval(run, p.epoch)
+    if p.epoch == 0 and p.step_in_epoch == 0 and cfg.eval.at_start and not p.history:
+        evaluate_epoch(run, 0)
+    while p.epoch < cfg.epochs:
+        train_one_epoch(run)
+        if run.scheduler is not None:
+            run.scheduler.step()  # cosine annealing, once per epoch
+        done = p.epoch + 1
+        if run.dist.is_main:
+            logger.info("epoch %d/%d: train loss %.5f, next lr %.3g", done, cfg.epochs,
+                        p.epoch_loss_sum / max(p.epoch_samples, 1), current_lr(run))
+            run.log.write({"kind": "epoch", "epoch": done, "step": p.global_step,
+                           "train_loss": p.epoch_loss_sum / max(p.epoch_samples, 1), "lr": current_lr(run)})
+        evaluating = _should_eval(cfg, done)
+        p.epoch, p.step_in_epoch, p.pending_eval = done, 0, evaluating
+        save_state(run)
+        if cfg.checkpoint.keep_epochs and run.dist.is_main:
+            save_state(run, f"epoch_{done:03d}.pth")
+        if evaluating:
+            _finish_epoch_eval(run, done)
+        p.epoch_loss_sum, p.epoch_samples = 0.0, 0
+        if _agreed_stop(run) and p.epoch < cfg.epochs:
+            raise TrainingInterrupted(run.run_dir / LAST, run.stop_signal or signal.SIGTERM)
+
+
+def _agreed_stop(run: Run) -> bool:
+    """Whether any process has been asked to stop (every process gets the same answer)."""
+    flag = torch.tensor([float(run.stop_signal != 0)], dtype=torch.float64, device=run.dist.device)
+    return float(all_reduce_sum(flag, run.dist)[0]) > 0
+
+
+def _finish_epoch_eval(run: Run, epoch: int) -> None:
+    evaluate_epoch(run, epoch)
+    run.progress.pending_eval = False
+    save_state(run)
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def _prepare_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    for partial in run_dir.glob(".*.tmp"):  # half-written by a run killed while saving (we hold the folder's lock)
+        logger.info("removing %s, left by an interrupted write", partial)
+        partial.unlink(missing_ok=True)
+    has_state = (run_dir / LAST).exists()
+    if resume and not has_state:
+        logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
+    if not resume and has_state and not cfg.overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({LAST}); continue it with --resume, start over with "
+                          "overwrite=true, or choose another name=")
+    if not resume and cfg.overwrite:
+        for stale in ("metrics.jsonl", "metrics.csv", "results.json", LAST, "best.pth", "best.safetensors"):
+            (run_dir / stale).unlink(missing_ok=True)
+
+
+def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
+    """Run one training (one split): returns its results (also written to ``results.json``)."""
+    run_dir = run_dir_of(cfg)
+    lock = RunLock(run_dir) if dist.is_main else None
+    error: BaseException | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+            _prepare_folder(cfg, run_dir, resume)
+        except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
+            error = exc
+    error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
+    if error is not None:
+        lock.release()
+        raise error
+    if error_text is not None:
+        raise RuntimeError(f"rank 0 failed to set up {run_dir}: {error_text}")
+    handler = _attach_file_log(run_dir) if dist.is_main else None
+    log = None
+    try:
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            log = MetricsLog(run_dir, cfg.log.tensorboard)
+        run = prepare(cfg, dist, run_dir, log)
+        if resume and (run_dir / LAST).exists():
+            restore(run, run_dir / LAST)
+            if log is not None:
+                log.truncate_after(run.progress.global_step, drop_eval_at_step=run.progress.pending_eval)
+        t0 = time.perf_counter()
+        with _stop_on_signals(run):
+            if cfg.eval_only:
+                evaluate_epoch(run, 0)
+            else:
+                fit(run)
+        results = _results(run, time.perf_counter() - t0)
+        if dist.is_main:
+            write_json(run_dir / "results.json", results)
+            _log_summary(results)
+        return results
+    finally:
+        if log is not None:
+            log.close()
+        if handler is not None:
+            logging.getLogger("gamma").removeHandler(handler)
+            handler.close()
+        if lock is not None:
+            lock.release()
+
+
+def _results(run: Run, seconds: float) -> dict[str, Any]:
+    p = run.progress
+    evals = [h for h in p.history if h["kind"] == "eval"]
+    last = evals[-1] if evals else None
+    return {
+        "run_dir": str(run.run_dir),
+        "name": run.cfg.name,
+        "split_index": run.cfg.split_index,
+        "finished": p.epoch >= run.cfg.epochs or run.cfg.eval_only,
+        "epochs": p.epoch,
+        "global_step": p.global_step,
+        "seconds": seconds,
+        "best": p.best,
+        "last": None if last is None else {k: last[k] for k in ("epoch", "step", "mean", "datasets")},
+        "history": p.history,
+        "step_losses": list(run.step_losses),
+    }
+
+
+def _log_summary(results: dict[str, Any]) -> None:
+    best = results.get("best")
+    if best:
+        means = ", ".join(f"{m.upper()} {best['mean'][m]:.4f}" for m in METRICS)
+        logger.info("best epoch %s (mean over datasets: %s); results in %s", best["epoch"], means, results["run_dir"])
+
+
+def _attach_file_log(run_dir: Path) -> logging.Handler:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("gamma")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler

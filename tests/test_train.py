@@ -1,0 +1,375 @@
+"""The trainer end to end on a tiny dataset it writes itself: run folder, exact resume, DDP on CPU, NaN loss, the lock,
+the sampler, and the 10-split median table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from gamma.data import make_splits, save_splits
+from gamma.train import loop
+from gamma.train.checkpoint import RunLock, RunLockedError, load_training_state
+from gamma.train.config import ConfigError, load_config
+from gamma.train.evaluate import median_table, table_markdown
+from gamma.train.main import cli, main
+from gamma.train.sampling import EpochPlan
+from gamma.weights import read_checkpoint
+
+BATCH = 4
+
+
+def _write_dataset(root: Path, name: str, n: int, lo: float, hi: float, seed: int, size: tuple[int, int]) -> None:
+    """n small pictures whose noise level sets the MOS (NR CSV meta, 10-split pickle)."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    h, w = size
+    for i in range(n):
+        ramp = np.linspace(0, 1, w)[None, :, None] * np.linspace(0.3, 1, h)[:, None, None] * rng.uniform(0.3, 1, 3)
+        quality = i / (n - 1)
+        img = np.clip(ramp + rng.normal(0, 0.4 * (1 - quality), (h, w, 3)), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / "img" / f"{i:03d}.png")
+        rows.append((f"{i:03d}.png", f"{lo + quality * (hi - lo):.4f}"))
+    with open(folder / "meta.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "mos"])
+        writer.writerows(rows)
+    save_splits(make_splits(n, seed=seed), folder / "split.pkl")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these runs are tiny, and on 2 shared cores a second thread mostly waits."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Two datasets with different MOS scales and scenes, and a base option file for the tiny model."""
+    root = tmp_path_factory.mktemp("trainer")
+    _write_dataset(root / "data", "alpha", 20, 0, 100, seed=1, size=(72, 96))
+    _write_dataset(root / "data", "beta", 15, 1, 5, seed=2, size=(96, 64))
+    options = {
+        "name": "tiny", "output_dir": str(root / "runs"), "epochs": 2, "batch_size": BATCH, "workers": 0,
+        "device": "cpu", "model": {"name": "gamma_test_sdp"}, "optim": {"lr": 1e-3},
+        "data_root": str(root / "data"),
+        "data": [
+            {"name": "alpha", "root": "alpha/img", "meta_file": "alpha/meta.csv", "split_file": "alpha/split.pkl",
+             "mos_range": [0, 100]},
+            {"name": "beta", "root": "beta/img", "meta_file": "beta/meta.csv", "split_file": "beta/split.pkl",
+             "mos_range": [1, 5], "scene": "aigc"},
+        ],
+        "eval": {"crops": 3},
+        "log": {"every_steps": 1, "progress": False, "tensorboard": False},
+    }
+    (root / "base.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+    return root
+
+
+def run(workspace: Path, *overrides: str, resume: bool = False) -> dict:
+    argv = ["-opt", str(workspace / "base.yml"), *overrides]
+    return main([*argv, "--resume"] if resume else argv)
+
+
+def folder(workspace: Path, name: str, split: int = 1) -> Path:
+    return workspace / "runs" / name / f"split_{split}"
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path).state_dict
+
+
+@pytest.fixture(scope="module")
+def reference(workspace) -> dict:
+    """An uninterrupted 2-epoch run (7 steps per epoch: 16 + 12 training images, batch 4)."""
+    return run(workspace, "name=ref")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_run_folder_holds_config_checkpoints_logs_and_results(workspace, reference):
+    out = folder(workspace, "ref")
+    for name in ("config.yaml", "last.pth", "best.pth", "metrics.jsonl", "metrics.csv", "results.json", "train.log",
+                 "predictions/alpha.csv", "predictions/beta.csv"):
+        assert (out / name).is_file(), name
+    assert load_config(out / "config.yaml").name == "ref"  # the resolved config loads again
+    assert reference["finished"] and reference["global_step"] == 2 * 7
+    losses = reference["step_losses"]
+    assert len(losses) == 14 and all(math.isfinite(v) and v >= 0 for v in losses)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 15))
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["epoch"] for r in evals] == [1, 2]
+    assert set(evals[0]["datasets"]) == {"alpha", "beta"} and evals[0]["datasets"]["alpha"]["n"] == 4
+    best = max(evals, key=lambda r: r["mean"]["srcc"])
+    assert reference["best"]["epoch"] == best["epoch"]
+    assert read_checkpoint(out / "best.pth").extra["metrics"]["epoch"] == best["epoch"]
+    state = load_training_state(out / "last.pth")  # weights_only, with the whole training state
+    assert state.extra["progress"]["epoch"] == 2 and state.extra["scheduler"]["last_epoch"] == 2
+    assert state.config.prompt_set == "sdp"
+    with open(out / "predictions" / "beta.csv") as fh:
+        assert next(csv.reader(fh)) == ["path", "mos", "label", "pred"]
+
+
+def test_training_changes_only_trainable_parameters(workspace, reference):
+    import gamma
+
+    torch.manual_seed(123)
+    start = gamma.create_model("gamma_test_sdp").state_dict()
+    final = weights(folder(workspace, "ref") / "last.pth")
+    model = gamma.create_model("gamma_test_sdp")
+    trainable = {n for n, _ in model.named_trainable_parameters()}
+    changed = {k for k in start if not torch.equal(start[k], final[k])}
+    assert changed and changed <= trainable
+    assert any("experts" in k for k in changed) and "score_level" in changed
+
+
+def test_best_is_chosen_by_mean_srcc_not_one_dataset():
+    best = {"mean": {"srcc": 0.80}}
+    assert not loop.improves(best, {"srcc": 0.79})  # e.g. alpha up, beta down more
+    assert loop.improves(best, {"srcc": 0.81})
+    assert loop.improves(None, {"srcc": -0.5})
+    assert not loop.improves(None, {"srcc": math.nan})
+
+
+# ----------------------------------------------------------------------------------------------------- resume
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """Deliver a real SIGINT while step ``step`` is being logged (the trainer stops after the next step)."""
+    write = loop.MetricsLog.write
+
+    def wrapped(self, record):
+        write(self, record)
+        if record["kind"] == "train" and record["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop.MetricsLog, "write", wrapped)
+
+
+def test_resume_from_epoch_boundary_is_exact(workspace, reference, monkeypatch):
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 6)  # stops after step 7 = the end of epoch 1
+        with pytest.raises(loop.TrainingInterrupted, match="resumable checkpoint"):
+            run(workspace, "name=resume_epoch")
+    out = folder(workspace, "resume_epoch")
+    assert load_training_state(out / "last.pth").extra["progress"]["epoch"] == 1
+    with pytest.raises(ConfigError, match="--resume"):  # a fresh run may not overwrite it
+        run(workspace, "name=resume_epoch")
+    resumed = run(workspace, "name=resume_epoch", resume=True)
+    first = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["kind"] == "train"]
+    assert resumed["step_losses"] == reference["step_losses"][7:]
+    assert first == reference["step_losses"]  # the log holds every step exactly once
+    assert [h["mean"] for h in resumed["history"]] == [h["mean"] for h in reference["history"]]
+    ref_w, got_w = weights(folder(workspace, "ref") / "last.pth"), weights(out / "last.pth")
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_resume_mid_epoch_with_workers_is_exact(workspace, reference, monkeypatch):
+    """A stop inside an epoch (and DataLoader workers, which must not change the samples) resumes exactly."""
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 9)  # stops after step 10: 3 steps into epoch 2
+        with pytest.raises(loop.TrainingInterrupted):
+            run(workspace, "name=resume_mid", "workers=1")
+    state = load_training_state(folder(workspace, "resume_mid") / "last.pth")
+    assert (state.extra["progress"]["epoch"], state.extra["progress"]["step_in_epoch"]) == (1, 3)
+    resumed = run(workspace, "name=resume_mid", "workers=1", resume=True)
+    assert resumed["step_losses"] == reference["step_losses"][10:]
+    ref_w, got_w = weights(folder(workspace, "ref") / "last.pth"), weights(folder(workspace, "resume_mid") / "last.pth")
+    assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+
+def test_gradient_accumulation_matches_one_big_batch(workspace, reference):
+    accum = run(workspace, "name=accum", "grad_accum=2", "epochs=2")
+    np.testing.assert_allclose(accum["step_losses"], reference["step_losses"], rtol=1e-4, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------------------- DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, ports: list[int], argvs: list[list[str]]) -> None:
+    """One process of a CPU process group, as torchrun would start it: each argv is one main() call."""
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(world), "RANK": str(rank),
+                           "LOCAL_RANK": str(rank)})
+        for port, argv in zip(ports, argvs, strict=True):
+            os.environ["MASTER_PORT"] = str(port)
+            main(argv)
+    except BaseException:  # noqa: BLE001 - reported through the exit code and stderr
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _launch(world: int, argvs: list[list[str]]) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")  # torch is already imported here: children start at once
+    ports = [_free_port() for _ in argvs]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, world, ports, argvs)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * world
+
+
+def test_two_process_gloo_ddp_matches_one_process(workspace, reference):
+    """2 CPU processes (gloo): training sees the same global batches, so the same losses and metrics; evaluation
+    alone gives exactly the 1-process metrics (scores are gathered by index)."""
+    base = ["-opt", str(workspace / "base.yml")]
+    _launch(2, [[*base, "name=ddp"], [*base, "name=ddp_eval", "eval_only=true", "eval.batch_size=3"]])
+    got = json.loads((folder(workspace, "ddp") / "results.json").read_text())
+    np.testing.assert_allclose(got["step_losses"], reference["step_losses"], rtol=1e-4, atol=1e-6)
+    for h_ddp, h_one in zip(got["history"], reference["history"], strict=True):
+        for name, metrics in h_one["datasets"].items():
+            for key in ("srcc", "plcc", "krcc"):
+                assert h_ddp["datasets"][name][key] == pytest.approx(metrics[key], abs=2e-3)
+    log = (folder(workspace, "ddp") / "train.log").read_text()
+    assert log.count("training on 28 images") == 1 and "2 processes" in log  # rank 0 logs to the run folder alone
+    two = json.loads((folder(workspace, "ddp_eval") / "results.json").read_text())
+    one = run(workspace, "name=one_eval", "eval_only=true")
+    assert two["best"]["datasets"] == one["best"]["datasets"]
+
+
+# ---------------------------------------------------------------------------------------------------- faults
+def test_nan_loss_stops_with_a_clear_message(workspace, monkeypatch):
+    from gamma.archs.gamma import GammaModel
+
+    score = GammaModel._score
+    calls = {"n": 0}
+
+    def poisoned(self, crops, scene_index):
+        calls["n"] += 1
+        out = score(self, crops, scene_index)
+        return out * float("nan") if self.training and calls["n"] >= 3 else out
+
+    monkeypatch.setattr(GammaModel, "_score", poisoned)
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at epoch 1, step 3 .*before updating the weights"):
+        run(workspace, "name=nan")
+    monkeypatch.setattr(GammaModel, "_score", score)
+    assert cli(["-opt", str(workspace / "base.yml"), "name=nan", "overwrite=true", "epochs=1",
+                "max_steps_per_epoch=1"]) == 0
+
+
+def test_second_run_in_the_same_folder_is_refused(workspace):
+    out = folder(workspace, "locked")
+    with RunLock(out):
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            run(workspace, "name=locked")
+        assert cli(["-opt", str(workspace / "base.yml"), "name=locked"]) == 2
+    # A lock holder killed with SIGKILL leaves no stale lock.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "print('locked', flush=True); time.sleep(60)"), str(out / "run.lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunLockedError):
+        RunLock(out).acquire()
+    holder.kill()
+    holder.wait()
+    RunLock(out).acquire().release()
+
+
+def test_sigterm_in_a_subprocess_saves_and_exits_cleanly(workspace):
+    """A real `kill -TERM` of `python train.py`: exit code 143 and a checkpoint that resumes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(repo / "train.py"), "-opt", str(workspace / "base.yml"),
+                             "name=sigterm", "epochs=50"], env=env, cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = folder(workspace, "sigterm") / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "SIGTERM" in out and "--resume" in out
+    progress = load_training_state(folder(workspace, "sigterm") / "last.pth").extra["progress"]
+    assert progress["global_step"] >= 2
+
+
+# ---------------------------------------------------------------------------------------------------- sampler
+def test_sampler_order_split_and_resume():
+    plan = EpochPlan([10, 6], batch_size=4, seed=5)
+    order = plan.order(0)
+    assert sorted(order.tolist()) == list(range(16)) and not torch.equal(order, plan.order(1))
+    single = [s for b in plan.micro_batches(0) for s in b]
+    assert [s.index for s in single] == order.tolist()
+    assert [s.index for b in plan.micro_batches(0, start_step=2) for s in b] == order.tolist()[8:]
+    # Two processes x two accumulation steps: the union of a step's micro-batches is the 1-process batch.
+    parts = [list(EpochPlan([10, 6], 8, 5, world_size=2, rank=r, grad_accum=2).micro_batches(0)) for r in range(2)]
+    one = [list(b) for b in EpochPlan([10, 6], 8, 5).micro_batches(0)]
+    for step in range(2):
+        union = [s for r in range(2) for b in parts[r][2 * step : 2 * step + 2] for s in b]
+        real = sorted((s.index, s.seed) for s in union if s.weight)
+        assert real == sorted((s.index, s.seed) for s in one[step])
+        assert all(len(b) == 2 for r in range(2) for b in parts[r])
+    balanced = EpochPlan([100, 4], batch_size=8, seed=1, mode="balanced").order(0)
+    counts = np.bincount((balanced >= 100).int().numpy(), minlength=2)
+    assert counts.tolist() == [52, 52]
+
+
+# ------------------------------------------------------------------------------------------------------ table
+def _split_result(k: int, values: dict[str, tuple[float, float]]) -> dict:
+    return {"split_index": k, "finished": True,
+            "best": {"epoch": 1, "mean": {}, "datasets": {n: {"srcc": s, "plcc": p, "krcc": s - 0.1, "n": 10}
+                                                          for n, (s, p) in values.items()}}}
+
+
+def test_median_table_of_split_results(tmp_path):
+    results = [_split_result(1, {"koniq10k": (0.90, 0.91), "live": (0.95, 0.96), "mine": (0.5, 0.6)}),
+               _split_result(2, {"koniq10k": (0.94, 0.95), "live": (0.93, 0.94), "mine": (0.7, 0.8)}),
+               _split_result(3, {"koniq10k": (0.92, 0.99), "live": (0.97, 0.90), "mine": (0.6, 0.7)})]
+    table = median_table(results)
+    assert list(table["datasets"]) == ["live", "koniq10k", "mine"]  # paper order, then custom sets
+    assert table["datasets"]["koniq10k"]["srcc"] == pytest.approx(0.92)
+    assert table["datasets"]["live"]["plcc"] == pytest.approx(0.94)
+    md = table_markdown(table, "Gamma")
+    assert md.splitlines()[0] == "| | LIVE | KonIQ-10k | mine | mean |"
+    assert "| Gamma | .950/.940 | .920/.950 | .600/.700 |" in md
+    for k, r in enumerate(results, start=1):
+        (tmp_path / f"split_{k}").mkdir()
+        (tmp_path / f"split_{k}" / "results.json").write_text(json.dumps(r))
+    out = main(["--table", str(tmp_path)])
+    assert out["table"]["datasets"]["mine"]["srcc"] == pytest.approx(0.6)
+    assert json.loads((tmp_path / "table.json").read_text())["splits"] == [1, 2, 3]
+    assert (tmp_path / "table.csv").read_text().splitlines()[0] == "dataset,title,srcc,plcc,krcc,n_splits"
+    assert (tmp_path / "table.md").read_text().startswith("| | LIVE")
+
+
+def test_all_splits_runs_each_split_and_writes_the_table(workspace):
+    out = run(workspace, "name=splits", "epochs=1", "max_steps_per_epoch=2", "splits=[1,2]", "--all_splits")
+    assert [r["split_index"] for r in out["splits"]] == [1, 2]
+    assert out["table"]["splits"] == [1, 2] and set(out["table"]["datasets"]) == {"alpha", "beta"}
+    srcc = [r["best"]["datasets"]["alpha"]["srcc"] for r in out["splits"]]
+    assert out["table"]["datasets"]["alpha"]["srcc"] == pytest.approx(float(np.median(srcc)))
+    assert (workspace / "runs" / "splits" / "table.md").is_file()
+    again = run(workspace, "name=splits", "epochs=1", "max_steps_per_epoch=2", "splits=[1,2]", "--all_splits",
+                resume=True)  # finished splits are read back, not re-run
+    assert again["splits"][0]["seconds"] == out["splits"][0]["seconds"]

@@ -28,7 +28,7 @@ import logging
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -111,6 +111,12 @@ class GammaIQA(nn.Module):
     @test_sample.setter
     def test_sample(self, num: int) -> None:
         self.net.test_sample = num
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Also accepts the model's own layout (the release's keys, without ``net.``): ``metric.load_weights(file)``."""
+        if state_dict and not any(k.startswith("net.") for k in state_dict):
+            return self.net.load_state_dict(state_dict, strict=strict, assign=assign)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def forward(self, x: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
         """Scores (B, 1) of images (B, 3, H, W) in [0, 1]; pyiqa hands grayscale (B, 1, H, W) through as is."""

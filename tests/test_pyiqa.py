@@ -131,6 +131,8 @@ def test_pretrained_model_path_and_model_name(tmp_path, monkeypatch):
     assert torch.allclose(metric(x), named(x))
     rand = pyiqa.create_metric("gamma", device="cpu", pretrained=False, model_name="gamma_test")
     assert rand(x).shape == (1, 1)
+    rand.load_weights(str(file))  # pyiqa's own loader, release layout {'params': ...}
+    assert torch.allclose(rand(x), metric(x))
 
 
 def test_grayscale_input_is_accepted():

@@ -373,3 +373,58 @@ def test_all_splits_runs_each_split_and_writes_the_table(workspace):
     again = run(workspace, "name=splits", "epochs=1", "max_steps_per_epoch=2", "splits=[1,2]", "--all_splits",
                 resume=True)  # finished splits are read back, not re-run
     assert again["splits"][0]["seconds"] == out["splits"][0]["seconds"]
+
+
+# ------------------------------------------------------------------------------------------- shipped options
+def _release_layout(root: Path, per_dataset: int = 6) -> None:
+    """Every unified dataset at its registry paths under ``root``, in its release meta format, with a split file."""
+    import pickle
+
+    from gamma.data import DATASETS, UNIFIED_DATASETS
+
+    rng = np.random.default_rng(0)
+    for name in UNIFIED_DATASETS:
+        info = DATASETS[name]
+        lo, hi = info.mos_range
+        images = root / info.root
+        images.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(per_dataset):
+            Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(images / f"{name}_{i}.png")
+            mos = f"{lo + (hi - lo) * (i + 0.5) / per_dataset:.4f}"
+            rows.append({"fr": [f"ref{i // 2}.png", f"{name}_{i}.png", mos],
+                         "ava": [f"{name}_{i}.png", mos, *["1"] * 10]}.get(info.kind, [f"{name}_{i}.png", mos]))
+        header = {"fr": ["ref_name", "dist_name", "mos"], "ava": ["name", "MOS", *[f"c{k}" for k in range(1, 11)]]}
+        if info.kind == "livec":  # pyiqa drops the first 7 data rows of LIVEC's meta file
+            rows = [[f"dropped_{k}.bmp", "50"] for k in range(7)] + rows
+        meta = root / info.meta_file
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        with open(meta, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header.get(info.kind, ["image", "mos"]))
+            writer.writerows(rows)
+        split = {k: {"train": [0, 1, 2, 3], info.eval_key: [4, 5]} for k in range(1, 11)}
+        with open(root / info.split_file, "wb") as fh:
+            pickle.dump(split, fh)
+
+
+def test_unified_options_run_unchanged_on_a_release_data_root(tmp_path, monkeypatch):
+    """options/unified_sdp.yml (and through it unified.yml) with a data root in the release layout and a UniQA-style
+    CLIP file: only the model size and the run length are overridden."""
+    import gamma
+
+    _release_layout(tmp_path / "data")
+    clip = gamma.create_model("gamma_test", moae_layers=0, num_experts=0).clip_model.state_dict()  # OpenAI keys
+    torch.save(clip, tmp_path / "uniqa.pt")
+    monkeypatch.setenv("GAMMA_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("GAMMA_UNIQA_WEIGHTS", str(tmp_path / "uniqa.pt"))
+    repo = Path(__file__).resolve().parents[1]
+    out = main(["-opt", str(repo / "options" / "unified_sdp.yml"), "model.name=gamma_test", "epochs=1",
+                "max_steps_per_epoch=2", f"output_dir={tmp_path / 'runs'}", "workers=0", "eval.crops=1",
+                "log.progress=false", "log.tensorboard=false"])
+    assert out["finished"] and out["global_step"] == 2
+    assert list(out["best"]["datasets"]) == ["live", "csiq", "tid2013", "kadid10k", "livec", "koniq10k", "spaq",
+                                             "gfiqa20k", "agiqa3k", "uwiqa", "ava", "aadb"]
+    assert all(m["n"] == 2 for m in out["best"]["datasets"].values())
+    saved = load_config(tmp_path / "runs" / "gamma_unified_sdp" / "split_1" / "config.yaml")
+    assert saved.model.overrides == {"prompt_set": "sdp"} and saved.data[0].data_root == str(tmp_path / "data")

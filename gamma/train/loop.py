@@ -448,7 +448,7 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     cfg, p = run.cfg, run.progress
     t0 = time.perf_counter()
     result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp,
-                      workers=cfg.eval.workers if cfg.eval.workers is not None else min(cfg.workers, 2),
+                      workers=cfg.eval.workers if cfg.eval.workers is not None else cfg.workers,
                       dist_info=run.dist, progress=cfg.log.progress)
     record = {"kind": "eval", "epoch": epoch, "step": p.global_step,
               "train_loss": p.epoch_loss_sum / p.epoch_samples if p.epoch_samples else None,

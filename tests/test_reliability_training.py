@@ -235,6 +235,23 @@ def test_damaged_checkpoint_and_unintended_restart_are_refused(workspace, refere
         main(["-opt", opt, "name=damaged", "--resume"])
 
 
+def test_image_that_goes_bad_during_training_stops_with_its_name_and_keeps_the_checkpoint(workspace, reference,
+                                                                                          caplog):
+    # The dataset was checked when the run started; then an image is overwritten (a full disk, a sync tool ...).
+    root = workspace / "broken"
+    shutil.copytree(workspace / "imgs", root / "imgs")
+    (root / "meta.csv").write_text((workspace / "meta.csv").read_text())
+    shutil.copytree(reference, run_dir(workspace, "broken"))
+    before = sha(run_dir(workspace, "broken") / "last.pth")
+    (root / "imgs" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with caplog.at_level(logging.ERROR, logger="gamma.train.main"):
+        status = cli(["-opt", str(workspace / "run.yml"), "name=broken", "--resume", f"epochs={EPOCHS + 1}",
+                      f"data.0.root={root / 'imgs'}", f"data.0.meta_file={root / 'meta.csv'}"])
+    assert status == 2
+    assert f"{root / 'imgs' / '1.png'}: corrupt or truncated" in caplog.text and "meta.csv, line 3" in caplog.text
+    assert sha(run_dir(workspace, "broken") / "last.pth") == before
+
+
 # ---------------------------------------------------------------------------------------------- option files
 def _write(path: Path, text: str) -> str:
     path.write_text(text)

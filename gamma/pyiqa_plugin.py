@@ -12,7 +12,8 @@ How the names get into pyiqa:
   ``import gamma`` is what makes ``create_metric('gamma')`` work.
 
 Contract (pyiqa's): no-reference (``NR``), ``lower_better=False``, ``score_range='~0, ~1'`` (the normalised MOS scale);
-input RGB in [0, 1] (a tensor (B, 3, H, W), or a file path that pyiqa decodes itself); output (B, 1); ``as_loss=True``
+input RGB in [0, 1] (a tensor (B, 3, H, W), or a file path, bytes or PIL image, read with :func:`gamma.io.load_image`
+like everywhere else in gamma); output (B, 1); ``as_loss=True``
 gives gradients with respect to the input; ``metric.net.test_sample`` is the number of test crops.
 
 Weights: ``pretrained_model_path=`` (the release's ``{'params': ...}`` file, ours, or safetensors), else
@@ -141,6 +142,12 @@ def register() -> None:
                 ARCH_REGISTRY.register(GammaIQA, override=True)
             except TypeError:  # pyiqa < 0.1.14: no `override`
                 ARCH_REGISTRY.register(GammaIQA)
+        try:
+            from pyiqa.models.inference_model import InferenceModel
+
+            _decode_with_gamma(InferenceModel)
+        except ImportError:  # a pyiqa laid out differently: paths are then decoded by pyiqa
+            logger.debug("pyiqa's InferenceModel not found; file inputs of gamma's metrics use pyiqa's reader")
         for name, config in METRICS.items():
             existing = DEFAULT_CONFIGS.get(name)
             if existing is not None and existing.get("metric_opts", {}).get("type") != ARCH_NAME:
@@ -149,6 +156,29 @@ def register() -> None:
             DEFAULT_CONFIGS[name] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in config.items()}
         _registered = True
         logger.debug("registered %s in pyiqa", ", ".join(METRICS))
+
+
+def _decode_with_gamma(inference_model: type) -> None:
+    """Make gamma's metrics (and only them) read file paths, bytes and PIL images with :func:`gamma.io.load_image`.
+
+    pyiqa turns a non-tensor input into a tensor in ``InferenceModel._to_batched_tensor`` (``PIL.convert('RGB')``: no
+    EXIF rotation, transparency dropped) before the network sees it. The wrapper routes gamma's metric names to
+    gamma's reader, so pyiqa, the CLI and the scorer score the same file the same way; every other metric keeps
+    pyiqa's behaviour. Skipped if this pyiqa has no such method.
+    """
+    original = getattr(inference_model, "_to_batched_tensor", None)
+    if original is None or getattr(original, "_gamma_wrapped", False):
+        return
+
+    def _to_batched_tensor(self: Any, img: Any) -> Any:
+        if getattr(self, "metric_name", None) in METRICS and not torch.is_tensor(img):
+            from .io import load_image
+
+            return load_image(img)[None]  # (1, 3, H, W)
+        return original(self, img)
+
+    _to_batched_tensor._gamma_wrapped = True  # type: ignore[attr-defined]
+    inference_model._to_batched_tensor = _to_batched_tensor
 
 
 def is_registered() -> bool:

@@ -108,6 +108,34 @@ def test_file_path_input_and_larger_images(tmp_path):
     assert torch.allclose(from_path, metric(load_image(path)[None]), atol=1e-5)
 
 
+def test_file_inputs_use_gammas_decoder(tmp_path):
+    """An RGBA file whose transparent pixels hide black: gamma composites on white, pyiqa's own reader shows black."""
+    import numpy as np
+
+    rgba = np.zeros((224, 224, 4), np.uint8)
+    rgba[:112, :, :3] = 200
+    rgba[:112, :, 3] = 255  # top half opaque grey, bottom half transparent (black underneath)
+    path = tmp_path / "logo.png"
+    Image.fromarray(rgba, "RGBA").save(path)
+    metric = pyiqa.create_metric("gamma", device="cpu")
+    metric.net.test_sample = 1
+    from gamma.io import load_image
+
+    assert torch.allclose(metric(str(path)), metric(load_image(path)[None]))
+    assert torch.allclose(metric(path.read_bytes()), metric(load_image(path)[None]))
+    black = torch.from_numpy(rgba[..., :3]).permute(2, 0, 1)[None].float() / 255
+    assert not torch.allclose(metric(str(path)), metric(black))
+    with pytest.raises(ValueError, match="broken.png"):
+        (tmp_path / "broken.png").write_bytes(b"nope")
+        metric(str(tmp_path / "broken.png"))
+    from types import SimpleNamespace
+
+    from pyiqa.models.inference_model import InferenceModel
+
+    other = InferenceModel._to_batched_tensor(SimpleNamespace(metric_name="niqe"), str(path))
+    assert torch.equal(other, black)  # other metrics keep pyiqa's reader (alpha dropped)
+
+
 def test_sdp_scene_keyword(weights_home):
     x = torch.rand(1, 3, 224, 224)
     natural = pyiqa.create_metric("gamma_sdp", device="cpu")(x)  # default scene: natural

@@ -69,8 +69,7 @@ def load_image(
     - Grayscale is replicated to three channels; palette, CMYK, YCbCr, LAB and HSV images are converted to RGB.
     - Transparency (RGBA, LA, palette with a transparent colour) is composited on ``background``.
     - 16-bit images keep their precision (divided by 65535); 32-bit integer images are divided by 255 or 65535,
-      whichever range holds their values.
-      Float images already in [0, 1] are kept; float images in 0..255 or 0..65535 are divided accordingly.
+      whichever range holds their values; float images in [0, 1] are kept, in 0..255 or 0..65535 divided.
     - Multi-frame files (GIF, multi-page TIFF) give their first frame.
 
     Args:

@@ -181,18 +181,36 @@ def test_resume_from_epoch_boundary_is_exact(workspace, reference, monkeypatch):
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
 
 
-def test_resume_mid_epoch_with_workers_is_exact(workspace, reference, monkeypatch):
-    """A stop inside an epoch (and DataLoader workers, which must not change the samples) resumes exactly."""
+def test_resume_mid_epoch_with_workers_is_exact(workspace, reference, monkeypatch, tmp_path):
+    """Stops inside an epoch resume exactly: by a signal, and (as after kill -9) from a checkpoint.every_steps file.
+    DataLoader workers must not change the samples either."""
+    save_state = loop.save_state
+
+    def snapshot(run, name=loop.LAST):
+        path = save_state(run, name)
+        if run.progress.global_step == 4:  # the periodic checkpoint of step 4 (epoch 1, 4 of 7 steps)
+            (tmp_path / "step4.pth").write_bytes(path.read_bytes())
+        return path
+
     with monkeypatch.context() as m:
         _interrupt_at(m, 9)  # stops after step 10: 3 steps into epoch 2
+        m.setattr(loop, "save_state", snapshot)
         with pytest.raises(loop.TrainingInterrupted):
-            run(workspace, "name=resume_mid", "workers=1")
+            run(workspace, "name=resume_mid", "workers=1", "checkpoint.every_steps=4")
     state = load_training_state(folder(workspace, "resume_mid") / "last.pth")
     assert (state.extra["progress"]["epoch"], state.extra["progress"]["step_in_epoch"]) == (1, 3)
     resumed = run(workspace, "name=resume_mid", "workers=1", resume=True)
     assert resumed["step_losses"] == reference["step_losses"][10:]
-    ref_w, got_w = weights(folder(workspace, "ref") / "last.pth"), weights(folder(workspace, "resume_mid") / "last.pth")
+    ref_w = weights(folder(workspace, "ref") / "last.pth")
+    got_w = weights(folder(workspace, "resume_mid") / "last.pth")
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
+
+    killed = folder(workspace, "resume_step4")  # as if killed -9 after step 4's checkpoint
+    killed.mkdir(parents=True)
+    (killed / "last.pth").write_bytes((tmp_path / "step4.pth").read_bytes())
+    again = run(workspace, "name=resume_step4", resume=True)
+    assert again["step_losses"] == reference["step_losses"][4:]
+    assert [h["mean"] for h in again["history"]] == [h["mean"] for h in reference["history"]]
 
 
 def test_gradient_accumulation_matches_one_big_batch(workspace, reference):
@@ -295,23 +313,33 @@ def test_second_run_in_the_same_folder_is_refused(workspace):
     RunLock(out).acquire().release()
 
 
-def test_sigterm_in_a_subprocess_saves_and_exits_cleanly(workspace):
-    """A real `kill -TERM` of `python train.py`: exit code 143 and a checkpoint that resumes."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, str(repo / "train.py"), "-opt", str(workspace / "base.yml"),
-                             "name=sigterm", "epochs=50"], env=env, cwd=repo,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _cli_child(argv: list[str]) -> None:
+    code = 1
+    try:
+        torch.set_num_threads(1)
+        code = cli(argv)
+    finally:
+        os._exit(code)
+
+
+def test_sigterm_saves_and_exits_cleanly(workspace):
+    """A real SIGTERM to a training process: exit code 143 and a checkpoint that resumes."""
+    import multiprocessing as mp
+
+    proc = mp.get_context("fork").Process(target=_cli_child,
+                                          args=(["-opt", str(workspace / "base.yml"), "name=sigterm", "epochs=50"],))
+    proc.start()
     log = folder(workspace, "sigterm") / "metrics.jsonl"
     deadline = time.time() + 120
     while not (log.exists() and log.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
-    assert "SIGTERM" in out and "--resume" in out
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.join(timeout=120)
+    assert proc.exitcode == 128 + signal.SIGTERM
+    text = (folder(workspace, "sigterm") / "train.log").read_text()
+    assert "SIGTERM received" in text and "--resume" in text
     progress = load_training_state(folder(workspace, "sigterm") / "last.pth").extra["progress"]
-    assert progress["global_step"] >= 2
+    assert progress["global_step"] >= 2 and progress["epoch"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------- sampler

@@ -262,6 +262,7 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     if cfg.amp == "fp16" and dist.device.type != "cuda":
         raise ConfigError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on CPU")
     if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
     train_sets, eval_sets = build_datasets(cfg)
     if not cfg.eval_only and not train_sets:
@@ -315,7 +316,8 @@ def restore(run: Run, path: Path) -> None:
 
 
 def _warn_config_changes(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
-    ignore = {"overwrite", "workers", "eval", "log", "splits", "output_dir", "device", "ddp"}
+    # Settings that do not change what is trained (and the folder's own name) are not worth a warning.
+    ignore = {"overwrite", "workers", "eval", "log", "splits", "output_dir", "device", "ddp", "name", "checkpoint"}
     old_flat = {k: v for k, v in _flatten(old).items() if k.split("/")[0] not in ignore}
     new_flat = {k: v for k, v in _flatten(new).items() if k.split("/")[0] not in ignore}
     changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
@@ -585,10 +587,15 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
                 log.truncate_after(run.progress.global_step, drop_eval_at_step=run.progress.pending_eval)
         t0 = time.perf_counter()
         with _stop_on_signals(run):
-            if cfg.eval_only:
-                evaluate_epoch(run, 0)
-            else:
-                fit(run)
+            try:
+                if cfg.eval_only:
+                    evaluate_epoch(run, 0)
+                else:
+                    fit(run)
+            except TrainingInterrupted as exc:
+                if dist.is_main:
+                    logger.warning("%s", exc)  # (here, so that train.log has it too)
+                raise
         results = _results(run, time.perf_counter() - t0)
         if dist.is_main:
             write_json(run_dir / "results.json", results)

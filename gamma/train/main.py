@@ -159,8 +159,7 @@ def cli(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         main(argv)
-    except TrainingInterrupted as exc:
-        logger.warning("%s", exc)
+    except TrainingInterrupted as exc:  # already logged where it happened
         return 128 + int(exc.signum or signal.SIGINT)
     except NonFiniteLossError as exc:
         logger.error("%s", exc)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from ..config import GammaConfig
@@ -33,7 +34,37 @@ def build_clip(cfg: GammaConfig) -> CLIP:
             block = tower.resblocks[i]
             block.mlp = MoAE(block.mlp, cfg.num_experts, merge_factor=cfg.merge_factor,
                              freeze_shared=cfg.freeze_shared)
+    visual = model.visual
+    if (visual.attn_pool is None and visual.pool_type == "tok" and not visual.output_tokens
+            and visual.transformer.batch_first):
+        # The image feature is ln_post(class token) @ proj: the last block's other outputs are never read.
+        blocks = visual.transformer.resblocks
+        blocks[-1] = ClassTokenBlock(blocks[-1])
     return model
+
+
+class ClassTokenBlock(ResidualAttentionBlock):
+    """A vision tower's last block computed for the class token alone: (B, L, D) -> (B, 1, D).
+
+    Keys and values still come from every token, but the query, the attention output and the MLP (with MoAE: the shared
+    expert and every adaptive expert) run for one token instead of L: for ViT-B/16 with MoAE, 12% fewer FLOPs per image.
+    The pooled output of the tower is the same (its other token outputs are dropped), and so are the gradients. It
+    adopts the block's submodules: parameter names and state_dict keys are unchanged.
+    """
+
+    def __init__(self, block: ResidualAttentionBlock) -> None:
+        nn.Module.__init__(self)
+        for name, child in block.named_children():
+            self.add_module(name, child)
+
+    def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if k_x is not None or v_x is not None or getattr(self.mlp, "record_routing", False):
+            return super().forward(q_x, k_x, v_x, attn_mask)  # cross-attention, or routing of every token wanted
+        h = self.ln_1(q_x)  # (B, L, D)
+        mask = attn_mask[..., :1, :] if attn_mask is not None else None
+        x = q_x[:, :1] + self.ls_1(self.attention(q_x=h[:, :1], k_x=h, v_x=h, attn_mask=mask))  # (B, 1, D)
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
 
 
 def encode_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,16 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import QuickGELU
 from torch import nn
+
+# QuickGELU(x) = x * sigmoid(1.702 x) = SiLU(1.702 x) / 1.702.
+QUICK_GELU_SLOPE = 1.702
+
+
+def _is_quick_gelu(act: nn.Module) -> bool:
+    """True for open_clip's QuickGELU, the activation whose slope `MoAE._stacked_inference` folds into weights."""
+    return isinstance(act, QuickGELU)
 
 
 class Router(nn.Module):
@@ -53,6 +62,8 @@ class MoAE(nn.Module):
         self.last_routing: torch.Tensor | None = None
         # Eval-time cache of the stacked expert weights, keyed on the parameters' identities and versions.
         self._stack_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
+        # Inference-only cache of the stacked expert weights with QuickGELU's slope folded in.
+        self._inference_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
         # False selects the literal form (each expert called in turn); both give the same result up to rounding.
         self.fused = True
         # Expert indices kept by `keep_only_experts` (paper Table 6); None keeps all.
@@ -93,6 +104,8 @@ class MoAE(nn.Module):
         return gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and not torch.is_grad_enabled() and _is_quick_gelu(self.useful_experts.gelu):
+            return self._forward_inference(x)
         shared = self.useful_experts(x)  # (B, L, D)
         gate = self.routing(x)  # (B, L, N)
         routed = self._routed_fused(x, gate) if self.fused else self._routed_literal(x, gate)
@@ -114,6 +127,53 @@ class MoAE(nn.Module):
         n = self.num_experts
         hidden = (hidden.view(*lead, n, nh // n) * gate.unsqueeze(-1)).view(*lead, nh)
         return F.linear(hidden, w2) + gate @ b2  # (B, L, D)
+
+    def _stacked_inference(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`_stacked` with QuickGELU's slope folded in: (1.702 W1, 1.702 b1, W2 / 1.702, B2).
+
+        Cached until an expert parameter changes (identity or version is the key); only built outside autograd.
+        """
+        params = self._expert_params()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._inference_cache is not None and self._inference_cache[0] == key:
+            return self._inference_cache[1]
+        experts = list(self.experts.values())
+        w1 = torch.cat([e.c_fc.weight for e in experts], dim=0) * QUICK_GELU_SLOPE
+        b1 = torch.cat([e.c_fc.bias for e in experts], dim=0) * QUICK_GELU_SLOPE
+        w2 = torch.cat([e.c_proj.weight for e in experts], dim=1) / QUICK_GELU_SLOPE
+        b2 = torch.stack([e.c_proj.bias for e in experts], dim=0)
+        stacked = (w1, b1, w2, b2)
+        self._inference_cache = (key, stacked)
+        return stacked
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` outside autograd: the same function, computed with fewer passes over large tensors.
+
+        With c = alpha * g (T, N) and a_k the experts' hidden activations,
+
+            shared(x) + alpha * sum_k g_k expert_k(x) = shared(x) + c B2 + [c_1 a_1, ..., c_N a_N] @ [W2_1 ... W2_N]^T
+
+        is one addmm whose input term is shared(x) + c B2. QuickGELU(z) = z * sigmoid(1.702 z) = SiLU(1.702 z) / 1.702,
+        so with the slope folded into the stacked weights the experts' activation is one in-place SiLU; the weighting
+        by c is in place too. The shared expert is computed exactly as the plain MLP computes it, and adding the
+        routed term with alpha = 0 adds exact zeros: alpha = 0 still gives the backbone bit for bit.
+        """
+        w1, b1, w2, b2 = self._stacked_inference()
+        mlp = self.useful_experts
+        *lead, dim = x.shape
+        tokens = x.reshape(-1, dim)  # (T, D)
+        gate = self.routing(x).reshape(tokens.shape[0], -1)  # (T, N)
+        coef = gate * self.scale if self.scale is not None else gate
+
+        shared = mlp.c_fc(tokens)  # (T, H): the plain MLP's ops, QuickGELU in place (same values)
+        shared.mul_((QUICK_GELU_SLOPE * shared).sigmoid_())
+        shared = mlp.c_proj(shared)  # (T, D)
+
+        hidden = torch.addmm(b1, tokens, w1.t())  # (T, N*H) = 1.702 * (x W1^T + b1)
+        F.silu(hidden, inplace=True)
+        hidden.view(tokens.shape[0], coef.shape[1], -1).mul_(coef.unsqueeze(-1))
+        out = torch.addmm(shared.add_(coef @ b2), hidden, w2.t())  # (T, D)
+        return out.view(*lead, dim)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, merge_factor={self.scale is not None}"

@@ -1,0 +1,131 @@
+"""The fast paths compute what the plain ones compute (no timing is asserted here; see scripts/bench.py)."""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import perturb_moae
+
+import gamma
+from gamma.archs.clip import ClassTokenBlock
+from gamma.reference import ReleaseReference
+
+TOL = 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Width-64 ops gain nothing from a second thread, and on a busy 2-core machine each parallel op can stall."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    m = gamma.create_model("gamma_test")
+    perturb_moae(m)
+    return m
+
+
+def test_moae_inference_path_matches_autograd_and_literal_paths(model):
+    moae = model.moae_modules()[0]
+    x = torch.randn(3, 50, 64)
+    with torch.no_grad():
+        fast = moae(x)  # inference path: shared + stacked experts with QuickGELU's slope folded in
+    grad_mode = moae(x).detach()  # autograd path: stacked experts, plain QuickGELU
+    moae.fused = False
+    with torch.no_grad():
+        literal = moae(x)  # each expert in turn
+    assert torch.allclose(fast, grad_mode, atol=TOL, rtol=0)
+    assert torch.allclose(fast, literal, atol=TOL, rtol=0)
+    with torch.no_grad():
+        routed_part = fast - moae.useful_experts(x)
+    assert float(routed_part.abs().max()) > 1e-3  # the experts contribute: the comparison is not vacuous
+
+
+def test_moae_inference_cache_follows_weight_updates(model):
+    moae = model.moae_modules()[0]
+    x = torch.randn(2, 10, 64)
+    with torch.no_grad():
+        before = moae(x)
+        moae.experts.expert_1.c_proj.weight.add_(0.5)  # in place: same storage, new version
+        after = moae(x)
+    moae.fused = False
+    with torch.no_grad():
+        literal = moae(x)
+    assert not torch.allclose(before, after)
+    assert torch.allclose(after, literal, atol=TOL, rtol=0)
+
+
+def test_class_token_block_equals_the_full_blocks_class_row(model):
+    visual = model.clip_model.visual
+    last = visual.transformer.resblocks[-1]
+    assert isinstance(last, ClassTokenBlock)
+    x = torch.randn(2, 50, 64)
+    with torch.no_grad():
+        cls_only = last(x)
+        full = super(ClassTokenBlock, last).forward(x)  # open_clip's block on every token
+    assert cls_only.shape == (2, 1, 64)
+    assert torch.allclose(cls_only, full[:, :1], atol=TOL, rtol=0)
+    # Parameters and state_dict keys are those of the block it replaced.
+    keys = [k for k in model.state_dict() if k.startswith("clip_model.visual.transformer.resblocks.3.")]
+    assert "clip_model.visual.transformer.resblocks.3.attn.in_proj_weight" in keys
+
+
+def test_class_token_block_gives_the_same_gradients(model):
+    model.train()
+    x = torch.rand(2, 3, 224, 224)
+    fast = model.score_crops(x).sum()
+    fast.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_trainable_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = copy.deepcopy(model)
+    blocks = full.clip_model.visual.transformer.resblocks
+    blocks[-1].forward = super(ClassTokenBlock, blocks[-1]).forward  # every token, as open_clip computes it
+    full.score_crops(x).sum().backward()
+    for name, p in full.named_trainable_parameters():
+        if name in grads:
+            assert torch.allclose(p.grad, grads[name], atol=1e-6, rtol=1e-4), name
+    assert any(".visual.transformer.resblocks.3.mlp.experts" in n for n in grads)
+
+
+def test_routing_analysis_still_sees_every_token(model):
+    last = model.clip_model.visual.transformer.resblocks[-1].mlp
+    last.record_routing = True
+    with torch.no_grad():
+        model.score_crops(torch.rand(2, 3, 224, 224))
+    assert last.last_routing.shape == (2, 50, 3)  # 7 x 7 patches + CLS
+
+
+def test_bench_flop_count_matches_torch_counter():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    model = gamma.create_model("gamma_test")
+    ref = ReleaseReference(model.state_dict())
+    flops = bench.flops_per_crop(model.config, prompts=5)
+    with torch.no_grad():
+        counted = bench.counted_flops(lambda: ref.score_crops(torch.rand(1, 3, 224, 224)))
+    analytic = flops["release_image"] + flops["release_text_per_call"] - flops["release_attention_core"]
+    assert abs(counted - analytic) / analytic < 0.01  # the rest: the (1, 5) logits matmul
+    assert flops["ours_image"] < flops["release_image"]
+
+
+def test_bench_script_runs(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    out = tmp_path / "bench.json"
+    bench.main(["--variant", "gamma_test", "--batches", "2", "--rounds", "1", "--skip", "train,agreement",
+                "--threads", "1", "--matmul-size", "256", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["scoring"][0]["max_abs_score_diff_vs_reference"] <= TOL
+    assert res["protocol"]["max_abs_score_diff_vs_reference"] <= TOL
+    assert "table" in res and res["machine"]["nproc"] >= 1

@@ -168,11 +168,17 @@ class RowWriter:
         os.replace(tmp, self.partial_path)
 
     def write(self, row: dict[str, Any]) -> None:
-        if self.format in ("csv", "stdout"):
-            self._csv.writerow([_fmt(row[c]) for c in self.columns])
-        else:
-            self._fh.write(json.dumps({c: row[c] for c in self.columns}) + "\n")
-        self._fh.flush()
+        try:
+            if self.format in ("csv", "stdout"):
+                self._csv.writerow([_fmt(row[c]) for c in self.columns])
+            else:
+                self._fh.write(json.dumps({c: row[c] for c in self.columns}) + "\n")
+            self._fh.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:  # disk full ...: the rows on disk stay, and --resume drops a half-written last one
+            raise UsageError(f"cannot write {self.path or 'stdout'} ({exc.strerror or exc}); the rows written so far "
+                             "are kept: make room and run again with --resume") from None
 
     def close(self, complete: bool) -> None:
         """Close the stream; for ``.json`` output, write the final file when the run is ``complete``."""
@@ -181,7 +187,11 @@ class RowWriter:
         if self._fh is sys.stdout:
             self._fh.flush()
             return
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:  # the buffered row that could not be written (disk full): already reported by write()
+            if complete:
+                raise
         if self.format == "json" and complete:
             self._finish_json()
 

@@ -166,17 +166,18 @@ def save_best(run_dir: Path, model: torch.nn.Module, fmt: str, metrics: dict[str
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Atomically write ``data`` as indented JSON (NaN written as null)."""
-    text = json.dumps(_json_safe(data), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n"
     return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _json_safe(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN / inf as None and numpy scalars as Python numbers (strict JSON)."""
     if isinstance(obj, float) and not np.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     return obj

@@ -45,6 +45,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_to_dict",
+    "config_to_yaml",
     "from_dict",
     "load_config",
     "load_yaml_tree",
@@ -541,11 +542,16 @@ def resolve_entries(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The configuration as YAML text (what ``config.yaml`` holds and ``--print_config`` shows)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+
+
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved configuration as YAML (loadable again with :func:`load_config`)."""
     from ..weights import _atomic_write
 
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
+    text = config_to_yaml(cfg)
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")

@@ -44,6 +44,7 @@ from ..weights import _atomic_write, load_into
 from .checkpoint import (
     LAST,
     RunLock,
+    json_safe,
     load_training_state,
     save_best,
     save_training_state,
@@ -146,7 +147,7 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.jsonl, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_finite_or_none(record)) + "\n")
+            fh.write(json.dumps(json_safe(record)) + "\n")
         if self.tb is not None:
             step = record["step"]
             for key, value in _flatten(record).items():
@@ -192,16 +193,6 @@ def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
-
-
-def _finite_or_none(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite_or_none(v) for v in obj]
-    return obj
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -269,11 +260,10 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
         raise ConfigError("data: no training datasets; list at least one entry under data:")
     model = build_model(cfg).to(dist.device)
     params = model.trainable_parameters()
-    if not params and not cfg.eval_only:
+    if not params:
         raise ConfigError("the model has no trainable parameters")
     o = cfg.optim
-    optimizer = torch.optim.Adam(params or [torch.nn.Parameter(torch.zeros(1))], lr=o.lr, betas=o.betas, eps=o.eps,
-                                 weight_decay=o.weight_decay)
+    optimizer = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=o.min_lr)
                  if o.scheduler == "cosine" else None)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")

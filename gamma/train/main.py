@@ -14,6 +14,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..weights import CheckpointError
 from .checkpoint import RunLockedError
-from .config import ConfigError, TrainConfig, load_config, resolve_entries
+from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config, resolve_entries
 from .distributed import DistInfo, cleanup, setup
 from .evaluate import median_table, write_table
 from .loop import NonFiniteLossError, TrainingInterrupted, run_dir_of, train
@@ -71,12 +72,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides.append("eval_only=true")
     cfg = load_config(args.opt, overrides)
     if args.print_config:
-        import yaml
-
-        from .config import config_to_dict
-
-        text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=120)
-        print(text, end="")  # noqa: T201 - command-line output
+        print(config_to_yaml(cfg), end="")  # noqa: T201 - command-line output
         return {"config": config_to_dict(cfg)}
     if cfg.stage == "pretrain_clip":
         try:
@@ -152,8 +148,6 @@ def _split_number(name: str) -> int:
 # Exit codes: 2 configuration / input error (as argparse), 1 diverged, 128 + signal when stopped by a signal.
 def cli(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``gamma-train``): logs to the terminal and turns known errors into one-line messages."""
-    import os
-
     rank = int(os.environ.get("RANK", "0") or 0)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

@@ -13,6 +13,7 @@ import json
 import math
 import pickle
 import re
+import resource
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,25 @@ def test_symlink_loops_and_dangling_links_in_a_folder(folder, weights, tmp_path,
     assert "Traceback" not in err and f"cannot score {tree / 'gone.png'}: no such file" in err
     with open(out, newline="") as fh:
         assert [row[0] for row in csv.reader(fh)][1:] == [str(tree / "sub" / "a.png")]  # once
+
+
+def test_full_disk_while_scoring_is_an_error_naming_the_output_and_resume_completes(folder, weights, tmp_path, capsys):
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(8):  # long names: a few rows fill the 1000 bytes the output may grow to
+        (many / f"{i}_{'x' * 200}.png").write_bytes((folder / "gray.png").read_bytes())
+    out = tmp_path / "s.csv"
+    args = ["score", str(many), "--weights", str(weights), "--out", str(out), *FAST]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # a real EFBIG from the kernel, as on a full disk
+    try:
+        status = main(args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert f"gamma: error: cannot write {out} (File too large); the rows written so far are kept" in err
+    assert main([*args, "--resume"]) == 0
+    with open(out, newline="") as fh:
+        names = [row[0] for row in csv.reader(fh)][1:]
+    assert sorted(names) == sorted(str(p) for p in many.iterdir())  # each once, the half-written row dropped

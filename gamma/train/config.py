@@ -126,10 +126,13 @@ class DDPCfg:
 
 
 def _pretrain_type() -> Any:
-    """The demo helper's PretrainCfg when gamma.train.pretrain exists, else a free-form mapping."""
+    """gamma.train.pretrain.PretrainCfg, or a free-form mapping when that module is not there at all (an import error
+    inside it is raised, not hidden)."""
     try:
         from .pretrain import PretrainCfg
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.pretrain":
+            raise
         return dict[str, Any]
     return PretrainCfg
 

@@ -26,6 +26,8 @@ from gamma.scorer import Scorer
 from gamma.weights import release_state_dict, save_checkpoint
 
 FAST = ["--crops", "center", "--no-progress", "--workers", "1"]
+# PIL warns about the broken EXIF and TIFF data these files hold on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")
 
 
 @pytest.fixture(scope="module")

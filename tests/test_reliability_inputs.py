@@ -25,6 +25,8 @@ from gamma.io import ImageDecodeError, load_image
 from gamma.scorer import Scorer
 
 GAMMA_DIR = Path(gamma.__file__).resolve().parent
+# PIL warns about the broken EXIF and TIFF data these files hold on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL.TiffImagePlugin")
 
 
 def assert_raised_by_gamma(excinfo: pytest.ExceptionInfo) -> None:
@@ -140,6 +142,18 @@ def _exif_rotated_jpeg() -> bytes:
     return _encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif)
 
 
+def _odd_exif(garbage: bool) -> bytes:
+    """A JPEG whose EXIF orientation is out of range (9), or whose EXIF block is garbage."""
+    img = Image.new("RGB", (6, 4), (200, 10, 10))
+    if not garbage:
+        exif = Image.Exif()
+        exif[0x0112] = 9
+        return _encode(img, "JPEG", exif=exif)
+    app1 = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08" + b"\xff" * 40
+    data = _encode(img, "JPEG")
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
 def _palette(transparent: bool) -> bytes:
     img = Image.new("P", (6, 5), 1)
     img.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
@@ -184,6 +198,8 @@ ODD_FILES = {
     "float_in_unit_range.tiff": (lambda: _float_tiff(0.25), (3, 4), lambda t: torch.all(t == 0.25)),
     "exif_rotated.jpg": (_exif_rotated_jpeg, (16, 8),  # displayed as 8 wide, 16 high: red on top, blue below
                          lambda t: t[0, :6].mean() > 0.9 and t[2, 10:].mean() > 0.9 and t[2, :6].mean() < 0.1),
+    "bad_orientation.jpg": (lambda: _odd_exif(False), (4, 6), lambda t: t[0].mean() > 0.7),  # shown as stored
+    "garbage_exif.jpg": (lambda: _odd_exif(True), (4, 6), lambda t: t[0].mean() > 0.7),
     "animated.gif": (_gif_two_frames, (4, 5), lambda t: t[0].mean() > 0.9 and t[1].mean() < 0.1),  # first frame
     "lossless.webp": (lambda: _encode(Image.new("RGB", (5, 5), (0, 255, 0)), "WEBP", lossless=True), (5, 5),
                       lambda t: torch.all(t[1] == 1) and torch.all(t[0] == 0)),
@@ -206,7 +222,7 @@ def odd_dir(tmp_path_factory) -> Path:
 # Modes, alpha, CMYK, 16-bit, float, EXIF and GIF frames are checked pixel by pixel in tests/test_io.py; here only what
 # it does not try. Every odd file is still scored through the Scorer and the CLI below.
 NOT_IN_TEST_IO = ["one_pixel.png", "one_pixel.jpg", "one_by_many.png", "palette.png", "lossless.webp", "windows.bmp",
-                  "upper_case.JPEG", "png_named.jpg"]
+                  "upper_case.JPEG", "png_named.jpg", "bad_orientation.jpg", "garbage_exif.jpg"]
 
 
 @pytest.mark.parametrize("name", NOT_IN_TEST_IO)

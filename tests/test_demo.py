@@ -1,0 +1,106 @@
+"""The offline demo chain (options/demo.yml) at toy size: synthetic data -> CLIP pretraining -> Gamma / no-MoAE."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import gamma
+from gamma.train.config import load_config
+from gamma.train.main import main
+from gamma.weights import read_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The demo's option files, shrunk: 32x32 pictures, a width-32 CLIP, a few epochs.
+TINY = [
+    "pretrain.synthetic.size=32",
+    "pretrain.synthetic.num_contents=20",
+    "pretrain.synthetic.versions=3",
+    "model.overrides.embed_dim=32",
+    "model.overrides.vision.width=32",
+    "model.overrides.vision.layers=2",
+    "model.overrides.vision.heads=1",
+    "model.overrides.vision.image_size=32",
+    "model.overrides.text.width=32",
+    "model.overrides.text.layers=2",
+    "model.overrides.text.heads=1",
+    *(f"data.{i}.crop_size=32" for i in range(3)),
+    "epochs=3",
+    "batch_size=32",
+    "log.progress=false",
+]
+THEN = ('pretrain.then=["options/demo_gamma.yml epochs=3 model.overrides.moae_layers=1",'
+        '"options/demo_nomoae.yml epochs=3 model.overrides.moae_layers=0"]')
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("demo")
+    monkeypatch_module.chdir(REPO)  # the option files name each other from the repository root
+    args = ["-opt", "options/demo.yml", f"data_root={root / 'data'}", f"output_dir={root / 'exp'}", *TINY, THEN]
+    return root, main(args)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def test_demo_options_resolve():
+    for name in ("demo", "demo_gamma", "demo_nomoae"):
+        cfg = load_config(REPO / "options" / f"{name}.yml")
+        assert [e.name for e in cfg.data] == ["synth_natural", "synth_underwater", "synth_aigc"]
+    cfg = load_config(REPO / "options" / "demo.yml")
+    assert cfg.stage == "pretrain_clip" and cfg.pretrain.synthetic.enabled and len(cfg.pretrain.then) == 2
+    assert load_config(REPO / "options" / "demo_nomoae.yml").model.overrides["num_experts"] == 0
+
+
+def test_backbone_is_a_plain_clip_state_dict(demo):
+    _, result = demo
+    sd = torch.load(result["backbone"], map_location="cpu", weights_only=True)
+    assert "visual.conv1.weight" in sd and "text_projection" in sd
+    assert not any(k.startswith("clip_model.") or ".experts." in k for k in sd)
+    assert read_checkpoint(result["backbone"]).kind == "clip"
+    # It enters Gamma as UniQA's file does: frozen backbone, experts copied from its MLPs.
+    model = gamma.create_model(None, pretrained=result["backbone"], moae_layers=1, num_experts=2)
+    block = model.clip_model.visual.transformer.resblocks[-1]
+    expected = sd["visual.transformer.resblocks.1.mlp.c_fc.weight"]
+    torch.testing.assert_close(block.mlp.experts.expert_1.c_fc.weight, expected)
+    assert not model.clip_model.visual.conv1.weight.requires_grad
+
+
+def test_pretraining_lowers_the_contrastive_loss(demo):
+    losses = demo[1]["losses"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05
+
+
+def test_demo_writes_the_comparison(demo):
+    root, result = demo
+    assert set(result["stages"]) == {"demo_gamma", "demo_nomoae"}
+    summary = Path(result["run_dir"]) / "summary.md"
+    text = summary.read_text()
+    assert "demo_gamma" in text and "demo_nomoae" in text and "synth_underwater" in text
+    for name, res in result["stages"].items():
+        assert res["finished"] and Path(res["run_dir"]).parent.name == name
+        assert set(res["best"]["datasets"]) == {"synth_natural", "synth_underwater", "synth_aigc"}
+
+
+@pytest.mark.xfail(reason="the demo recipe does not yet learn transferable quality features at this toy size (nor, so "
+                          "far, at demo size): held-out SRCC stays near that of the untrained model", strict=False)
+def test_training_beats_the_untrained_model(demo, tmp_path):
+    """The chain's Gamma model ranks held-out pictures better than the same architecture before any training."""
+    root, result = demo
+    untrained = gamma.create_model("gamma_test", moae_layers=0, num_experts=0, embed_dim=32,
+                                   vision={"width": 32, "layers": 2, "heads": 1, "image_size": 32},
+                                   text={"width": 32, "layers": 2, "heads": 1})
+    random_clip = tmp_path / "random_clip.pth"
+    torch.save(untrained.clip_model.state_dict(), random_clip)
+    before = main(["-opt", "options/demo_gamma.yml", "eval_only=true", f"model.pretrained={random_clip}",
+                   "model.overrides.moae_layers=1", f"data_root={root / 'data'}", f"output_dir={tmp_path}",
+                   *(f"data.{i}.crop_size=32" for i in range(3)), "log.progress=false"])
+    after = result["stages"]["demo_gamma"]["best"]["mean"]["srcc"]
+    assert after > before["best"]["mean"]["srcc"] + 0.15, (after, before["best"]["mean"])

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from gamma.train.checkpoint import RunLockedError, load_training_state
+from gamma.train.checkpoint import RunLockedError, load_training_state, write_json
 from gamma.train.config import ConfigError, load_config
 from gamma.train.main import cli, main
 from gamma.weights import CheckpointError
@@ -211,6 +211,11 @@ def test_full_disk_at_checkpoint_is_a_clear_error_and_keeps_the_previous_checkpo
     try:
         with caplog.at_level(logging.ERROR, logger="gamma.train.main"):
             status = cli(["-opt", str(workspace / "run.yml"), "name=full", "--resume", f"epochs={EPOCHS + 1}"])
+        # Every other file of the run folder is written the same way: the error names it, the old one stays.
+        results = (folder / "results.json").read_text()
+        with pytest.raises(OSError, match=rf"File too large: '{folder / 'results.json'}'"):
+            write_json(folder / "results.json", {"padding": "x" * (folder / "last.pth").stat().st_size})
+        assert (folder / "results.json").read_text() == results
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert status == 1

@@ -103,7 +103,11 @@ def run_all_splits(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> di
         cfg_k = resolve_entries(cfg_k)
         done = run_dir_of(cfg_k) / "results.json"
         if resume and done.is_file():
-            previous = json.loads(done.read_text(encoding="utf-8"))
+            try:
+                previous = json.loads(done.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # damaged: the split's checkpoint decides what is left to do
+                logger.warning("%s is unreadable (%s); resuming split %d from its checkpoint", done, exc, k)
+                previous = {}
             if previous.get("finished"):
                 logger.info("split %d: finished earlier (%s), not run again", k, done)
                 results.append(previous)
@@ -127,7 +131,10 @@ def summarize(folder: str | Path, label: str | None = None) -> dict[str, Any]:
         raise ConfigError(f"--table {folder}: no split_*/results.json found (has any split finished?)")
     results, unfinished = [], []
     for f in files:
-        r = json.loads(f.read_text(encoding="utf-8"))
+        try:
+            r = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{f} is unreadable ({exc}); run that split again with --all_splits --resume") from None
         (results if r.get("finished") else unfinished).append(r)
     if unfinished:
         logger.warning("%s: leaving out unfinished split(s) %s", folder, [r.get("split_index") for r in unfinished])

@@ -259,6 +259,17 @@ def test_image_that_goes_bad_during_training_stops_with_its_name_and_keeps_the_c
     assert sha(run_dir(workspace, "broken") / "last.pth") == before
 
 
+def test_damaged_results_json_is_named_or_resumed_from_the_checkpoint(workspace, reference):
+    folder = run_dir(workspace, "splits")
+    shutil.copytree(reference, folder)
+    (folder / "results.json").write_text('{"finished": tr')  # cut short by a copy, a sync tool ...
+    with pytest.raises(ConfigError, match=rf"{folder / 'results.json'} is unreadable"):
+        main(["--table", str(folder.parent)])
+    out = main(["-opt", str(workspace / "run.yml"), "name=splits", "--all_splits", "--resume", "splits=[1]"])
+    assert out["splits"][0]["finished"] and out["splits"][0]["global_step"] == EPOCHS * STEPS_PER_EPOCH
+    assert json.loads((folder / "results.json").read_text())["finished"]
+
+
 # ---------------------------------------------------------------------------------------------- option files
 def _write(path: Path, text: str) -> str:
     path.write_text(text)

@@ -316,8 +316,11 @@ _KEYS = st.sampled_from(["epochs", "epoch", "seed", "optim", "lr", "betas", "mod
                          "eval", "crops", "amp", "base", "split_index", "log", "batch_size", "x"])
 _SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True),
                      st.text(max_size=8), st.sampled_from(["bf16", "gamma_test", "all", "${HOME}", "1e-4"]))
-_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=3),
-                                                         st.dictionaries(_KEYS, inner, max_size=3)), max_leaves=8)
+def _nested(inner):
+    return st.one_of(st.lists(inner, max_size=3), st.dictionaries(_KEYS, inner, max_size=3))
+
+
+_VALUES = st.recursive(_SCALARS, _nested, max_leaves=8)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,

@@ -164,7 +164,7 @@ class ReleaseReference:
             x = self.block(x, f"transformer.resblocks.{i}.", self.text_heads, self.attn_mask)
         x = x.permute(1, 0, 2)  # LND -> NLD
         x = self.layer_norm(x, sd["ln_final.weight"], sd["ln_final.bias"]).to(dtype)
-        return x[torch.arange(x.shape[0]), tokens.argmax(dim=-1)] @ sd["text_projection"]
+        return x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)] @ sd["text_projection"]
 
     def prompts(self, scenes: Sequence[str] | None, batch: int) -> list[str]:
         """Prompt strings of one forward: the 5 level prompts, or 5 per image (SDP, in image order)."""

@@ -23,6 +23,7 @@ TINY = [
     "model.overrides.vision.layers=2",
     "model.overrides.vision.heads=1",
     "model.overrides.vision.image_size=32",
+    "model.overrides.vision.patch_size=8",
     "model.overrides.text.width=32",
     "model.overrides.text.layers=2",
     "model.overrides.text.heads=1",
@@ -95,7 +96,7 @@ def test_training_beats_the_untrained_model(demo, tmp_path):
     """The chain's Gamma model ranks held-out pictures better than the same architecture before any training."""
     root, result = demo
     untrained = gamma.create_model("gamma_test", moae_layers=0, num_experts=0, embed_dim=32,
-                                   vision={"width": 32, "layers": 2, "heads": 1, "image_size": 32},
+                                   vision={"width": 32, "layers": 2, "heads": 1, "image_size": 32, "patch_size": 8},
                                    text={"width": 32, "layers": 2, "heads": 1})
     random_clip = tmp_path / "random_clip.pth"
     torch.save(untrained.clip_model.state_dict(), random_clip)

@@ -541,30 +541,22 @@ def _skimage_pictures(count: int, height: int, width: int, seed: int) -> tuple[t
     return torch.stack(images), quality
 
 
-def _demo_checkpoint() -> Path | None:
-    """The newest Gamma checkpoint of the offline demo (``python train.py -opt options/demo.yml``), if it was run."""
-    found = sorted(Path("experiments").glob("demo_gamma*/split_*/best.pth"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
-
-
 def mode_agreement(args: argparse.Namespace, count: int) -> dict[str, Any]:
     """SRCC between the 10-crop scores and each cheaper mode's, on synthetic distorted 384x512 pictures.
 
-    Agreement only means something for a model whose scores follow quality: ``--checkpoint``, else the offline demo's
-    trained Gamma when it has been run (``experiments/demo_gamma*/split_*/best.pth``). Without either, the random
-    tiny variant is used and the figures only say how much the crop choice moves an untrained model's scores
-    (its SRCC against the true quality, reported alongside, shows how uninformative it is).
+    Agreement only means something for a model whose scores follow quality (``--checkpoint``, e.g. the release's
+    weights). Without one, the random tiny variant is used and the figures only say how much the crop choice moves an
+    untrained model's scores (its SRCC against the true quality, reported alongside, shows how uninformative it is).
     """
     from scipy.stats import spearmanr
 
     torch.manual_seed(0)
-    checkpoint = args.checkpoint or _demo_checkpoint()
-    if checkpoint:
-        model = gamma.create_model(pretrained=checkpoint).eval()
-        source = str(checkpoint)
+    if args.checkpoint:
+        model = gamma.create_model(pretrained=args.checkpoint).eval()
+        source = str(args.checkpoint)
     else:
         model = gamma.create_model("gamma_test").eval()
-        source = "gamma_test, random weights (no --checkpoint and no demo checkpoint found)"
+        source = "gamma_test, random weights (no --checkpoint given)"
     scene = args.scene if model.config.prompt_set == "sdp" else None
     images, quality = synthetic_pictures(count, 384, 512, seed=2)
     scores = {}
@@ -663,7 +655,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scene", default="natural", help="scene for SDP variants")
     p.add_argument("--matmul-size", type=int, default=None, help="square matmul size (default 2048 CPU, 8192 CUDA)")
     p.add_argument("--checkpoint", default=None, help="trained weights for the mode-agreement section (default: "
-                                                      "the offline demo's, if it was run)")
+                                                      "random tiny model)")
     p.add_argument("--skip", default="", help="comma-separated sections to skip: scoring,protocol,train,agreement")
     p.add_argument("--out", default=None, help="JSON file (default runs/bench-<device>.json)")
     args = p.parse_args(argv)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
+from .data.meta import is_number
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _read_csv_names(path: Path, columns: list[str]) -> set[str]:
         if header != columns:
             raise UsageError(f"cannot resume {path}: its columns {header} differ from this run's {columns}")
         for row in reader:
-            if len(row) == len(columns) and _is_number(row[1]):
+            if len(row) == len(columns) and is_number(row[1]):
                 done.add(row[0])
     return done
 
@@ -86,14 +87,6 @@ def _read_jsonl_names(path: Path) -> set[str]:
             except (json.JSONDecodeError, KeyError, TypeError):
                 logger.warning("%s:%d: ignoring an unreadable row", path, line_no)
     return done
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 class RowWriter:

@@ -17,14 +17,6 @@ TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-64 ops gain nothing from a second thread, and on a busy 2-core machine each parallel op can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def model():

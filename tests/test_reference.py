@@ -29,14 +29,6 @@ def _perturbed(name: str, seed: int = 0) -> gamma.GammaModel:
     return model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Width-64 ops gain nothing from a second thread, and on a busy 2-core machine each parallel op can stall."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def models():

@@ -52,15 +52,6 @@ def _write_dataset(root: Path, name: str, n: int, lo: float, hi: float, seed: in
     save_splits(make_splits(n, seed=seed), folder / "split.pkl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these runs are tiny, and on 2 shared cores a second thread mostly waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Two datasets with different MOS scales and scenes, and a base option file for the tiny model."""

@@ -169,7 +169,7 @@ def _parse_float(file: str, line: int, text: str, column: str) -> float:
     return value
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
     except ValueError:
@@ -190,7 +190,7 @@ def _parse_positional(file: str, kind: str, header: list[str], data: list[tuple[
     if len(header) < min_cols:
         raise ValueError(f"{file}, line 1: header has {len(header)} column(s) {header}; a {kind!r} meta file has "
                          f"at least {min_cols} ({expect})")
-    if _is_number(header[mos_col]) and not _is_number(header[path_col]):
+    if is_number(header[mos_col]) and not is_number(header[path_col]):
         raise ValueError(f"{file}, line 1: looks like data, not a header ({header[:min_cols]}); meta files start "
                          f"with a header row ({expect})")
     mos_name = f"column {mos_col + 1} ({header[mos_col] or 'mos'})"
@@ -212,7 +212,7 @@ def _parse_positional(file: str, kind: str, header: list[str], data: list[tuple[
             try:
                 _parse_float(file, line, fields[mos_col], mos_name)
             except ValueError as exc:
-                if kind == "nr" and len(fields) >= 3 and _is_number(fields[2]) and not _is_number(fields[1]):
+                if kind == "nr" and len(fields) >= 3 and is_number(fields[2]) and not is_number(fields[1]):
                     raise ValueError(f"{exc}; is this a full-reference meta file (ref_name, dist_name, mos)? "
                                      "then use kind 'fr'") from None
                 raise

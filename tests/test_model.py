@@ -183,6 +183,8 @@ def test_keep_only_experts_zeroes_other_routes(tiny_model):
             m.record_routing = True
         single = tiny_model.score_crops(x)
         routing = [m.last_routing for m in tiny_model.moae_modules()]
+        for m in tiny_model.moae_modules():
+            m.record_routing = False  # recording runs the last image block for every token: same values, other rounding
         gamma.keep_only_experts(tiny_model, None)
         restored = tiny_model.score_crops(x)
     assert not torch.allclose(full, single)

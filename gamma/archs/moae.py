@@ -60,8 +60,6 @@ class MoAE(nn.Module):
         # Set by analysis tools: the last router weights, (..., N), detached.
         self.record_routing = False
         self.last_routing: torch.Tensor | None = None
-        # Eval-time cache of the stacked expert weights, keyed on the parameters' identities and versions.
-        self._stack_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
         # Inference-only cache of the stacked expert weights with QuickGELU's slope folded in.
         self._inference_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
         # False selects the literal form (each expert called in turn); both give the same result up to rounding.
@@ -76,20 +74,17 @@ class MoAE(nn.Module):
         return params
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W1 (N*H, D), b1 (N*H,), W2 (D, N*H), B2 (N, D)): the experts' weights side by side."""
-        params = self._expert_params()
-        cacheable = not torch.is_grad_enabled()
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if cacheable and self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1]
+        """(W1 (N*H, D), b1 (N*H,), W2 (D, N*H), B2 (N, D)): the experts' weights side by side.
+
+        Built on every call (autograd flows through the concatenation); outside autograd
+        :meth:`_stacked_inference` keeps a cached copy instead.
+        """
         experts = list(self.experts.values())
         w1 = torch.cat([e.c_fc.weight for e in experts], dim=0)
         b1 = torch.cat([e.c_fc.bias for e in experts], dim=0)
         w2 = torch.cat([e.c_proj.weight for e in experts], dim=1)
         b2 = torch.stack([e.c_proj.bias for e in experts], dim=0)
-        stacked = (w1, b1, w2, b2)
-        self._stack_cache = (key, stacked) if cacheable else None
-        return stacked
+        return w1, b1, w2, b2
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """Router weights (..., N) for tokens x (..., D), after any expert mask."""
@@ -137,12 +132,8 @@ class MoAE(nn.Module):
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._inference_cache is not None and self._inference_cache[0] == key:
             return self._inference_cache[1]
-        experts = list(self.experts.values())
-        w1 = torch.cat([e.c_fc.weight for e in experts], dim=0) * QUICK_GELU_SLOPE
-        b1 = torch.cat([e.c_fc.bias for e in experts], dim=0) * QUICK_GELU_SLOPE
-        w2 = torch.cat([e.c_proj.weight for e in experts], dim=1) / QUICK_GELU_SLOPE
-        b2 = torch.stack([e.c_proj.bias for e in experts], dim=0)
-        stacked = (w1, b1, w2, b2)
+        w1, b1, w2, b2 = self._stacked()
+        stacked = (w1 * QUICK_GELU_SLOPE, b1 * QUICK_GELU_SLOPE, w2 / QUICK_GELU_SLOPE, b2)
         self._inference_cache = (key, stacked)
         return stacked
 

@@ -35,6 +35,7 @@ from PIL import Image
 
 from gamma.train.checkpoint import RunLockedError, load_training_state, write_json
 from gamma.train.config import ConfigError, load_config
+from gamma.train.loop import MetricsLog
 from gamma.train.main import cli, main
 from gamma.weights import CheckpointError
 
@@ -216,6 +217,9 @@ def test_full_disk_at_checkpoint_is_a_clear_error_and_keeps_the_previous_checkpo
         with pytest.raises(OSError, match=rf"File too large: '{folder / 'results.json'}'"):
             write_json(folder / "results.json", {"padding": "x" * (folder / "last.pth").stat().st_size})
         assert (folder / "results.json").read_text() == results
+        log = MetricsLog(folder, tensorboard=False)
+        with pytest.raises(OSError, match=rf"cannot append to the metrics log: File too large: '{log.jsonl}'"):
+            log.write({"kind": "train", "step": 0, "padding": "x" * (folder / "last.pth").stat().st_size})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert status == 1

@@ -146,8 +146,12 @@ class MetricsLog:
         self._write_csv()
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.jsonl, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(json_safe(record)) + "\n")
+        line = json.dumps(json_safe(record)) + "\n"
+        try:
+            with open(self.jsonl, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:  # a full disk: name the file (a bare "[Errno 28]" does not say which)
+            raise OSError(exc.errno, f"cannot append to the metrics log: {exc.strerror}", str(self.jsonl)) from exc
         if self.tb is not None:
             step = record["step"]
             for key, value in _flatten(record).items():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import json
 import logging
 import os
@@ -128,6 +129,8 @@ class RowWriter:
             self._csv.writerow(self.columns)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):  # left by a killed run
+            stale.unlink(missing_ok=True)
         stream_path = self.partial_path if self.format == "json" else self.path
         if self._replace:
             stream_path.unlink(missing_ok=True)
@@ -154,7 +157,7 @@ class RowWriter:
             raise UsageError(f"cannot resume {self.path}: not a JSON file written by gamma ({exc})") from None
         if not isinstance(rows, list):
             raise UsageError(f"cannot resume {self.path}: expected a JSON list of rows")
-        fd, tmp = tempfile.mkstemp(prefix=self.partial_path.name, dir=self.path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")

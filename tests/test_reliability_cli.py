@@ -136,6 +136,8 @@ def test_interrupted_json_run_leaves_no_half_written_json(folder, weights, tmp_p
     assert main(["score", *good, "--weights", str(weights), "--out", str(out), *FAST]) == 130
     assert "--resume" in capsys.readouterr().err
     assert not out.exists(), "a .json output appeared before the run finished"
+    # A SIGKILL during a final write leaves its temporary behind (no handler runs): the next run clears it.
+    (tmp_path / ".scores.json.k1ll3d.tmp").write_text("[\n  {")
     monkeypatch.setattr(Scorer, "iter_file_scores", real)
     assert main(["score", *good, "--weights", str(weights), "--out", str(out), "--resume", *FAST]) == 0
     assert "scored 2 image(s), skipped 2 already in" in capsys.readouterr().err

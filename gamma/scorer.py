@@ -232,6 +232,8 @@ class Scorer:
         pending: list[tuple[str, torch.Tensor | Exception]] = []
         for name, loaded in self._decoded(items):
             if isinstance(loaded, Exception) and on_error == "raise":
+                # Inputs before this one come first: their results, or an earlier input's error.
+                yield from self._flush(pending, scene, on_error)
                 if isinstance(loaded, ImageDecodeError):
                     raise loaded
                 raise ValueError(f"{name}: {loaded}") from loaded
@@ -243,13 +245,19 @@ class Scorer:
             yield from self._flush(pending, scene, on_error)
 
     def _flush(self, pending: list[tuple[str, Any]], scene: str | None, on_error: str) -> Iterator[ScoreResult]:
-        """Score a window of decoded images, batching those of equal size; yield results in window order."""
+        """Score a window of decoded images, batching those of equal size; yield results in window order.
+
+        With ``on_error='raise'`` the results before the window's first failing input are yielded, then its error
+        is raised: errors surface in input order whatever the batching.
+        """
         scores: list[float] = [math.nan] * len(pending)
         errors: list[str | None] = [None] * len(pending)
+        causes: list[BaseException | None] = [None] * len(pending)
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i, (_, loaded) in enumerate(pending):
             if isinstance(loaded, Exception):
                 errors[i] = str(loaded) if isinstance(loaded, ImageDecodeError) else f"{pending[i][0]}: {loaded}"
+                causes[i] = loaded
             else:
                 groups[tuple(loaded.shape)].append(i)
         for indices in groups.values():
@@ -257,27 +265,29 @@ class Scorer:
             try:
                 values = self._forward(batch, scene)
             except (ValueError, RuntimeError) as exc:
-                if len(indices) == 1:
-                    if on_error == "raise":
-                        raise ValueError(f"{pending[indices[0]][0]}: {exc}") from exc
-                    errors[indices[0]] = f"{pending[indices[0]][0]}: {exc}"
-                    continue
-                values = []
-                for i in indices:  # isolate the bad input(s): an error names the input that caused it
-                    try:
-                        values.append(self._forward(pending[i][1][None], scene)[0])
-                    except (ValueError, RuntimeError) as one:
-                        if on_error == "raise":
-                            raise ValueError(f"{pending[i][0]}: {one}") from one
-                        values.append(math.nan)
-                        errors[i] = f"{pending[i][0]}: {one}"
+                values = [exc]
+                if len(indices) > 1:  # isolate the bad input(s): an error names the input that caused it
+                    values = [self._forward_or_error(pending[i][1][None], scene) for i in indices]
             for i, v in zip(indices, values, strict=True):
-                scores[i] = float(v)
+                if isinstance(v, BaseException):
+                    errors[i], causes[i] = f"{pending[i][0]}: {v}", v
+                else:
+                    scores[i] = float(v)
         for i, (name, _) in enumerate(pending):
+            if errors[i] is not None and on_error == "raise":
+                if isinstance(causes[i], ImageDecodeError):
+                    raise causes[i]
+                raise ValueError(errors[i]) from causes[i]
             mos = None
             if self.mos_range is not None and errors[i] is None:
                 mos = float(to_mos(scores[i], *self.mos_range, lower_better=self.lower_better))
             yield ScoreResult(name, scores[i], mos, errors[i])
+
+    def _forward_or_error(self, image: torch.Tensor, scene: str | None) -> float | Exception:
+        try:
+            return self._forward(image, scene)[0]
+        except (ValueError, RuntimeError) as exc:
+            return exc
 
     def _forward(self, batch: torch.Tensor, scene: str | None) -> list[float]:
         with torch.inference_mode():

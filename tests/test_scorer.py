@@ -136,6 +136,20 @@ def test_bad_tensor_is_named_and_others_scored(scorer):
         scorer.score(torch.rand(3, 224))
 
 
+def test_raise_mode_reports_the_first_failing_input_after_the_results_before_it(scorer):
+    """Errors surface in input order, whatever the batching: a model-side refusal (input 1, too elongated to crop)
+    is reported before a decode-side one (input 3, NaN), although decoding runs ahead of the model."""
+    good = torch.rand(3, 224, 224)
+    inputs = [good, torch.rand(3, 2, 300), good, torch.full((3, 224, 224), float("nan")), good]
+    stream = scorer.iter_scores(inputs)
+    first = next(stream)
+    assert first.name == "<tensor 0>" and first.error is None
+    with pytest.raises(ValueError, match=r"^<tensor 1>: .*aspect"):
+        next(stream)
+    rows = scorer.score(inputs, on_error="skip")  # skip mode: both named, the rest scored
+    assert rows["error"].notna().tolist() == [False, True, False, True, False]
+
+
 def test_list_of_dicts_without_pandas(scorer, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)  # `import pandas` now raises ImportError
     rows = scorer.score(torch.rand(2, 3, 224, 224))

@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ._files import atomic_write
 from .config import GammaConfig, TextCfg, VisionCfg
 
 logger = logging.getLogger(__name__)
@@ -313,28 +313,10 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **extra: An
         from safetensors.torch import save_file
 
         meta = {"format": FORMAT_NAME, "config": json.dumps(model.config.to_dict())}
-        return _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
                "state_dict": state, **extra}
-    return _atomic_write(path, lambda tmp: _torch_save(payload, tmp, path))
-
-
-def _atomic_write(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full ...: name the file being written, not its temporary
-        Path(tmp).unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: _torch_save(payload, tmp, path))
 
 
 def _torch_save(obj: Any, tmp: str, path: Path) -> None:

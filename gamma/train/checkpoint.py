@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..weights import Checkpoint, CheckpointError, _atomic_write, read_checkpoint, save_checkpoint
+from .._files import atomic_write
+from ..weights import Checkpoint, CheckpointError, read_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def save_best(run_dir: Path, model: torch.nn.Module, fmt: str, metrics: dict[str
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Atomically write ``data`` as indented JSON (NaN written as null)."""
     text = json.dumps(json_safe(data), indent=2, sort_keys=False) + "\n"
-    return _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def json_safe(obj: Any) -> Any:

@@ -552,11 +552,11 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved configuration as YAML (loadable again with :func:`load_config`)."""
-    from ..weights import _atomic_write
+    from .._files import atomic_write
 
     text = config_to_yaml(cfg)
 
     def write(tmp: str) -> None:
         Path(tmp).write_text(text, encoding="utf-8")
 
-    _atomic_write(Path(path), write)
+    atomic_write(Path(path), write)

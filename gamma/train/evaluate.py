@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from .._files import atomic_write
 from ..archs import keep_only_experts
 from ..data import DATASETS, collate
 from ..metrics import evaluate_scores
-from ..weights import _atomic_write
 from .checkpoint import write_json
 from .distributed import DistInfo, all_gather_objects
 
@@ -218,7 +218,7 @@ def write_table(table: Mapping[str, Any], out_dir: str | Path, label: str = "Gam
     out = Path(out_dir)
     paths = {"md": out / "table.md", "csv": out / "table.csv", "json": out / "table.json"}
     md, csv_text = table_markdown(table, label), table_csv(table)
-    _atomic_write(paths["md"], lambda tmp: Path(tmp).write_text(md, encoding="utf-8"))
-    _atomic_write(paths["csv"], lambda tmp: Path(tmp).write_text(csv_text, encoding="utf-8"))
+    atomic_write(paths["md"], lambda tmp: Path(tmp).write_text(md, encoding="utf-8"))
+    atomic_write(paths["csv"], lambda tmp: Path(tmp).write_text(csv_text, encoding="utf-8"))
     write_json(paths["json"], table)
     return paths

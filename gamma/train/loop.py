@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .._files import atomic_write
 from ..archs import GammaModel
 from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
 from ..hub import resolve_weights
-from ..weights import _atomic_write, load_into
+from ..weights import load_into
 from .checkpoint import (
     LAST,
     RunLock,
@@ -142,7 +143,7 @@ class MetricsLog:
                 continue
             kept.append(line)
         text = "".join(line + "\n" for line in kept)
-        _atomic_write(self.jsonl, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(self.jsonl, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         self._write_csv()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -171,7 +172,7 @@ class MetricsLog:
         w.writeheader()
         w.writerows(rows)
         text = buf.getvalue()
-        _atomic_write(self.csv, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(self.csv, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def close(self) -> None:
         if self.tb is not None:
@@ -484,7 +485,7 @@ def write_predictions(run: Run, predictions: dict[str, list[float]]) -> None:
         for path, raw, label, pred in zip(ds.paths, ds.mos_raw, ds.labels, scores, strict=True):
             w.writerow([os.path.relpath(path, ds.entry.image_root), f"{raw:.6g}", f"{label:.6f}", f"{pred:.6f}"])
         text = buf.getvalue()
-        _atomic_write(folder / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
+        atomic_write(folder / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
 
 
 def _should_eval(cfg: TrainConfig, epoch: int) -> bool:

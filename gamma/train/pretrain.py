@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
 
+from .._files import atomic_write
 from ..archs.clip import encode_image, encode_text
 from ..data import build_dataset, collate
 from ..data.synthetic import SyntheticCfg
 from ..factory import create_model
-from ..weights import _atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _pretrain(cfg: Any, p: PretrainCfg, out: Path, log: Any) -> dict[str, Any]:
         bar.close()
     seconds = time.perf_counter() - t0
     state = {k: v.detach().cpu().contiguous() for k, v in clip.state_dict().items()}
-    _atomic_write(out, lambda tmp: torch.save(state, tmp))
+    atomic_write(out, lambda tmp: torch.save(state, tmp))
     logger.info("pretrained CLIP backbone written to %s (%d steps, %.0f s, final loss %.4f)", out, step, seconds,
                 float(np.mean(losses[-20:])))
     return {"backbone": str(out), "steps": step, "seconds": seconds, "losses": losses}
@@ -292,9 +292,9 @@ def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     text = ("Held-out SRCC / PLCC (content never seen in training), best epoch of each run.\n\n" + "\n".join(lines)
             + f"\n\nTotal time {seconds:.0f} s.\n")
-    _atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     summary = {"runs": table, "seconds": seconds}
-    _atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
     for line in text.strip().splitlines():
         logger.info("%s", line)
     return summary

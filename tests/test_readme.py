@@ -127,7 +127,7 @@ def captured():
     """Collect stdout, stderr and log records (as an unconfigured program would print them) into one buffer."""
     buf = io.StringIO()
     root = logging.getLogger()
-    saved = root.handlers[:]
+    saved, level = root.handlers[:], root.level
     root.handlers = []  # logging.lastResort / the CLI's basicConfig then write to the redirected stderr
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -136,7 +136,7 @@ def captured():
         for handler in root.handlers:
             if handler not in saved:
                 handler.close()
-        root.handlers = saved
+        root.handlers, root.level = saved, level
 
 
 def run_example(example: Example, workdir: Path) -> str:

@@ -1,4 +1,4 @@
-"""Correlation metrics of the paper's evaluation (DESIGN.md §4): SRCC, PLCC, KRCC as pure functions.
+"""SRCC, PLCC, KRCC as pure functions: the correlations of the paper's evaluation (docs/model.md#evaluation-protocol).
 
 PLCC is computed on the raw predictions, without the logistic fitting some IQA papers apply (the paper and the release
 use scipy's ``pearsonr`` directly).

@@ -1,6 +1,6 @@
 """A literal re-statement of the authors' released forward pass, for validating :class:`gamma.GammaModel`.
 
-Everything here is computed the way the release computes it (DESIGN.md §1-3), with plain torch ops and nothing shared
+Everything here is computed the way the release computes it (docs/model.md), with plain torch ops and nothing shared
 with :mod:`gamma.archs`: sequence-first (L, N, D) activations, OpenAI's fp32 LayerNorm, QuickGELU,
 ``F.multi_head_attention_forward`` (what ``nn.MultiheadAttention(batch_first=False)`` runs), the text tower over the
 full 77-token context on *every* call, each adaptive expert called on its own in a Python loop and combined with
@@ -10,7 +10,8 @@ another (one forward per crop offset, the whole batch of images per forward) and
 
 Two deliberate departures: the release concatenates the 10 crops into one forward (here: one forward per crop, as a
 plain loop would; the scores are the same), and with SDP each image is paired with its own five prompts as in the
-release's training path (its batched test path mis-pairs the crops of mixed-scene batches, DESIGN.md §8).
+release's training path (its batched test path mis-pairs the crops of mixed-scene batches, see
+docs/model.md#release-defects-not-repeated).
 
 It is deliberately slow: it is the yardstick that ``scripts/bench.py`` measures the model against and the oracle that
 ``tests/test_reference.py`` compares the model's scores with (same weights, same crop offsets, max abs diff <= 1e-5).

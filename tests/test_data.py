@@ -85,7 +85,7 @@ def nr_dataset(tmp_path, n=10, mos=None, extra=""):
 
 
 def test_registry_matches_design_table():
-    expected = {  # DESIGN.md §5: label, (lo, hi)
+    expected = {  # docs/datasets.md#the-registered-datasets: label, (lo, hi)
         "live": ("DMOS", 1, 100), "csiq": ("DMOS", 0, 1), "tid2013": ("MOS", 0, 9), "kadid10k": ("MOS", 1, 5),
         "livec": ("MOS", 0, 100), "koniq10k": ("MOS", 0, 100), "spaq": ("MOS", 0, 100), "gfiqa20k": ("MOS", 0, 1),
         "agiqa3k": ("MOS", 0, 5), "uwiqa": ("MOS", 0, 1), "ava": ("MOS", 0, 10), "aadb": ("MOS", 0, 1),

@@ -95,7 +95,7 @@ def test_training_beats_the_untrained_model(demo, tmp_path):
 
     At the toy size a test can afford (120 source pictures, 8 epochs) nothing transfers to unseen content, so this
     checks the learning signal on every picture of the datasets (80% of them seen in training); the held-out figures
-    of the full-size demo are in the README.
+    of the full-size demo are in docs/training.md#the-offline-demo.
     """
     root, result = demo
     untrained = gamma.create_model("gamma_test", moae_layers=0, num_experts=0, embed_dim=32,

@@ -1,8 +1,9 @@
 """The table of known datasets (data only): scene, label type, MOS range, meta format and default file names.
 
-Ranges are the ones the authors' release trains with (DESIGN.md §5). Folder, meta and split names follow the release's
-option files and meta-info bundle, made relative to a data root; exBeDDE and ECIQAD are not in the release's options,
-so their names are ours. Every field can be overridden per entry (see :class:`gamma.data.DatasetEntry`).
+Ranges are the ones the authors' release trains with (docs/datasets.md#the-registered-datasets). Folder, meta and split
+names follow the release's option files and meta-info bundle, made relative to a data root; exBeDDE and ECIQAD are not
+in the release's options, so their names are ours. Every field can be overridden per entry (see
+:class:`gamma.data.DatasetEntry`).
 """
 
 from __future__ import annotations

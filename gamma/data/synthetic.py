@@ -5,7 +5,7 @@ content (fractal noise, shapes, gratings, gradients and, when scikit-image is in
 degraded by distortions of known strength. The MOS of each picture is a function of those strengths, so the task is
 learnable and a model's ranking can be checked against it.
 
-Each synthetic dataset is written in the pyiqa / release layout (DESIGN.md §5):
+Each synthetic dataset is written in the pyiqa / release layout that :mod:`gamma.data.meta` reads:
 
 - ``<root>/<name>/images/*.png``: the pictures (PNG, lossless, so JPEG artefacts are stored as generated);
 - ``<root>/<name>/meta_info.csv``: header, then ``image_name, mos, caption, content, distortion, strength`` (column 0
@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
+
+from .meta import denormalize_mos
 
 logger = logging.getLogger(__name__)
 
@@ -268,8 +270,7 @@ def normalised_quality(spec: SyntheticSpec, distortions: Sequence[tuple[str, flo
 
 def to_label(spec: SyntheticSpec, y: float) -> float:
     """A normalised quality (higher is better) on ``spec``'s own scale (flipped for DMOS)."""
-    lo, hi = spec.mos_range
-    return lo + (hi - lo) * (1 - y if spec.label == "dmos" else y)
+    return denormalize_mos(y, spec.mos_range, lower_better=spec.label == "dmos")
 
 
 # ------------------------------------------------------------------------------------------------ writing

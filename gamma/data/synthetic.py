@@ -5,7 +5,7 @@ content (fractal noise, shapes, gratings, gradients and, when scikit-image is in
 degraded by distortions of known strength. The MOS of each picture is a function of those strengths, so the task is
 learnable and a model's ranking can be checked against it.
 
-Each synthetic dataset is written in the pyiqa / release layout that :mod:`gamma.data.meta` reads:
+Each synthetic dataset is written in the pyiqa / release layout (docs/datasets.md#meta-files):
 
 - ``<root>/<name>/images/*.png``: the pictures (PNG, lossless, so JPEG artefacts are stored as generated);
 - ``<root>/<name>/meta_info.csv``: header, then ``image_name, mos, caption, content, distortion, strength`` (column 0

@@ -139,7 +139,7 @@ def _order(names: Sequence[str]) -> list[str]:
 
 
 def median_table(split_results: Sequence[Mapping[str, Any]], which: str = "best") -> dict[str, Any]:
-    """Median over splits of each dataset's SRCC / PLCC / KRCC (the paper's protocol).
+    """Median over splits of each dataset's SRCC / PLCC / KRCC (docs/model.md#evaluation-protocol).
 
     Args:
         split_results: one ``results.json`` per split: ``{'split_index': k, which: {'datasets': {name: {...}}}}``.

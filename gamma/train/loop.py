@@ -1,9 +1,8 @@
 """The training run: build data and model, train epoch by epoch, evaluate, checkpoint, resume.
 
-The recipe is the paper's (implementation details of "Gamma: Toward Generic Image Assessment with Mixture of
-Assessment Experts"): the training parts of every dataset entry concatenated and shuffled together, MSE between the
-predicted score and the normalised MOS, Adam over ``model.trainable_parameters()``, cosine annealing stepped once per
-epoch. What a run writes into its folder ``<output_dir>/<name>/split_<k>/``:
+The recipe is the paper's (docs/model.md#training-protocol): the training parts of every dataset entry concatenated and
+shuffled together, MSE between the predicted score and the normalised MOS, Adam over ``model.trainable_parameters()``,
+cosine annealing stepped once per epoch. What a run writes into its folder ``<output_dir>/<name>/split_<k>/``:
 
 - ``config.yaml``: the resolved configuration;
 - ``last.pth``: resumable state after every epoch (and every ``checkpoint.every_steps`` steps), written atomically;

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._dataclass_dict import from_dict, to_dict
 from .prompts import PROMPT_SETS
 
 
@@ -48,9 +49,9 @@ class GammaConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
-            self.vision = _from_dict(VisionCfg, self.vision, "vision")
+            self.vision = from_dict(VisionCfg, self.vision, "vision", typed=False, noun="model config key")
         if isinstance(self.text, dict):
-            self.text = _from_dict(TextCfg, self.text, "text")
+            self.text = from_dict(TextCfg, self.text, "text", typed=False, noun="model config key")
         self.levels = tuple(float(v) for v in self.levels)
         self.validate()
 
@@ -82,13 +83,12 @@ class GammaConfig:
         return list(range(num_layers - self.moae_layers, num_layers))
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["levels"] = list(self.levels)
-        return d
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GammaConfig:
-        return _from_dict(cls, d, "model config")
+        """The config of a mapping (``to_dict``'s form); an unknown key is an error that names it."""
+        return from_dict(cls, d, typed=False, noun="model config key")
 
     def replace(self, **overrides: Any) -> GammaConfig:
         """A copy with ``overrides`` applied; nested fields accept dicts (``vision={'width': 64}``)."""
@@ -103,14 +103,6 @@ class GammaConfig:
             else:
                 d[key] = value
         return GammaConfig.from_dict(d)
-
-
-def _from_dict(cls: type, d: dict[str, Any], what: str) -> Any:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown key(s) in {what}: {', '.join(unknown)}; known keys: {', '.join(sorted(names))}")
-    return cls(**d)
 
 
 # Named variants. ``gamma_vitb16`` is the paper's model (CLIP ViT-B/16 + MoAE in the last 6 blocks, 3 experts).

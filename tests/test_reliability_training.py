@@ -35,8 +35,8 @@ from PIL import Image
 
 from gamma.train.checkpoint import RunLockedError, load_training_state, write_json
 from gamma.train.config import ConfigError, load_config
-from gamma.train.loop import MetricsLog
 from gamma.train.main import cli, main
+from gamma.train.run_folder import MetricsLog
 from gamma.weights import CheckpointError
 
 N_IMAGES, BATCH, EPOCHS = 4, 2, 3

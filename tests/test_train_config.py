@@ -1,11 +1,18 @@
 """Training configuration: defaults, YAML bases, command-line overrides, and the errors that name the key."""
 
+import os
+import typing
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
+from torch.utils.data import DataLoader
 
+from gamma.config import GammaConfig
+from gamma.data import DatasetEntry
 from gamma.train.config import ConfigError, TrainConfig, config_to_dict, load_config, save_config
+from gamma.train.stages import STAGES
 
 OPTIONS = Path(__file__).resolve().parents[1] / "options"
 
@@ -159,3 +166,35 @@ def test_shipped_options_all_load_without_absolute_paths(monkeypatch):
         assert (cfg.epochs, cfg.batch_size, [e.name for e in cfg.data]) == (epochs, batch, [name])
     assert len(list((OPTIONS / "task").glob("*.yml"))) == 14
     assert load_config(OPTIONS / "ablation" / "single_expert_2.yml").eval.keep_only_experts == [2]
+
+
+def test_default_workers_fit_the_machine_and_an_explicit_value_is_kept():
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cfg = load_config()
+    assert cfg.workers == min(4, cpus) and cfg.eval.workers is None  # evaluation uses the training value
+    with warnings.catch_warnings():  # PyTorch warns when a DataLoader asks for more workers than CPUs
+        warnings.simplefilter("error")
+        DataLoader(range(4), num_workers=cfg.workers)
+    assert load_config(None, ["workers=7"]).workers == 7
+
+
+def test_every_stage_the_config_accepts_is_registered():
+    accepted = set(typing.get_args(typing.get_type_hints(TrainConfig)["stage"]))
+    assert accepted == set(STAGES) and "pretrain_clip" in accepted
+    with pytest.raises(ConfigError, match=r"stage: expected one of 'gamma', 'pretrain_clip'.*did you mean 'gamma'"):
+        load_config(None, ["stage=gama"])
+
+
+def test_one_loader_names_unknown_keys_of_model_dataset_and_training_configs():
+    with pytest.raises(ValueError, match=r"unknown model config key 'vision\.widht' \(did you mean 'width'\?\)"):
+        GammaConfig.from_dict({"vision": {"widht": 64}})
+    with pytest.raises(ValueError, match=r"dataset 'live': unknown dataset key 'metafile' \(did you mean 'meta_file'"):
+        DatasetEntry.from_dict({"name": "live", "metafile": "m.csv"})
+    with pytest.raises(ConfigError, match=r"unknown key 'data\.0\.metafile' \(did you mean 'meta_file'\?\); known keys "
+                                          r"of data\.0: name, root, meta_file"):
+        load_config(None, ["data=[{name: live, metafile: m.csv}]"])
+    # the dict forms round-trip
+    cfg = GammaConfig(vision={"width": 64, "heads": 1})
+    assert GammaConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["levels"] == list(cfg.levels)
+    entry = DatasetEntry.from_dict({"name": "koniq10k", "split_index": 2})
+    assert DatasetEntry.from_dict(entry.to_dict()) == entry and isinstance(entry.to_dict()["mos_range"], list)

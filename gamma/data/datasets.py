@@ -9,8 +9,6 @@ files up front (so a bad row fails at start-up with its file and line, not hours
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import logging
 import math
 import os
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._dataclass_dict import from_dict, to_dict
 from ..io import ImageDecodeError, load_image
 from ..prompts import canonical_scene
 from .meta import MetaTable, check_mos_range, normalize_mos, read_meta, validate_range
@@ -77,34 +76,14 @@ class DatasetEntry:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"dataset name must be a non-empty string, got {self.name!r}")
+        where = f"dataset {self.name!r}"  # (as the user wrote it)
         key = canonical_dataset(self.name)
-        info = DATASETS.get(key) if key else None
-        where = f"dataset {self.name!r}"
-        if info is not None:
-            self.name = key
-            self.range_check = self.range_check or "warn"
-            for f in ("root", "meta_file", "split_file", "eval_key", "mos_range", "lower_better", "scene", "kind",
-                      "resize"):
-                if getattr(self, f) is None:
-                    setattr(self, f, getattr(info, f))
+        if key in DATASETS:
+            self._take_registry_defaults(key)
         else:
-            missing = [f for f in ("root", "meta_file", "mos_range") if getattr(self, f) is None]
-            if missing:
-                raise ValueError(f"{where} is not registered ({', '.join(DATASETS)}), so it needs "
-                                 f"{', '.join(missing)}")
-            self.kind = self.kind or "custom"
-            self.lower_better = False if self.lower_better is None else self.lower_better
-            self.scene = self.scene or "natural"
-            self.eval_key = self.eval_key or "val"
-            self.range_check = self.range_check or "error"
-        for f in ("root", "meta_file", "split_file", "data_root"):
-            v = getattr(self, f)
-            if v is not None and not isinstance(v, (str, os.PathLike)):
-                raise ValueError(f"{where}: {f} must be a path string, got {type(v).__name__}")
-            if v is not None:
-                setattr(self, f, os.fspath(v))
-        lo, hi = check_mos_range(self.mos_range) if self.mos_range is not None else (None, None)
-        self.mos_range = (lo, hi)
+            self._take_custom_defaults(where)
+        self._check_paths(where)
+        self.mos_range = check_mos_range(self.mos_range) if self.mos_range is not None else (None, None)
         for f in ("lower_better", "hflip", "skip_missing", "check_files"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{where}: {f} must be true or false, got {getattr(self, f)!r}")
@@ -114,6 +93,43 @@ class DatasetEntry:
             self.scene = canonical_scene(self.scene)
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
+        self._check_split(where)
+        self._check_sizes(where)
+        if self.range_check not in ("error", "warn"):
+            raise ValueError(f"{where}: range_check must be 'error' or 'warn', got {self.range_check!r}")
+
+    def _take_registry_defaults(self, key: str) -> None:
+        """A registered dataset: the canonical name, and the registry's value of every field left ``None``."""
+        info = DATASETS[key]
+        self.name = key
+        self.range_check = self.range_check or "warn"
+        for f in ("root", "meta_file", "split_file", "eval_key", "mos_range", "lower_better", "scene", "kind",
+                  "resize"):
+            if getattr(self, f) is None:
+                setattr(self, f, getattr(info, f))
+
+    def _take_custom_defaults(self, where: str) -> None:
+        """A dataset of the user's own: it must say where it is and its label scale; the rest has defaults."""
+        missing = [f for f in ("root", "meta_file", "mos_range") if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"{where} is not registered ({', '.join(DATASETS)}), so it needs "
+                             f"{', '.join(missing)}")
+        self.kind = self.kind or "custom"
+        self.lower_better = False if self.lower_better is None else self.lower_better
+        self.scene = self.scene or "natural"
+        self.eval_key = self.eval_key or "val"
+        self.range_check = self.range_check or "error"
+
+    def _check_paths(self, where: str) -> None:
+        for f in ("root", "meta_file", "split_file", "data_root"):
+            v = getattr(self, f)
+            if v is not None and not isinstance(v, (str, os.PathLike)):
+                raise ValueError(f"{where}: {f} must be a path string, got {type(v).__name__}")
+            if v is not None:
+                setattr(self, f, os.fspath(v))
+
+    def _check_split(self, where: str) -> None:
+        """``split_index`` as an int >= 1 (with a split file) or ``'all'``; ``eval_key`` names a held-out part."""
         si = self.split_index
         if isinstance(si, str) and si.strip().lower() == "all":
             self.split_index = "all"
@@ -123,19 +139,18 @@ class DatasetEntry:
                                           or self.split_index < 1):
             raise ValueError(f"{where}: split_index must be an integer >= 1 or 'all', got {si!r}")
         if self.split_index != "all" and not self.split_file:
-            raise ValueError(f"{where}: split_index {self.split_index} needs a split_file; use split_index: all for "
-                             "the whole dataset, or make one with scripts/make_splits.py")
+            raise ValueError(f"{where}: split_index {self.split_index} needs a split_file; use split_index: all "
+                             "for the whole dataset, or make one with scripts/make_splits.py")
         if self.eval_key not in ("val", "test"):
             raise ValueError(f"{where}: eval_key must be 'val' or 'test', got {self.eval_key!r}")
+
+    def _check_sizes(self, where: str) -> None:
+        if self.resize is None:
+            self.resize = 0
         for f, low in (("crop_size", 1), ("resize", 0)):
             v = getattr(self, f)
-            if v is None and f == "resize":
-                self.resize = 0
-                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{where}: {f} must be an integer >= {low}, got {v!r}")
-        if self.range_check not in ("error", "warn"):
-            raise ValueError(f"{where}: range_check must be 'error' or 'warn', got {self.range_check!r}")
 
     # ------------------------------------------------------------------------------------------------ config
 
@@ -154,27 +169,17 @@ class DatasetEntry:
             d = {"name": d}
         if not isinstance(d, Mapping):
             raise ValueError(f"a dataset entry is a mapping with at least 'name', got {type(d).__name__}")
-        known = [f.name for f in fields(cls)]
-        for k in d:
-            if k not in known:
-                hint = _RELEASE_KEYS.get(k) or next(iter(difflib.get_close_matches(str(k), known, n=1)), None)
-                label = f"dataset {d.get('name')!r}: " if "name" in d else ""
-                raise ValueError(f"{label}unknown dataset key {k!r}" + (f" (did you mean {hint!r}?)" if hint else "")
-                                 + f"; known keys: {', '.join(known)}")
-        if "name" not in d:
+        if "name" not in d and set(d) <= {f.name for f in fields(cls)}:  # (an unknown key is the likelier mistake)
             raise ValueError(f"a dataset entry needs a 'name' (a registered one: {', '.join(DATASETS)}, or your own)")
         kw = dict(d)
         if data_root is not None and kw.get("data_root") is None:
             kw["data_root"] = os.fspath(data_root)
-        if isinstance(kw.get("mos_range"), list):
-            kw["mos_range"] = tuple(kw["mos_range"])
-        return cls(**kw)
+        label = f"dataset {d['name']!r}: " if "name" in d else ""
+        return from_dict(cls, kw, typed=False, noun="dataset key", hints=_RELEASE_KEYS, label=label)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (YAML/JSON friendly); ``from_dict(to_dict())`` gives the same entry."""
-        d = dataclasses.asdict(self)
-        d["mos_range"] = list(self.mos_range)
-        return d
+        return to_dict(self)
 
     def replace(self, **changes: Any) -> DatasetEntry:
         """A copy with some fields changed (e.g. ``split_index``)."""

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
+from .meta import denormalize_mos
+
 logger = logging.getLogger(__name__)
 
 META_FILE = "meta_info.csv"
@@ -268,8 +270,7 @@ def normalised_quality(spec: SyntheticSpec, distortions: Sequence[tuple[str, flo
 
 def to_label(spec: SyntheticSpec, y: float) -> float:
     """A normalised quality (higher is better) on ``spec``'s own scale (flipped for DMOS)."""
-    lo, hi = spec.mos_range
-    return lo + (hi - lo) * (1 - y if spec.label == "dmos" else y)
+    return denormalize_mos(y, spec.mos_range, lower_better=spec.label == "dmos")
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -20,19 +20,21 @@ suggested), a value of the wrong type (with the expected type), a missing base f
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
+from .._dataclass_dict import ConfigError, from_dict, show, suggest
+from .._dataclass_dict import to_dict as config_to_dict
+from .._files import atomic_write
+from ..config import GammaConfig, TextCfg, VisionCfg
 from ..data import DatasetEntry
+from ..data.synthetic import SyntheticCfg
+from ..factory import list_models
 
 __all__ = [
     "CheckpointCfg",
@@ -42,19 +44,17 @@ __all__ = [
     "LogCfg",
     "ModelCfg",
     "OptimCfg",
+    "PretrainCfg",
     "TrainConfig",
     "apply_overrides",
     "config_to_dict",
     "config_to_yaml",
+    "default_workers",
     "from_dict",
     "load_config",
     "load_yaml_tree",
     "save_config",
 ]
-
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the offending key or file."""
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -125,19 +125,33 @@ class DDPCfg:
     timeout_s: int = 1800
 
 
-def _pretrain_type() -> Any:
-    """gamma.train.pretrain.PretrainCfg, or a free-form mapping when that module is not there at all (an import error
-    inside it is raised, not hidden)."""
+CAPTION_COLUMN = "caption"
+
+
+@dataclass
+class PretrainCfg:
+    """The ``pretrain:`` section (stage ``pretrain_clip``, :mod:`gamma.train.pretrain`). Batch size, epochs,
+    optimiser, seed, data and the model's architecture come from the rest of the run's configuration."""
+
+    output: str = "clip_pretrained.pth"  # backbone file, relative to the run folder
+    caption_column: str = CAPTION_COLUMN  # meta-file column (by header name) holding each image's caption
+    warmup: float = 0.1  # linear warm-up over this fraction of the steps, then cosine decay to optim.min_lr
+    max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) to this
+    synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)  # write the synthetic datasets first (if missing)
+    # Stages run next with this backbone: an option file (path from the working directory), optionally followed by
+    # key=value overrides ("options/demo_gamma.yml epochs=2").
+    then: list[str] = field(default_factory=list)
+    threads: int | None = None  # torch.set_num_threads for the whole chain (None: torch's default)
+
+
+def default_workers(most: int = 4) -> int:
+    """DataLoader workers when the option file names none: ``most``, or the CPUs this process may use if fewer
+    (PyTorch warns about more workers than that, and they only compete for the same cores)."""
     try:
-        from .pretrain import PretrainCfg
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__package__}.pretrain":
-            raise
-        return dict[str, Any]
-    return PretrainCfg
-
-
-PretrainSection = _pretrain_type()
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        cpus = os.cpu_count() or 1
+    return max(1, min(most, cpus))
 
 
 @dataclass
@@ -145,7 +159,7 @@ class TrainConfig:
     """One training run (or a 10-split series of them). Defaults are the paper's unified training recipe."""
 
     name: str = "gamma"  # run name: results go to <output_dir>/<name>/split_<k>/
-    stage: Literal["gamma", "pretrain_clip"] = "gamma"  # pretrain_clip dispatches to gamma.train.pretrain.run
+    stage: Literal["gamma", "pretrain_clip"] = "gamma"  # what runs: a name of gamma.train.stages.STAGES
     output_dir: str = "experiments"
     seed: int = 123
     epochs: int = 10
@@ -153,7 +167,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimiser step (per-process micro-batch = batch / world / accum)
     amp: Literal["none", "bf16", "fp16"] = "none"  # autocast dtype on CUDA (bf16 also works on CPU)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    workers: int = 4  # DataLoader workers per process
+    workers: int = field(default_factory=default_workers)  # DataLoader workers per process (default 4, at most #CPUs)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
     split_index: int = 1  # which of the 10 splits of every dataset (1-based, as the split pickles)
     splits: list[int] = field(default_factory=lambda: list(range(1, 11)))  # run by --all_splits
@@ -170,7 +184,7 @@ class TrainConfig:
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     log: LogCfg = field(default_factory=LogCfg)
     ddp: DDPCfg = field(default_factory=DDPCfg)
-    pretrain: PretrainSection = field(default_factory=PretrainSection)  # type: ignore[valid-type]  # stage pretrain_clip
+    pretrain: PretrainCfg = field(default_factory=PretrainCfg)  # stage pretrain_clip
 
     def validate(self) -> None:
         """Cross-field checks; each error names its key."""
@@ -194,13 +208,10 @@ class TrainConfig:
             raise ConfigError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         if self.model.name is None and not self.model.pretrained:
             raise ConfigError("model.name or model.pretrained must be set")
-        if self.model.name is not None:
-            from ..factory import list_models
-
-            if self.model.name not in list_models():
-                hint = _suggest(self.model.name, list_models())
-                raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}; "
-                                  f"available: {', '.join(list_models())}")
+        if self.model.name is not None and self.model.name not in list_models():
+            hint = suggest(self.model.name, list_models())
+            raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}; "
+                              f"available: {', '.join(list_models())}")
         _check_model_overrides(self.model.overrides)
         names = [e.name for e in (*self.data, *self.eval_data)]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -209,175 +220,27 @@ class TrainConfig:
                               "entry its own name")
         for i, name in enumerate(self.eval.datasets or []):
             if name not in names:
-                raise ConfigError(f"eval.datasets.{i}: no dataset entry named {name!r}{_suggest(name, names)}; "
+                raise ConfigError(f"eval.datasets.{i}: no dataset entry named {name!r}{suggest(name, names)}; "
                                   f"entries: {', '.join(names) or '(none)'}")
 
 
 def _check_model_overrides(overrides: dict[str, Any]) -> None:
-    from ..config import GammaConfig, TextCfg, VisionCfg
-
     nested = {"vision": VisionCfg, "text": TextCfg}
     known = [f.name for f in fields(GammaConfig)]
     for key, value in overrides.items():
         if key not in known:
-            raise ConfigError(f"model.overrides.{key}: unknown model option{_suggest(key, known)}; "
+            raise ConfigError(f"model.overrides.{key}: unknown model option{suggest(key, known)}; "
                               f"known: {', '.join(known)}")
         if key in nested and isinstance(value, dict):
             sub = [f.name for f in fields(nested[key])]
             for k in value:
                 if k not in sub:
-                    raise ConfigError(f"model.overrides.{key}.{k}: unknown option{_suggest(k, sub)}; "
+                    raise ConfigError(f"model.overrides.{key}.{k}: unknown option{suggest(k, sub)}; "
                                       f"known: {', '.join(sub)}")
     try:
         GammaConfig().replace(**overrides)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.overrides: {exc}") from exc
-
-
-# ------------------------------------------------------------------------------------------ typed conversion
-def _suggest(key: str, known: list[str] | tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = typing.get_args(tp)
-        return f"a list of {_type_name(args[0])}" if args else "a list"
-    if origin is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return f"a mapping ({tp.__name__})"
-    if tp is Any:
-        return "any value"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _convert(value: Any, tp: Any, key: str) -> Any:
-    """``value`` as type ``tp`` or a ConfigError naming ``key`` and the expected type."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _convert(value, arg, key)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(errors) == 1:
-            raise errors[0]
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}"
-                              f"{_suggest(value, choices) if isinstance(value, str) else ''}")
-        return value
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if isinstance(value, str) and tp is DatasetEntry:  # a bare registered name
-            value = {"name": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
-        return from_dict(tp, value, prefix=key)
-    if origin in (list, tuple):
-        if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
-            return tuple(_convert(v, a, f"{key}.{i}") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-        item = args[0] if args else Any
-        out = [_convert(v, item, f"{key}.{i}") for i, v in enumerate(value)]
-        return tuple(out) if origin is tuple else out
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
-        return dict(value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected bool (true/false), got {_show(value)}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected int, got {_show(value)}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected float, got {_show(value)}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # a numeric folder or run name
-        raise ConfigError(f"{key}: expected str, got {_show(value)}")
-    if isinstance(tp, type) and isinstance(value, tp):
-        return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_show(value)}")
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and value type.
-
-    Raises:
-        ConfigError: an unknown key (closest known key suggested) or a value of the wrong type; names the dotted key.
-    """
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in fields(cls) if f.init]
-    kwargs = {}
-    for key, value in data.items():
-        dotted = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise ConfigError(f"unknown key {dotted!r}{_suggest(key, names)}; "
-                              f"known keys{' of ' + prefix if prefix else ''}: {', '.join(names)}")
-        kwargs[key] = _convert(value, hints[key], dotted)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{prefix or cls.__name__}: {exc}") from exc
-
-
-def config_to_dict(obj: Any) -> Any:
-    """Plain YAML-safe data (dicts, lists, scalars) of a config object."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: config_to_dict(getattr(obj, f.name)) for f in fields(obj) if f.init}
-    if isinstance(obj, dict):
-        return {str(k): config_to_dict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [config_to_dict(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------- YAML files
@@ -411,7 +274,7 @@ def load_yaml_tree(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dic
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: base: expected a path or a list of paths, got {_show(bases)}")
+        raise ConfigError(f"{path}: base: expected a path or a list of paths, got {show(bases)}")
     merged: dict[str, Any] = {}
     for base in bases:
         merged = _merge(merged, load_yaml_tree(path.parent / base, (*_seen, resolved)))
@@ -519,11 +382,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     data = load_yaml_tree(path) if path is not None else {}
     apply_overrides(data, list(overrides or []))
     data = _expand(data, "")
+    for section in ("data", "eval_data"):  # a bare name is a registered dataset with its defaults
+        if isinstance(data.get(section), list):
+            data[section] = [{"name": e} if isinstance(e, str) else e for e in data[section]]
     cfg = from_dict(TrainConfig, data)
     for section in ("data", "eval_data"):
         for i, entry in enumerate(getattr(cfg, section)):
-            raw = data[section][i]
-            given = raw.get("split_index") if isinstance(raw, dict) else None
+            given = data[section][i].get("split_index")
             if given is not None and entry.split_index not in ("all", cfg.split_index):
                 raise ConfigError(f"{section}.{i}.split_index: the split is chosen for the whole run (split_index / "
                                   "--split_index); an entry may only say split_index: all (every row, no split file)")
@@ -552,8 +417,6 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved configuration as YAML (loadable again with :func:`load_config`)."""
-    from .._files import atomic_write
-
     text = config_to_yaml(cfg)
 
     def write(tmp: str) -> None:

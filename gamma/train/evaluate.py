@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..archs import keep_only_experts
@@ -85,10 +86,6 @@ def _same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
 
 def _progress(iterable, enabled: bool, desc: str):
     if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
         return iterable
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -27,6 +26,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..archs import GammaModel
@@ -42,19 +44,11 @@ from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
 from ..hub import resolve_weights
 from ..weights import load_into
-from .checkpoint import (
-    LAST,
-    RunLock,
-    json_safe,
-    load_training_state,
-    save_best,
-    save_training_state,
-    set_rng_state,
-    write_json,
-)
+from .checkpoint import LAST, RunLock, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
 from .evaluate import METRICS, autocast, evaluate
+from .run_folder import MetricsLog, attach_file_log, detach_file_log, flatten, prepare_folder, run_dir_of
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -113,99 +107,7 @@ class Run:
     stop_signal: int = 0
 
 
-# ------------------------------------------------------------------------------------------------ logging
-class MetricsLog:
-    """``metrics.jsonl`` (every record), ``metrics.csv`` (evaluations) and TensorBoard scalars (when installed)."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
-        self.jsonl = run_dir / "metrics.jsonl"
-        self.csv = run_dir / "metrics.csv"
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                logger.debug("tensorboard is not installed; metrics go to metrics.jsonl / metrics.csv only")
-
-    def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
-        """Drop records written after the checkpoint a resumed run starts from: those past ``step`` (and the
-        evaluation at ``step`` when the checkpoint still has it pending)."""
-        if not self.jsonl.exists():
-            return
-        kept = []
-        for line in self.jsonl.read_text(encoding="utf-8").splitlines():
-            rec = _parse(line)
-            if rec is None or rec.get("step", math.inf) > step:
-                continue
-            if drop_eval_at_step and rec.get("kind") == "eval" and rec.get("step") == step:
-                continue
-            kept.append(line)
-        text = "".join(line + "\n" for line in kept)
-        atomic_write(self.jsonl, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-        self._write_csv()
-
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(json_safe(record)) + "\n"
-        try:
-            with open(self.jsonl, "a", encoding="utf-8") as fh:
-                fh.write(line)
-        except OSError as exc:  # a full disk: name the file (a bare "[Errno 28]" does not say which)
-            raise OSError(exc.errno, f"cannot append to the metrics log: {exc.strerror}", str(self.jsonl)) from exc
-        if self.tb is not None:
-            step = record["step"]
-            for key, value in _flatten(record).items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch") and math.isfinite(value):
-                    self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
-        if record["kind"] == "eval":
-            self._write_csv()
-
-    def _write_csv(self) -> None:
-        rows = [_parse(line) for line in self.jsonl.read_text(encoding="utf-8").splitlines()]
-        rows = [_flatten(r) for r in rows if r is not None and r.get("kind") == "eval"]
-        if not rows:
-            return
-        columns = list(dict.fromkeys(k for r in rows for k in r if k != "kind"))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        text = buf.getvalue()
-        atomic_write(self.csv, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-    if not line.strip():
-        return None
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError:  # a line cut short by a kill
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in record.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}/"))
-        else:
-            out[key] = v
-    return out
-
-
 # ------------------------------------------------------------------------------------------------ building
-def run_dir_of(cfg: TrainConfig) -> Path:
-    """``<output_dir>/<name>/split_<k>``."""
-    return Path(cfg.output_dir) / cfg.name / f"split_{cfg.split_index}"
-
-
 def build_model(cfg: TrainConfig) -> GammaModel:
     """The model to train, its random parts (routers, adapter) initialised from the run seed."""
     torch.manual_seed(cfg.seed)
@@ -274,8 +176,6 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     net: torch.nn.Module = model
     if dist.enabled and not cfg.eval_only:
-        from torch.nn.parallel import DistributedDataParallel
-
         net = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                                       find_unused_parameters=cfg.ddp.find_unused_parameters)
     sizes = [len(d) for d in train_sets] or [1]
@@ -313,8 +213,8 @@ def restore(run: Run, path: Path) -> None:
 def _warn_config_changes(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
     # Settings that do not change what is trained (and the folder's own name) are not worth a warning.
     ignore = {"overwrite", "workers", "eval", "log", "splits", "output_dir", "device", "ddp", "name", "checkpoint"}
-    old_flat = {k: v for k, v in _flatten(old).items() if k.split("/")[0] not in ignore}
-    new_flat = {k: v for k, v in _flatten(new).items() if k.split("/")[0] not in ignore}
+    old_flat = {k: v for k, v in flatten(old).items() if k.split("/")[0] not in ignore}
+    new_flat = {k: v for k, v in flatten(new).items() if k.split("/")[0] not in ignore}
     changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
     if changed:
         logger.warning("resuming %s with a different configuration (%s): the run is no longer the one it started as",
@@ -365,79 +265,100 @@ def train_one_epoch(run: Run) -> None:
         NonFiniteLossError: a step's loss is NaN/inf (checked over all processes before the weights change).
         TrainingInterrupted: a stop signal arrived; a resumable checkpoint was written first.
     """
-    cfg, p, plan, dev = run.cfg, run.progress, run.plan, run.dist.device
+    cfg, p, plan = run.cfg, run.progress, run.plan
     run.net.train()
-    loader = make_loader(run, p.epoch, p.step_in_epoch)
-    batches = iter(loader)
-    world = run.dist.world_size
+    batches = iter(make_loader(run, p.epoch, p.step_in_epoch))
     bar = None
     if cfg.log.progress and run.dist.is_main:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=plan.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
                    dynamic_ncols=True, leave=False)
-    window: list[float] = []
+    window: list[float] = []  # step losses since the last 'train' record
     t0 = time.perf_counter()
-    for step in range(p.step_in_epoch, plan.steps_per_epoch):
-        n_real = plan.samples_in_step(step)
-        run.optimizer.zero_grad(set_to_none=True)
-        sq_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
-            images = batch["img"].to(dev, non_blocking=True)
-            target = batch["mos"].to(dev, non_blocking=True).float()
-            weight = batch["weight"].to(dev, non_blocking=True)
-            sync = run.net.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-            with sync:
-                with autocast(dev, cfg.amp):
-                    pred = run.net(images, scene=batch["scene"])
-                sq = (pred.float() - target).square() * weight  # (b,), padding slots weigh 0
-                # Sum over this micro-batch / real samples of the whole step, times world size because DDP averages
-                # gradients over processes: the gradient is exactly that of the step's mean squared error.
-                loss = sq.sum() * (world / n_real)
-                run.scaler.scale(loss).backward()
-            sq_sum += sq.detach().double().sum()
-        flags = torch.stack([sq_sum, torch.tensor(float(run.stop_signal != 0), dtype=torch.float64, device=dev)])
-        flags = all_reduce_sum(flags, run.dist)
-        step_loss = float(flags[0]) / n_real
-        if not math.isfinite(step_loss):
-            raise NonFiniteLossError(
-                f"training loss is {step_loss} at epoch {p.epoch + 1}, step {step + 1} (global step "
-                f"{p.global_step + 1}, lr {current_lr(run):.3g}); stopped before updating the weights. "
-                f"Last good checkpoint: {run.run_dir / LAST if (run.run_dir / LAST).exists() else 'none yet'}. "
-                "Check the labels (mos_range), lower optim.lr, or use amp=none / amp=bf16 instead of fp16.")
-        if cfg.optim.grad_clip:
-            run.scaler.unscale_(run.optimizer)
-            torch.nn.utils.clip_grad_norm_(run.model.trainable_parameters(), cfg.optim.grad_clip)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        p.global_step += 1
-        p.step_in_epoch = step + 1
-        p.epoch_loss_sum += step_loss * n_real
-        p.epoch_samples += n_real
-        run.step_losses.append(step_loss)
-        window.append(step_loss)
+    try:
+        for step in range(p.step_in_epoch, plan.steps_per_epoch):
+            n_real = plan.samples_in_step(step)
+            step_loss, stop_asked = _forward_backward(run, batches, n_real)
+            if not math.isfinite(step_loss):
+                raise _non_finite_loss(run, step_loss, step)
+            _update_weights(run)
+            p.global_step += 1
+            p.step_in_epoch = step + 1
+            p.epoch_loss_sum += step_loss * n_real
+            p.epoch_samples += n_real
+            run.step_losses.append(step_loss)
+            window.append(step_loss)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{current_lr(run):.2e}")
+            if run.log is not None and (cfg.log.every_steps and p.global_step % cfg.log.every_steps == 0):
+                _log_steps(run, window, time.perf_counter() - t0)
+                window, t0 = [], time.perf_counter()
+            last_step = p.step_in_epoch == plan.steps_per_epoch
+            if stop_asked:
+                run.stop_signal = run.stop_signal or signal.SIGTERM  # the signal may have reached another process only
+                if not last_step:  # (after the last step, fit() stops once the epoch is evaluated and saved)
+                    raise TrainingInterrupted(save_state(run), run.stop_signal)
+            if cfg.checkpoint.every_steps and p.global_step % cfg.checkpoint.every_steps == 0 and not last_step:
+                save_state(run)
+    finally:
         if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{current_lr(run):.2e}")
-        if run.log is not None and (cfg.log.every_steps and p.global_step % cfg.log.every_steps == 0):
-            elapsed = time.perf_counter() - t0
-            run.log.write({"kind": "train", "epoch": p.epoch + 1, "step": p.global_step, "loss": float(np.mean(window)),
-                           "lr": current_lr(run), "images_per_s": len(window) * cfg.batch_size / max(elapsed, 1e-9)})
-            window, t0 = [], time.perf_counter()
-        last_step = p.step_in_epoch == plan.steps_per_epoch
-        if float(flags[1]) > 0:
-            run.stop_signal = run.stop_signal or signal.SIGTERM  # the signal may have reached another process only
-            if not last_step:  # (after the last step, fit() stops once the epoch is evaluated and saved)
-                path = save_state(run)
-                if bar is not None:
-                    bar.close()
-                raise TrainingInterrupted(path, run.stop_signal)
-        if cfg.checkpoint.every_steps and p.global_step % cfg.checkpoint.every_steps == 0 and not last_step:
-            save_state(run)
-    if bar is not None:
-        bar.close()
-    del batches, loader
+            bar.close()
+    del batches  # (its worker processes end now, not at the next epoch's start)
+
+
+def _forward_backward(run: Run, batches: Iterator[dict[str, Any]], n_real: int) -> tuple[float, bool]:
+    """Forward and backward passes of one optimiser step's micro-batches (gradients accumulate in the parameters).
+
+    Returns:
+        the step's mean squared error over all processes' ``n_real`` samples, and whether any process was asked to
+        stop (both agreed on by every process in one all-reduce).
+    """
+    cfg, dev, world = run.cfg, run.dist.device, run.dist.world_size
+    run.optimizer.zero_grad(set_to_none=True)
+    sq_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    for micro in range(cfg.grad_accum):
+        batch = next(batches)
+        images = batch["img"].to(dev, non_blocking=True)
+        target = batch["mos"].to(dev, non_blocking=True).float()
+        weight = batch["weight"].to(dev, non_blocking=True)
+        sync = run.net.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+        with sync:
+            with autocast(dev, cfg.amp):
+                pred = run.net(images, scene=batch["scene"])
+            sq = (pred.float() - target).square() * weight  # (b,), padding slots weigh 0
+            # Sum over this micro-batch / real samples of the whole step, times world size because DDP averages
+            # gradients over processes: the gradient is exactly that of the step's mean squared error.
+            loss = sq.sum() * (world / n_real)
+            run.scaler.scale(loss).backward()
+        sq_sum += sq.detach().double().sum()
+    flags = torch.stack([sq_sum, torch.tensor(float(run.stop_signal != 0), dtype=torch.float64, device=dev)])
+    flags = all_reduce_sum(flags, run.dist)
+    return float(flags[0]) / n_real, float(flags[1]) > 0
+
+
+def _non_finite_loss(run: Run, step_loss: float, step: int) -> NonFiniteLossError:
+    p, last = run.progress, run.run_dir / LAST
+    return NonFiniteLossError(
+        f"training loss is {step_loss} at epoch {p.epoch + 1}, step {step + 1} (global step "
+        f"{p.global_step + 1}, lr {current_lr(run):.3g}); stopped before updating the weights. "
+        f"Last good checkpoint: {last if last.exists() else 'none yet'}. "
+        "Check the labels (mos_range), lower optim.lr, or use amp=none / amp=bf16 instead of fp16.")
+
+
+def _update_weights(run: Run) -> None:
+    """The optimiser step on the accumulated gradients (clipped first when ``optim.grad_clip`` is set)."""
+    if run.cfg.optim.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.trainable_parameters(), run.cfg.optim.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+
+
+def _log_steps(run: Run, window: list[float], seconds: float) -> None:
+    """One 'train' record: mean loss and throughput of the steps in ``window``."""
+    p = run.progress
+    run.log.write({"kind": "train", "epoch": p.epoch + 1, "step": p.global_step, "loss": float(np.mean(window)),
+                   "lr": current_lr(run), "images_per_s": len(window) * run.cfg.batch_size / max(seconds, 1e-9)})
 
 
 def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
@@ -537,21 +458,6 @@ def _finish_epoch_eval(run: Run, epoch: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ one run
-def _prepare_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
-    for partial in run_dir.glob(".*.tmp"):  # half-written by a run killed while saving (we hold the folder's lock)
-        logger.info("removing %s, left by an interrupted write", partial)
-        partial.unlink(missing_ok=True)
-    has_state = (run_dir / LAST).exists()
-    if resume and not has_state:
-        logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
-    if not resume and has_state and not cfg.overwrite:
-        raise ConfigError(f"{run_dir} already holds a run ({LAST}); continue it with --resume, start over with "
-                          "overwrite=true, or choose another name=")
-    if not resume and cfg.overwrite:
-        for stale in ("metrics.jsonl", "metrics.csv", "results.json", LAST, "best.pth", "best.safetensors"):
-            (run_dir / stale).unlink(missing_ok=True)
-
-
 def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
     """Run one training (one split): returns its results (also written to ``results.json``)."""
     run_dir = run_dir_of(cfg)
@@ -560,7 +466,7 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
     if lock is not None:
         try:
             lock.acquire()
-            _prepare_folder(cfg, run_dir, resume)
+            prepare_folder(cfg, run_dir, resume)
         except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
             error = exc
     error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
@@ -569,7 +475,7 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
         raise error
     if error_text is not None:
         raise RuntimeError(f"rank 0 failed to set up {run_dir}: {error_text}")
-    handler = _attach_file_log(run_dir) if dist.is_main else None
+    handler = attach_file_log(run_dir) if dist.is_main else None
     log = None
     try:
         if dist.is_main:
@@ -600,8 +506,7 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
         if log is not None:
             log.close()
         if handler is not None:
-            logging.getLogger("gamma").removeHandler(handler)
-            handler.close()
+            detach_file_log(handler)
         if lock is not None:
             lock.release()
 
@@ -631,14 +536,3 @@ def _log_summary(results: dict[str, Any]) -> None:
         means = ", ".join(f"{m.upper()} {best['mean'][m]:.4f}" for m in METRICS)
         logger.info("best epoch %s (mean over datasets: %s); results in %s", best["epoch"], means, results["run_dir"])
 
-
-def _attach_file_log(run_dir: Path) -> logging.Handler:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.INFO)
-    root = logging.getLogger("gamma")
-    root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
-    return handler

@@ -11,7 +11,6 @@ torchrun's environment.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -23,10 +22,11 @@ from typing import Any
 
 from ..weights import CheckpointError
 from .checkpoint import RunLockedError
-from .config import ConfigError, TrainConfig, config_to_dict, config_to_yaml, load_config, resolve_entries
-from .distributed import DistInfo, cleanup, setup
+from .config import ConfigError, config_to_dict, config_to_yaml, load_config
 from .evaluate import median_table, write_table
-from .loop import NonFiniteLossError, TrainingInterrupted, run_dir_of, train
+from .loop import NonFiniteLossError, TrainingInterrupted
+from .run_folder import LOG_FORMAT
+from .stages import run_stage
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     Returns:
         one training: its ``results.json`` content; ``--all_splits``: ``{'splits': [results...], 'table': ...,
         'files': {...}}``; ``--table``: ``{'table': ..., 'files': ...}``; ``--print_config``: ``{'config': ...}``;
-        stage ``pretrain_clip``: what :func:`gamma.train.pretrain.run` returns.
+        stage ``pretrain_clip``: what :func:`gamma.train.stages.run_stage` returns (the pretraining's results and
+        those of the stages that followed it).
     """
     # intermixed: `-opt x.yml name=a --resume epochs=4` (overrides on both sides of a flag) must parse
     args = build_parser().parse_intermixed_args(list(argv) if argv is not None else None)
@@ -74,53 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.print_config:
         print(config_to_yaml(cfg), end="")  # noqa: T201 - command-line output
         return {"config": config_to_dict(cfg)}
-    if cfg.stage == "pretrain_clip":
-        try:
-            from .pretrain import run as pretrain_run
-        except ImportError as exc:
-            raise ConfigError(f"stage pretrain_clip needs gamma.train.pretrain, which cannot be imported: {exc}") \
-                from exc
-        return pretrain_run(cfg)
-    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
-    try:
-        if args.all_splits:
-            return run_all_splits(cfg, dist, resume=args.resume)
-        return train(cfg, dist, resume=args.resume)
-    finally:
-        cleanup(dist)
-
-
-def run_all_splits(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
-    """Train and evaluate every split of ``cfg.splits`` in turn, then write the median table (rank 0).
-
-    With ``resume``, splits whose ``results.json`` says finished are read, not re-run, and an interrupted split
-    continues from its checkpoint.
-    """
-    results = []
-    for k in cfg.splits:
-        cfg_k = copy.deepcopy(cfg)
-        cfg_k.split_index = k
-        cfg_k = resolve_entries(cfg_k)
-        done = run_dir_of(cfg_k) / "results.json"
-        if resume and done.is_file():
-            try:
-                previous = json.loads(done.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:  # damaged: the split's checkpoint decides what is left to do
-                logger.warning("%s is unreadable (%s); resuming split %d from its checkpoint", done, exc, k)
-                previous = {}
-            if previous.get("finished"):
-                logger.info("split %d: finished earlier (%s), not run again", k, done)
-                results.append(previous)
-                continue
-        logger.info("split %d of %s", k, cfg.splits)
-        results.append(train(cfg_k, dist, resume=resume and (run_dir_of(cfg_k) / "last.pth").exists()))
-    out: dict[str, Any] = {"splits": results}
-    table = median_table(results)
-    out["table"] = table
-    if dist.is_main:
-        out["files"] = {k: str(v) for k, v in write_table(table, Path(cfg.output_dir) / cfg.name, cfg.name).items()}
-        logger.info("median table over %d split(s) written to %s", len(results), out["files"]["md"])
-    return out
+    return run_stage(cfg, resume=args.resume, all_splits=args.all_splits)
 
 
 def summarize(folder: str | Path, label: str | None = None) -> dict[str, Any]:
@@ -156,8 +111,7 @@ def _split_number(name: str) -> int:
 def cli(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``gamma-train``): logs to the terminal and turns known errors into one-line messages."""
     rank = int(os.environ.get("RANK", "0") or 0)
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=LOG_FORMAT, datefmt="%H:%M:%S")
     try:
         main(argv)
     except TrainingInterrupted as exc:  # already logged where it happened

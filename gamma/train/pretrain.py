@@ -7,20 +7,18 @@ row (the synthetic datasets describe each image's distortions: "a heavily blurre
 backbone as a plain OpenAI-layout CLIP state_dict (``visual.conv1.weight``, ...), which the ``gamma`` stage loads
 with ``model.pretrained`` exactly as it would load UniQA's file: experts start as copies of its MLPs.
 
-A stage may name the option files to run after it (``pretrain.then``); they run with the same split and with
-``model.pretrained`` pointing at the new backbone, and their held-out results are tabulated side by side. The demo
+The stage's options are the ``pretrain:`` section (:class:`gamma.train.config.PretrainCfg`). The option files named in
+``pretrain.then`` run after it, starting from the new backbone (:mod:`gamma.train.stages`). The demo
 (options/demo.yml) is such a chain: synthetic data -> this stage -> Gamma with MoAE -> the same backbone without MoAE.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,32 +27,19 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader
+from tqdm.auto import tqdm
 
 from .._files import atomic_write
+from ..archs import GammaModel
 from ..archs.clip import encode_image, encode_text
-from ..data import build_dataset, collate
-from ..data.synthetic import SyntheticCfg
+from ..data import IQADataset, build_dataset, collate
+from ..data.synthetic import generate_for_entries
 from ..factory import create_model
+from .checkpoint import write_json
+from .config import CAPTION_COLUMN, OptimCfg, TrainConfig, save_config
+from .run_folder import MetricsLog, run_dir_of
 
 logger = logging.getLogger(__name__)
-
-CAPTION_COLUMN = "caption"
-
-
-@dataclass
-class PretrainCfg:
-    """The ``pretrain:`` section (stage ``pretrain_clip``). Batch size, epochs, optimiser, seed, data and the model's
-    architecture come from the rest of the run's configuration."""
-
-    output: str = "clip_pretrained.pth"  # backbone file, relative to the run folder
-    caption_column: str = CAPTION_COLUMN  # meta-file column (by header name) holding each image's caption
-    warmup: float = 0.1  # linear warm-up over this fraction of the steps, then cosine decay to optim.min_lr
-    max_logit_scale: float = 100.0  # CLIP clamps exp(logit_scale) to this
-    synthetic: SyntheticCfg = field(default_factory=SyntheticCfg)  # write the synthetic datasets first (if missing)
-    # Stages run next with this backbone: an option file (path from the working directory), optionally followed by
-    # key=value overrides ("options/demo_gamma.yml epochs=2").
-    then: list[str] = field(default_factory=list)
-    threads: int | None = None  # torch.set_num_threads for the whole chain (None: torch's default)
 
 
 # ------------------------------------------------------------------------------------------------ captions
@@ -111,23 +96,17 @@ def lr_at(step: int, total: int, base: float, floor: float, warmup: float) -> fl
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def run(cfg: Any) -> dict[str, Any]:
-    """Run stage ``pretrain_clip`` of a :class:`gamma.train.config.TrainConfig` (and the stages of ``then``).
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Run stage ``pretrain_clip`` (writing the synthetic datasets first when ``pretrain.synthetic`` asks for them).
 
     Returns:
-        ``{'backbone': path, 'run_dir': ..., 'steps': n, 'seconds': s, 'losses': [...], 'stages': {name: results},
-        'summary': {...}}``.
+        ``{'backbone': path, 'steps': n, 'seconds': s, 'losses': [...], 'run_dir': ...}``, also written to the run
+        folder's ``results.json``.
     """
-    from .config import save_config
-    from .loop import MetricsLog, run_dir_of
-
-    p: PretrainCfg = cfg.pretrain
-    t_start = time.perf_counter()
+    p = cfg.pretrain
     if p.threads:
         torch.set_num_threads(p.threads)
     if p.synthetic.enabled:
-        from ..data.synthetic import generate_for_entries
-
         generate_for_entries(p.synthetic, cfg.data, cfg.data_root)
     run_dir = run_dir_of(cfg)
     backbone = run_dir / p.output
@@ -137,73 +116,34 @@ def run(cfg: Any) -> dict[str, Any]:
     save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     try:
-        result = _pretrain(cfg, p, backbone, log)
+        result = _pretrain(cfg, backbone, log)
     finally:
         log.close()
     result["run_dir"] = str(run_dir)
-    stages = {}
-    for option_file in p.then:
-        stages.update(_run_next(option_file, cfg, backbone))
-    result["stages"] = stages
-    result["seconds_total"] = time.perf_counter() - t_start
-    if stages:
-        result["summary"] = write_summary(run_dir, stages, result["seconds_total"])
-    from .checkpoint import write_json
-
-    write_json(run_dir / "results.json", {k: v for k, v in result.items() if k != "stages"})
+    write_json(run_dir / "results.json", result)
     return result
 
 
-def _pretrain(cfg: Any, p: PretrainCfg, out: Path, log: Any) -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
-    overrides = {**cfg.model.overrides, "moae_layers": 0, "num_experts": 0}
-    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, allow_unsafe=cfg.model.allow_unsafe,
-                         **overrides)
+def _pretrain(cfg: TrainConfig, out: Path, log: MetricsLog) -> dict[str, Any]:
+    p, o = cfg.pretrain, cfg.optim
+    model = _backbone(cfg)
     clip = model.clip_model
-    clip.requires_grad_(True)
-    clip.train()
-    size = model.config.vision.image_size
-
-    sets, captions = [], []
-    for entry in cfg.data:
-        if entry.crop_size != size:
-            raise ValueError(f"data entry {entry.name!r}: crop_size {entry.crop_size} differs from the model's input "
-                             f"size {size}")
-        ds = build_dataset(entry, "train")
-        table = read_captions(entry.meta_path, p.caption_column)
-        sets.append(ds)
-        captions.append([table[r] for r in ds.rows])
-    if not sets:
-        raise ValueError("data: stage pretrain_clip needs at least one dataset entry with captions")
-    names = {ds.entry.name: k for k, ds in enumerate(sets)}
-    vocab = sorted({c for cs in captions for c in cs})
-    caption_id = [[vocab.index(c) for c in cs] for cs in captions]
+    data = _captioned_data(cfg, model.config.vision.image_size)
     # Every distinct caption is tokenised once; only the batch's captions go through the text tower.
-    tokens = open_clip.tokenize(vocab, context_length=model.config.text.context_length)
-
-    loader_gen = torch.Generator().manual_seed(cfg.seed)
-    loader = DataLoader(ConcatDataset(sets), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.workers, collate_fn=collate, generator=loader_gen,
+    tokens = open_clip.tokenize(data.vocab, context_length=model.config.text.context_length)
+    loader = DataLoader(ConcatDataset(data.sets), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                        num_workers=cfg.workers, collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
                         persistent_workers=cfg.workers > 0)
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     total = steps_per_epoch * cfg.epochs
     if total < 1:
-        raise ValueError(f"no pretraining steps: {sum(map(len, sets))} images, batch_size {cfg.batch_size}")
-    o = cfg.optim
-    decay = [q for n, q in clip.named_parameters() if q.ndim >= 2 and "embedding" not in n]
-    rest = [q for n, q in clip.named_parameters() if not (q.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=o.lr, betas=o.betas, eps=o.eps)
+        raise ValueError(f"no pretraining steps: {sum(map(len, data.sets))} images, batch_size {cfg.batch_size}")
+    opt = _optimizer(clip, o)
     logger.info("pretraining CLIP (%.1f M parameters) on %d captioned images (%d distinct captions): %d epochs x %d "
-                "steps of %d", sum(q.numel() for q in clip.parameters()) / 1e6, sum(map(len, sets)), len(vocab),
-                cfg.epochs, steps_per_epoch, cfg.batch_size)
-    bar = None
-    if cfg.log.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="pretrain CLIP", dynamic_ncols=True, leave=False)
+                "steps of %d", sum(q.numel() for q in clip.parameters()) / 1e6, sum(map(len, data.sets)),
+                len(data.vocab), cfg.epochs, steps_per_epoch, cfg.batch_size)
+    bar = tqdm(total=total, desc="pretrain CLIP", dynamic_ncols=True, leave=False) if cfg.log.progress else None
     losses: list[float] = []
-    max_scale = math.log(p.max_logit_scale)
     step, t0 = 0, time.perf_counter()
     for epoch in range(cfg.epochs):
         for i, batch in enumerate(loader):
@@ -211,32 +151,17 @@ def _pretrain(cfg: Any, p: PretrainCfg, out: Path, log: Any) -> dict[str, Any]:
                 break
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, o.lr, o.min_lr, p.warmup)
-            ids = torch.tensor([caption_id[names[d]][_row_position(sets[names[d]], r)]
-                                for d, r in zip(batch["dataset"], batch["index"].tolist(), strict=True)])
-            distinct, inverse = torch.unique(ids, return_inverse=True)
-            pixels = (batch["img"] - model.pixel_mean) / model.pixel_std
-            image = F.normalize(encode_image(clip, pixels), dim=-1)  # (B, E)
-            text = F.normalize(encode_text(clip, tokens[distinct]), dim=-1)  # (U, E)
-            loss = contrastive_loss(image, text, inverse, clip.logit_scale)
+            loss = _batch_loss(model, batch, data.caption_ids(batch), tokens)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"pretraining loss is {loss.item()} at step {step + 1}; lower optim.lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if o.grad_clip:
-                torch.nn.utils.clip_grad_norm_(clip.parameters(), o.grad_clip)
-            opt.step()
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, max_scale)
+            _update(clip, opt, loss, o.grad_clip, math.log(p.max_logit_scale))
             step += 1
             losses.append(loss.item())
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if cfg.log.every_steps and step % cfg.log.every_steps == 0:
-                window = losses[-cfg.log.every_steps:]
-                log.write({"kind": "pretrain", "epoch": epoch + 1, "step": step, "loss": float(np.mean(window)),
-                           "lr": opt.param_groups[0]["lr"], "logit_scale": clip.logit_scale.exp().item()})
-                logger.info("pretrain step %d/%d: loss %.4f", step, total, float(np.mean(window)))
+                _log_steps(log, clip, opt, epoch, step, total, losses[-cfg.log.every_steps:])
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -247,54 +172,80 @@ def _pretrain(cfg: Any, p: PretrainCfg, out: Path, log: Any) -> dict[str, Any]:
     return {"backbone": str(out), "steps": step, "seconds": seconds, "losses": losses}
 
 
-def _row_position(ds: Any, row: int) -> int:
-    """Position in ``ds`` of meta row ``row`` (cached inverse of ``ds.rows``)."""
-    inverse = getattr(ds, "_row_position", None)
-    if inverse is None:
-        inverse = {r: i for i, r in enumerate(ds.rows)}
-        ds._row_position = inverse
-    return inverse[row]
+def _backbone(cfg: TrainConfig) -> GammaModel:
+    """The run's model without MoAE, its whole CLIP trainable (random parts initialised from the run seed)."""
+    torch.manual_seed(cfg.seed)
+    overrides = {**cfg.model.overrides, "moae_layers": 0, "num_experts": 0}
+    model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, allow_unsafe=cfg.model.allow_unsafe,
+                         **overrides)
+    model.clip_model.requires_grad_(True)
+    model.clip_model.train()
+    return model
 
 
-def _run_next(item: str, cfg: Any, backbone: Path) -> dict[str, Any]:
-    """Run one follow-up stage: ``item`` is an option file, optionally followed by ``key=value`` overrides.
+@dataclass
+class CaptionedData:
+    """The training parts of a run's datasets and the caption of every image."""
 
-    The stage shares this stage's data, data root, output folder, split, seed, workers, overwrite and log settings,
-    and starts from the new backbone (``model.pretrained``); its own overrides come last.
-    """
-    from .config import config_to_dict
-    from .main import main
+    sets: list[IQADataset]
+    vocab: list[str]  # the distinct captions, sorted
+    caption_of: dict[str, dict[int, int]]  # dataset name -> meta row -> index into vocab
 
-    option_file, *own = shlex.split(item)
-    shared = {"data": [e.to_dict() for e in cfg.data], "data_root": cfg.data_root, "output_dir": cfg.output_dir,
-              "split_index": cfg.split_index, "seed": cfg.seed, "workers": cfg.workers, "overwrite": cfg.overwrite,
-              "log": config_to_dict(cfg.log), "model.pretrained": str(backbone)}
-    args = ["-opt", option_file, *(f"{k}={json.dumps(v)}" for k, v in shared.items()), *own]
-    logger.info("next stage: %s %s", option_file, " ".join(own))
-    result = main(args)
-    return {result.get("name", Path(option_file).stem): result}
+    def caption_ids(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B,) index into ``vocab`` of each image of a collated batch."""
+        return torch.tensor([self.caption_of[d][r] for d, r in zip(batch["dataset"], batch["index"].tolist(),
+                                                                    strict=True)])
 
 
-def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Held-out SRCC / PLCC of each follow-up stage's best epoch side by side (``summary.md`` / ``summary.json``)."""
-    table: dict[str, Any] = {}
-    for name, res in stages.items():
-        best = res.get("best") or {}
-        table[name] = {"datasets": best.get("datasets", {}), "mean": best.get("mean", {}),
-                       "seconds": res.get("seconds")}
-    datasets = list(dict.fromkeys(d for row in table.values() for d in row["datasets"]))
-    lines = ["| run | " + " | ".join(datasets) + " | mean |", "|---" * (len(datasets) + 2) + "|"]
-    for name, row in table.items():
-        cells = [f"{row['datasets'][d]['srcc']:.3f} / {row['datasets'][d]['plcc']:.3f}" if d in row["datasets"]
-                 else "-" for d in datasets]
-        mean = row["mean"]
-        cells.append(f"{mean['srcc']:.3f} / {mean['plcc']:.3f}" if mean else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    text = ("Held-out SRCC / PLCC (content never seen in training), best epoch of each run.\n\n" + "\n".join(lines)
-            + f"\n\nTotal time {seconds:.0f} s.\n")
-    atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-    summary = {"runs": table, "seconds": seconds}
-    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
-    for line in text.strip().splitlines():
-        logger.info("%s", line)
-    return summary
+def _captioned_data(cfg: TrainConfig, size: int) -> CaptionedData:
+    sets, captions = [], {}
+    for entry in cfg.data:
+        if entry.crop_size != size:
+            raise ValueError(f"data entry {entry.name!r}: crop_size {entry.crop_size} differs from the model's input "
+                             f"size {size}")
+        ds = build_dataset(entry, "train")
+        table = read_captions(entry.meta_path, cfg.pretrain.caption_column)
+        sets.append(ds)
+        captions[ds.entry.name] = {r: table[r] for r in ds.rows}
+    if not sets:
+        raise ValueError("data: stage pretrain_clip needs at least one dataset entry with captions")
+    vocab = sorted({c for rows in captions.values() for c in rows.values()})
+    index = {c: i for i, c in enumerate(vocab)}
+    return CaptionedData(sets, vocab, {name: {r: index[c] for r, c in rows.items()} for name, rows in captions.items()})
+
+
+def _optimizer(clip: torch.nn.Module, o: OptimCfg) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on embeddings, biases, norms, the logit scale), as CLIP trains."""
+    decay = [q for n, q in clip.named_parameters() if q.ndim >= 2 and "embedding" not in n]
+    rest = [q for n, q in clip.named_parameters() if not (q.ndim >= 2 and "embedding" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+def _batch_loss(model: GammaModel, batch: dict[str, Any], caption_ids: torch.Tensor,
+                tokens: torch.Tensor) -> torch.Tensor:
+    """The contrastive loss of one batch; captions shared by several images go through the text tower once."""
+    clip = model.clip_model
+    distinct, inverse = torch.unique(caption_ids, return_inverse=True)
+    pixels = (batch["img"] - model.pixel_mean) / model.pixel_std
+    image = F.normalize(encode_image(clip, pixels), dim=-1)  # (B, E)
+    text = F.normalize(encode_text(clip, tokens[distinct]), dim=-1)  # (U, E)
+    return contrastive_loss(image, text, inverse, clip.logit_scale)
+
+
+def _update(clip: torch.nn.Module, opt: torch.optim.Optimizer, loss: torch.Tensor, grad_clip: float | None,
+            max_log_scale: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(clip.parameters(), grad_clip)
+    opt.step()
+    with torch.no_grad():
+        clip.logit_scale.clamp_(0, max_log_scale)
+
+
+def _log_steps(log: MetricsLog, clip: torch.nn.Module, opt: torch.optim.Optimizer, epoch: int, step: int, total: int,
+               window: list[float]) -> None:
+    log.write({"kind": "pretrain", "epoch": epoch + 1, "step": step, "loss": float(np.mean(window)),
+               "lr": opt.param_groups[0]["lr"], "logit_scale": clip.logit_scale.exp().item()})
+    logger.info("pretrain step %d/%d: loss %.4f", step, total, float(np.mean(window)))

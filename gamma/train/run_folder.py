@@ -1,0 +1,152 @@
+"""The run folder ``<output_dir>/<name>/split_<k>/`` of every stage: where it is, what a fresh or resumed run may
+find in it, its ``train.log`` and its metrics log (``metrics.jsonl``, ``metrics.csv``, TensorBoard under ``tb/``).
+
+Checkpoints and the folder's lock are in :mod:`gamma.train.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+from .._files import atomic_write
+from .checkpoint import LAST, json_safe
+from .config import ConfigError, TrainConfig
+
+try:  # optional: metrics also go to TensorBoard when it is installed
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:  # pragma: no cover - tensorboard not installed
+    SummaryWriter = None
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def run_dir_of(cfg: TrainConfig) -> Path:
+    """``<output_dir>/<name>/split_<k>``."""
+    return Path(cfg.output_dir) / cfg.name / f"split_{cfg.split_index}"
+
+
+def prepare_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    """Make ``run_dir`` ready for a run (its lock is held): remove half-written files, refuse to start over a run
+    without ``overwrite``, and with ``overwrite`` remove what a new run would otherwise mix with the old one's."""
+    for partial in run_dir.glob(".*.tmp"):  # half-written by a run killed while saving (we hold the folder's lock)
+        logger.info("removing %s, left by an interrupted write", partial)
+        partial.unlink(missing_ok=True)
+    has_state = (run_dir / LAST).exists()
+    if resume and not has_state:
+        logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
+    if not resume and has_state and not cfg.overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({LAST}); continue it with --resume, start over with "
+                          "overwrite=true, or choose another name=")
+    if not resume and cfg.overwrite:
+        for stale in ("metrics.jsonl", "metrics.csv", "results.json", LAST, "best.pth", "best.safetensors"):
+            (run_dir / stale).unlink(missing_ok=True)
+
+
+def attach_file_log(run_dir: Path) -> logging.Handler:
+    """Copy gamma's log records (INFO and above) into ``<run_dir>/train.log``; remove with :func:`detach_file_log`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("gamma")
+    root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    return handler
+
+
+def detach_file_log(handler: logging.Handler) -> None:
+    logging.getLogger("gamma").removeHandler(handler)
+    handler.close()
+
+
+class MetricsLog:
+    """``metrics.jsonl`` (every record), ``metrics.csv`` (evaluations) and TensorBoard scalars (when installed)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool) -> None:
+        self.jsonl = run_dir / "metrics.jsonl"
+        self.csv = run_dir / "metrics.csv"
+        self.tb = None
+        if tensorboard and SummaryWriter is not None:
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+        elif tensorboard:
+            logger.debug("tensorboard is not installed; metrics go to metrics.jsonl / metrics.csv only")
+
+    def truncate_after(self, step: int, drop_eval_at_step: bool = False) -> None:
+        """Drop records written after the checkpoint a resumed run starts from: those past ``step`` (and the
+        evaluation at ``step`` when the checkpoint still has it pending)."""
+        if not self.jsonl.exists():
+            return
+        kept = []
+        for line in self.jsonl.read_text(encoding="utf-8").splitlines():
+            rec = _parse(line)
+            if rec is None or rec.get("step", math.inf) > step:
+                continue
+            if drop_eval_at_step and rec.get("kind") == "eval" and rec.get("step") == step:
+                continue
+            kept.append(line)
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(self.jsonl, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        self._write_csv()
+
+    def write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(json_safe(record)) + "\n"
+        try:
+            with open(self.jsonl, "a", encoding="utf-8") as fh:
+                fh.write(line)
+        except OSError as exc:  # a full disk: name the file (a bare "[Errno 28]" does not say which)
+            raise OSError(exc.errno, f"cannot append to the metrics log: {exc.strerror}", str(self.jsonl)) from exc
+        if self.tb is not None:
+            step = record["step"]
+            for key, value in flatten(record).items():
+                if isinstance(value, (int, float)) and key not in ("step", "epoch") and math.isfinite(value):
+                    self.tb.add_scalar(f"{record['kind']}/{key}", value, step)
+        if record["kind"] == "eval":
+            self._write_csv()
+
+    def _write_csv(self) -> None:
+        rows = [_parse(line) for line in self.jsonl.read_text(encoding="utf-8").splitlines()]
+        rows = [flatten(r) for r in rows if r is not None and r.get("kind") == "eval"]
+        if not rows:
+            return
+        columns = list(dict.fromkeys(k for r in rows for k in r if k != "kind"))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        text = buf.getvalue()
+        atomic_write(self.csv, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with ``/``-joined keys (``{'mean': {'srcc': x}}`` -> ``{'mean/srcc': x}``)."""
+    out: dict[str, Any] = {}
+    for k, v in record.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}/"))
+        else:
+            out[key] = v
+    return out

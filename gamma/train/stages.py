@@ -1,0 +1,175 @@
+"""What a run is (an option file's ``stage:``) and the chaining of one stage to the next.
+
+Every stage name maps to a :class:`Stage` in :data:`STAGES`:
+
+- ``gamma``: Gamma's mixed-dataset training and evaluation (:func:`gamma.train.loop.train`; every split in turn with
+  ``--all_splits``, then the median table);
+- ``pretrain_clip``: contrastive pretraining of the CLIP backbone on captioned images
+  (:func:`gamma.train.pretrain.run`).
+
+Adding a stage (PromptIQA training, ATTIQA pretraining or fine-tuning ...) takes a function from the resolved
+configuration to the stage's results, one row in :data:`STAGES`, its name in ``TrainConfig.stage`` and, when it has
+options of its own, a section of :class:`gamma.train.config.TrainConfig`.
+
+A stage registered with ``follow_ups`` names option files to run after it (``pretrain.then``): each runs with the
+first stage's data, data root, output folder, split, seed, workers, overwrite and log settings, starting from the
+weights it wrote (``model.pretrained``), then its own ``key=value`` overrides. Their held-out results are tabulated
+side by side in the first stage's run folder (``summary.md`` / ``summary.json``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._files import atomic_write
+from . import pretrain
+from .checkpoint import write_json
+from .config import TrainConfig, config_to_dict, load_config, resolve_entries
+from .distributed import DistInfo, cleanup, setup
+from .evaluate import median_table, write_table
+from .loop import train
+from .run_folder import run_dir_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One kind of run.
+
+    ``run(cfg, resume=..., all_splits=...)`` does the stage's work and returns its results. A stage that others may
+    follow returns the weights file they start from as ``results['backbone']`` and its run folder as
+    ``results['run_dir']``, and ``follow_ups(cfg)`` lists the option files (each optionally followed by ``key=value``
+    overrides) to run after it.
+    """
+
+    run: Callable[..., dict[str, Any]]
+    follow_ups: Callable[[TrainConfig], list[str]] | None = None
+
+
+def train_gamma(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
+    """Stage ``gamma``: one split (``cfg.split_index``), or every split of ``cfg.splits`` with ``all_splits``."""
+    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
+    try:
+        if all_splits:
+            return run_all_splits(cfg, dist, resume=resume)
+        return train(cfg, dist, resume=resume)
+    finally:
+        cleanup(dist)
+
+
+def pretrain_clip(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:  # noqa: ARG001
+    """Stage ``pretrain_clip``: one pass of pretraining on ``cfg.split_index`` (there is nothing to resume)."""
+    return pretrain.run(cfg)
+
+
+STAGES: dict[str, Stage] = {
+    "gamma": Stage(train_gamma),
+    "pretrain_clip": Stage(pretrain_clip, follow_ups=lambda cfg: cfg.pretrain.then),
+}
+
+
+def run_stage(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
+    """Run ``cfg.stage`` and then the stages that follow it.
+
+    Returns:
+        the stage's results; for a stage with follow-ups also ``'stages'`` (their results by run name),
+        ``'seconds_total'`` and, when any ran, ``'summary'`` (all but ``'stages'`` also in its ``results.json``).
+    """
+    stage = STAGES[cfg.stage]
+    t0 = time.perf_counter()
+    result = stage.run(cfg, resume=resume, all_splits=all_splits)
+    if stage.follow_ups is None:
+        return result
+    results = {}
+    for item in stage.follow_ups(cfg):
+        results.update(run_follow_up(item, cfg, Path(result["backbone"])))
+    result["stages"] = results
+    result["seconds_total"] = time.perf_counter() - t0
+    run_dir = Path(result["run_dir"])
+    if results:
+        result["summary"] = write_summary(run_dir, results, result["seconds_total"])
+    write_json(run_dir / "results.json", {k: v for k, v in result.items() if k != "stages"})
+    return result
+
+
+def run_follow_up(item: str, cfg: TrainConfig, weights: Path) -> dict[str, Any]:
+    """Run one follow-up stage: ``item`` is an option file, optionally followed by ``key=value`` overrides.
+
+    Returns:
+        ``{run name: its results}``.
+    """
+    option_file, *own = shlex.split(item)
+    shared = {"data": [e.to_dict() for e in cfg.data], "data_root": cfg.data_root, "output_dir": cfg.output_dir,
+              "split_index": cfg.split_index, "seed": cfg.seed, "workers": cfg.workers, "overwrite": cfg.overwrite,
+              "log": config_to_dict(cfg.log), "model.pretrained": str(weights)}
+    logger.info("next stage: %s %s", option_file, " ".join(own))
+    next_cfg = load_config(option_file, [*(f"{k}={json.dumps(v)}" for k, v in shared.items()), *own])
+    result = run_stage(next_cfg)
+    return {result.get("name", Path(option_file).stem): result}
+
+
+def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """Held-out SRCC / PLCC of each follow-up stage's best epoch side by side (``summary.md`` / ``summary.json``)."""
+    table: dict[str, Any] = {}
+    for name, res in stages.items():
+        best = res.get("best") or {}
+        table[name] = {"datasets": best.get("datasets", {}), "mean": best.get("mean", {}),
+                       "seconds": res.get("seconds")}
+    datasets = list(dict.fromkeys(d for row in table.values() for d in row["datasets"]))
+    lines = ["| run | " + " | ".join(datasets) + " | mean |", "|---" * (len(datasets) + 2) + "|"]
+    for name, row in table.items():
+        cells = [f"{row['datasets'][d]['srcc']:.3f} / {row['datasets'][d]['plcc']:.3f}" if d in row["datasets"]
+                 else "-" for d in datasets]
+        mean = row["mean"]
+        cells.append(f"{mean['srcc']:.3f} / {mean['plcc']:.3f}" if mean else "-")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    text = ("Held-out SRCC / PLCC (content never seen in training), best epoch of each run.\n\n" + "\n".join(lines)
+            + f"\n\nTotal time {seconds:.0f} s.\n")
+    atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    summary = {"runs": table, "seconds": seconds}
+    atomic_write(run_dir / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    for line in text.strip().splitlines():
+        logger.info("%s", line)
+    return summary
+
+
+def run_all_splits(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate every split of ``cfg.splits`` in turn, then write the median table (rank 0).
+
+    With ``resume``, splits whose ``results.json`` says finished are read, not re-run, and an interrupted split
+    continues from its checkpoint.
+    """
+    results = []
+    for k in cfg.splits:
+        cfg_k = copy.deepcopy(cfg)
+        cfg_k.split_index = k
+        cfg_k = resolve_entries(cfg_k)
+        done = run_dir_of(cfg_k) / "results.json"
+        if resume and done.is_file():
+            try:
+                previous = json.loads(done.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:  # damaged: the split's checkpoint decides what is left to do
+                logger.warning("%s is unreadable (%s); resuming split %d from its checkpoint", done, exc, k)
+                previous = {}
+            if previous.get("finished"):
+                logger.info("split %d: finished earlier (%s), not run again", k, done)
+                results.append(previous)
+                continue
+        logger.info("split %d of %s", k, cfg.splits)
+        results.append(train(cfg_k, dist, resume=resume and (run_dir_of(cfg_k) / "last.pth").exists()))
+    out: dict[str, Any] = {"splits": results}
+    table = median_table(results)
+    out["table"] = table
+    if dist.is_main:
+        out["files"] = {k: str(v) for k, v in write_table(table, Path(cfg.output_dir) / cfg.name, cfg.name).items()}
+        logger.info("median table over %d split(s) written to %s", len(results), out["files"]["md"])
+    return out

@@ -14,9 +14,15 @@ from .weights import Checkpoint, CheckpointError, infer_config, load_into, read_
 logger = logging.getLogger(__name__)
 
 
-def list_models() -> list[str]:
-    """Names of the registered variants."""
-    return sorted([*VARIANTS, *ATTIQA_VARIANTS])
+def list_models(family: str = "gamma") -> list[str]:
+    """Names of the registered variants of a model family: ``gamma`` (what the scorer, CLI and trainer take),
+    ``attiqa`` (ATTIQA students, docs/attiqa.md) or ``all``."""
+    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS}
+    if family == "all":
+        return sorted(name for table in tables.values() for name in table)
+    if family not in tables:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(tables)}, all")
+    return sorted(tables[family])
 
 
 def create_model(
@@ -45,7 +51,8 @@ def create_model(
         the model in eval mode.
     """
     if name is None and pretrained is None:
-        raise ValueError(f"create_model needs a variant name or a checkpoint; variants: {', '.join(list_models())}")
+        known = ", ".join(list_models("all"))
+        raise ValueError(f"create_model needs a variant name or a checkpoint; variants: {known}")
     ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe) if pretrained is not None else None
     if name in ATTIQA_VARIANTS or (name is None and isinstance(ckpt.config, AttiqaConfig)):
         return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)

@@ -69,7 +69,7 @@ def label_images(
     *,
     root: str | os.PathLike | None = None,
     batch_size: int = 32,
-    chunk_size: int = 512,
+    chunk_size: int = 256,
     device: str | torch.device | None = None,
     on_error: str = "raise",
     allow_unsafe: bool = False,

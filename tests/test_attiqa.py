@@ -157,3 +157,13 @@ def test_imagenet_backbone_file_loads_strictly(tmp_path):
         gamma.create_model("attiqa_test", backbone=tmp_path / "resnet18ish.pth")
     with pytest.raises(CheckpointError, match="not found"):
         gamma.create_model("attiqa_test", backbone=tmp_path / "nope.pth")
+
+
+def test_variants_are_listed_per_family():
+    assert gamma.list_models("attiqa") == ["attiqa_resnet50", "attiqa_test"]
+    assert not set(gamma.list_models()) & set(gamma.list_models("attiqa"))  # scorer/CLI/trainer take Gamma variants
+    assert set(gamma.list_models("all")) == set(gamma.list_models()) | set(gamma.list_models("attiqa"))
+    with pytest.raises(ValueError, match="unknown model family"):
+        gamma.list_models("vgg")
+    with pytest.raises(ValueError, match="unknown ATTIQA option"):
+        gamma.create_model("attiqa_test", prompt_set="sdp")

@@ -232,3 +232,35 @@ def test_scene_descriptions_cover_every_scene_equally():
     assert set(SCENE_DESCRIPTIONS) == set(SCENES)
     assert len({len(v) for v in SCENE_DESCRIPTIONS.values()}) == 1
     assert set(AUTO_SCENES) <= set(SCENES)
+
+
+def test_measure_auto_scene_script_counts_every_held_out_image(clip_file, tmp_path):
+    import json
+    import pickle
+    import runpy
+    from pathlib import Path
+
+    from PIL import Image
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "measure_auto_scene.py"))
+    pictures = (_pictures() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    args = ["--checkpoint", str(clip_file[0]), "--json", str(tmp_path / "out.json")]
+    for name, scene in (("a", "natural"), ("b", "underwater")):
+        folder = tmp_path / name
+        (folder / "images").mkdir(parents=True)
+        rows = ["image_name,mos"]
+        for k, pic in enumerate(pictures):
+            Image.fromarray(pic).save(folder / "images" / f"{k}.png")
+            rows.append(f"images/{k}.png,{k}")
+        (folder / "meta_info.csv").write_text("\n".join(rows) + "\n")
+        if name == "b":  # a split file: only its held-out rows are measured
+            (folder / "split.pkl").write_bytes(pickle.dumps({1: {"train": [0, 1], "val": [2, 3]}}))
+        args += ["--dataset", f"{folder}={scene}"]
+    assert script["main"](args) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["images"] == {"a": 4, "b": 2}
+    for method in ("describe", "describe-present", "sdp-fit"):
+        acc = result["accuracy"][method]
+        assert all(0 <= v <= 1 for v in acc.values())
+        assert acc["all"] == pytest.approx((acc["a"] * 4 + acc["b"] * 2) / 6)
+    assert sum(result["confusion_describe"].values()) == 6

@@ -167,3 +167,24 @@ def test_variants_are_listed_per_family():
         gamma.list_models("vgg")
     with pytest.raises(ValueError, match="unknown ATTIQA option"):
         gamma.create_model("attiqa_test", prompt_set="sdp")
+
+
+def test_resnet50_student_state_dict_round_trips(tmp_path):
+    torch.manual_seed(2)
+    model = gamma.create_model("attiqa_resnet50")
+    with torch.no_grad():
+        for m in model.modules():  # running BN statistics are state too: make them differ from their defaults
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.9, 1.1)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model.score_crops(x)
+    save_checkpoint(model, tmp_path / "resnet50_student.pth")
+    torch.manual_seed(9)  # a different initialisation underneath
+    loaded = gamma.create_model(None, pretrained=tmp_path / "resnet50_student.pth")
+    assert loaded.config == get_attiqa_variant("attiqa_resnet50")
+    sd, loaded_sd = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == loaded_sd.keys() and all(torch.equal(sd[k], loaded_sd[k]) for k in sd)
+    with torch.no_grad():
+        assert torch.equal(loaded.score_crops(x), before)

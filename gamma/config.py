@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any
 
 from .prompts import PROMPT_SETS
 
@@ -149,7 +149,7 @@ class AttiqaConfig:
     """An ATTIQA student (docs/attiqa.md): a torchvision ResNet with Bottleneck blocks, five attribute heads and a MOS
     regressor over the heads' hidden features. The defaults are ResNet-50."""
 
-    family: ClassVar[str] = "attiqa"
+    family = "attiqa"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
 
     layers: tuple[int, ...] = (3, 4, 6, 3)  # Bottleneck blocks per stage (ResNet-50); the feature is 2048 wide
     width_per_group: int = 64  # Bottleneck inner width per 64 channels (64 = ResNet-50; smaller only for tests)
@@ -181,11 +181,16 @@ class AttiqaConfig:
         family = d.pop("family", cls.family)
         if family != cls.family:
             raise ValueError(f"not an ATTIQA config (family {family!r})")
-        return _from_dict(cls, d, "ATTIQA config")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in ATTIQA config: {', '.join(unknown)}; known keys: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
 
     def replace(self, **overrides: Any) -> AttiqaConfig:
         """A copy with ``overrides`` applied (unknown names are an error that lists the known ones)."""
-        known = {f.name for f in fields(self)}
+        known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"unknown ATTIQA option(s) {', '.join(map(repr, unknown))}; known options: "

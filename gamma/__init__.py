@@ -2,17 +2,27 @@
 
 __version__ = "0.1.0"
 
-from .archs import CropProtocol, GammaModel, MoAE, keep_only_experts  # noqa: E402
+from .archs import Assessment, AttiqaModel, CropProtocol, GammaModel, MoAE, keep_only_experts  # noqa: E402
 from .config import GammaConfig, TextCfg, VisionCfg  # noqa: E402
 from .factory import create_model, list_models  # noqa: E402
-from .prompts import DATASET_SCENES, NAIVE_PROMPTS, SCENES, SDP_PROMPTS, canonical_scene  # noqa: E402
+from .prompts import (  # noqa: E402
+    ATTRIBUTES,
+    DATASET_SCENES,
+    NAIVE_PROMPTS,
+    SCENES,
+    SDP_PROMPTS,
+    canonical_scene,
+)
 from .weights import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
 
 __all__ = [
+    "ATTRIBUTES",
     "DATASET_SCENES",
     "NAIVE_PROMPTS",
     "SCENES",
     "SDP_PROMPTS",
+    "Assessment",
+    "AttiqaModel",
     "CheckpointError",
     "CropProtocol",
     "GammaConfig",

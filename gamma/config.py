@@ -133,3 +133,74 @@ def get_variant(name: str) -> GammaConfig:
     if name not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
     return GammaConfig.from_dict(VARIANTS[name].to_dict())
+
+
+# ------------------------------------------------------------------------------------------------ ATTIQA student
+@dataclass
+class AttiqaConfig:
+    """An ATTIQA student (docs/attiqa.md): a torchvision ResNet with Bottleneck blocks, five attribute heads and a MOS
+    regressor over the heads' hidden features. The defaults are ResNet-50."""
+
+    family = "attiqa"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
+
+    layers: tuple[int, ...] = (3, 4, 6, 3)  # Bottleneck blocks per stage (ResNet-50); the feature is 2048 wide
+    width_per_group: int = 64  # Bottleneck inner width per 64 channels (64 = ResNet-50; smaller only for tests)
+    head_hidden: int = 512  # hidden width of each attribute head: Linear(2048, h) -> ReLU -> Linear(h, 1)
+    regressor_hidden: int = 512  # hidden width of the MOS regressor over the 5 * head_hidden concatenated features
+    crop_size: int = 320  # test crops (the paper follows QPT: five 320 x 320 crops, averaged)
+    resize: int = 340  # test images are first resized so their short side is this (0: keep the size)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(int(n) for n in self.layers)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if len(self.layers) != 4 or min(self.layers) < 1:
+            raise ValueError(f"layers must be 4 block counts >= 1 (one per ResNet stage), got {self.layers}")
+        for name in ("width_per_group", "head_hidden", "regressor_hidden", "crop_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resize and self.resize < self.crop_size:
+            raise ValueError(f"resize ({self.resize}) must be 0 or at least crop_size ({self.crop_size})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **asdict(self), "layers": list(self.layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttiqaConfig:
+        d = dict(d)
+        family = d.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"not an ATTIQA config (family {family!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in ATTIQA config: {', '.join(unknown)}; known keys: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> AttiqaConfig:
+        """A copy with ``overrides`` applied (unknown names are an error that lists the known ones)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ATTIQA option(s) {', '.join(map(repr, unknown))}; known options: "
+                             f"{', '.join(sorted(known))}")
+        return AttiqaConfig.from_dict({**self.to_dict(), **overrides})
+
+
+#: Named ATTIQA students. ``attiqa_resnet50`` is the paper's; ``attiqa_test`` keeps its structure (Bottleneck blocks,
+#: a 2048-wide feature, five heads, the regressor) with one block per stage, narrow blocks and small heads.
+ATTIQA_VARIANTS: dict[str, AttiqaConfig] = {
+    "attiqa_resnet50": AttiqaConfig(),
+    "attiqa_test": AttiqaConfig(layers=(1, 1, 1, 1), width_per_group=8, head_hidden=32, regressor_hidden=32,
+                                crop_size=64, resize=72),
+}
+
+
+def get_attiqa_variant(name: str) -> AttiqaConfig:
+    """A fresh copy of a named ATTIQA variant's config."""
+    if name not in ATTIQA_VARIANTS:
+        raise ValueError(f"unknown ATTIQA model {name!r}; available: {', '.join(sorted(ATTIQA_VARIANTS))}")
+    return AttiqaConfig.from_dict(ATTIQA_VARIANTS[name].to_dict())

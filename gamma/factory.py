@@ -6,16 +6,23 @@ import logging
 import os
 from typing import Any
 
+from .archs.attiqa import AttiqaModel
 from .archs.gamma import GammaModel
-from .config import VARIANTS, GammaConfig, get_variant
-from .weights import CheckpointError, infer_config, load_into, read_checkpoint
+from .config import ATTIQA_VARIANTS, VARIANTS, AttiqaConfig, GammaConfig, get_attiqa_variant, get_variant
+from .weights import Checkpoint, CheckpointError, infer_config, load_into, read_checkpoint, read_state_dict
 
 logger = logging.getLogger(__name__)
 
 
-def list_models() -> list[str]:
-    """Names of the registered variants."""
-    return sorted(VARIANTS)
+def list_models(family: str = "gamma") -> list[str]:
+    """Names of the registered variants of a model family: ``gamma`` (what the scorer, CLI and trainer take),
+    ``attiqa`` (ATTIQA students, docs/attiqa.md) or ``all``."""
+    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS}
+    if family == "all":
+        return sorted(name for table in tables.values() for name in table)
+    if family not in tables:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(tables)}, all")
+    return sorted(tables[family])
 
 
 def create_model(
@@ -25,8 +32,8 @@ def create_model(
     strict: bool = True,
     allow_unsafe: bool = False,
     **overrides: Any,
-) -> GammaModel:
-    """Build a Gamma model, optionally loading weights.
+) -> GammaModel | AttiqaModel:
+    """Build a Gamma model (or an ATTIQA student), optionally loading weights.
 
     Args:
         name: a variant from :func:`list_models`. Without it, ``pretrained`` is required and the architecture is
@@ -37,13 +44,18 @@ def create_model(
         allow_unsafe: allow a full unpickle for files that cannot be read with ``weights_only=True``.
         **overrides: config fields (``prompt_set='sdp'``, ``moae_layers=4``, ``num_experts=5``, ``vision={...}`` ...).
             For a release file, ``prompt_set`` says which prompts its weights were trained with (default ``naive``).
+            ATTIQA students (``attiqa_*`` variants, or our checkpoint of one) take their own fields
+            (``head_hidden=...``) and ``backbone=`` a torchvision ImageNet ResNet weight file, loaded strictly.
 
     Returns:
         the model in eval mode.
     """
     if name is None and pretrained is None:
-        raise ValueError(f"create_model needs a variant name or a checkpoint; variants: {', '.join(list_models())}")
+        known = ", ".join(list_models("all"))
+        raise ValueError(f"create_model needs a variant name or a checkpoint; variants: {known}")
     ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe) if pretrained is not None else None
+    if name in ATTIQA_VARIANTS or (name is None and isinstance(ckpt.config, AttiqaConfig)):
+        return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
     if name is not None:
         config = get_variant(name).replace(**overrides) if overrides else get_variant(name)
     elif ckpt.kind == "gamma":
@@ -61,7 +73,34 @@ def create_model(
     return model.eval()
 
 
-def _check_same_architecture(saved: GammaConfig, wanted: GammaConfig, where: str) -> None:
+def _create_attiqa(name: str | None, ckpt: Checkpoint | None, *, strict: bool, allow_unsafe: bool,
+                   backbone: str | os.PathLike | None = None, **overrides: Any) -> AttiqaModel:
+    """An ATTIQA student (docs/attiqa.md): a variant and/or our checkpoint of one; ``backbone`` names a torchvision
+    ImageNet ResNet weight file loaded strictly into a fresh backbone (classifier dropped)."""
+    if ckpt is not None and ckpt.kind != "gamma":
+        raise CheckpointError(f"{ckpt.path} is a {ckpt.kind} checkpoint, not an ATTIQA student")
+    config = get_attiqa_variant(name) if name is not None else ckpt.config
+    config = config.replace(**overrides) if overrides else config
+    if ckpt is not None:
+        _check_same_architecture(ckpt.config, config, str(ckpt.path))
+    model = AttiqaModel(config)
+    if backbone is not None:
+        if ckpt is not None:
+            raise ValueError("pass either pretrained= (a whole student) or backbone= (ImageNet weights), not both")
+        try:
+            model.load_backbone(read_state_dict(backbone, allow_unsafe=allow_unsafe))
+        except ValueError as exc:
+            raise CheckpointError(f"{backbone}: {exc}") from exc
+    if ckpt is not None:
+        load_into(model, ckpt, strict=strict)
+    return model.eval()
+
+
+def _check_same_architecture(saved: GammaConfig | AttiqaConfig, wanted: GammaConfig | AttiqaConfig,
+                             where: str) -> None:
+    if type(saved) is not type(wanted):
+        raise CheckpointError(f"{where} holds a {getattr(saved, 'family', 'gamma')} model, not a "
+                              f"{getattr(wanted, 'family', 'gamma')} model")
     a, b = saved.to_dict(), wanted.to_dict()
     diff = [k for k in a if k not in ("prompt_set", "levels") and a[k] != b[k]]
     if diff:

@@ -87,3 +87,40 @@ def prompt_table(prompt_set: str) -> dict[str, tuple[str, ...]]:
     if prompt_set == "quality":
         return {scene: QUALITY_PROMPTS for scene in SCENES}
     raise ValueError(f"unknown prompt set {prompt_set!r}; known prompt sets: {', '.join(PROMPT_SETS)}")
+
+
+# ------------------------------------------------------------------------------------------------ attributes
+#: Five image attributes scored zero-shot with CLIP's antonym method: attribute -> (positive prompt, negative prompt).
+#: The pairs are the ones ATTIQA selected by its prompt search (Kwon et al., "ATTIQA: Generalizable Image Quality
+#: Feature Extractor using Attribute-aware Pretraining", ACCV 2024, Table 1), positive first, no trailing period. The
+#: positive prompt is the good pole of every pair, so a high score is good for each attribute: a high "noisiness"
+#: score means little noise ("Peerless image" vs "Grainy image").
+ATTRIBUTE_PROMPTS: dict[str, tuple[str, str]] = {
+    "sharpness": ("Splendid image", "Blurry image"),
+    "contrast": ("Distinct image", "Vague image"),
+    "brightness": ("Sunny image", "Darkened image"),
+    "colorfulness": ("Vibrant image", "Colorless image"),
+    "noisiness": ("Peerless image", "Grainy image"),
+}
+
+#: Attribute names in a fixed order (columns of attribute tensors).
+ATTRIBUTES: tuple[str, ...] = tuple(ATTRIBUTE_PROMPTS)
+
+# ------------------------------------------------------------------------------------------------ automatic scene
+#: The scene name that asks a scene-based (SDP) model to choose each image's scene itself (docs/explain.md).
+AUTO_SCENE = "auto"
+
+#: Plain descriptions of what each scene's images look like, for zero-shot scene detection (docs/explain.md). Each
+#: scene has the same number of descriptions; their text features are averaged (CLIP's prompt ensembling). They were
+#: written for general CLIP vocabulary, not tuned on any dataset.
+SCENE_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
+    "natural": ("a photo", "a photo of an everyday scene", "a real photograph taken with a camera"),
+    "aigc": ("an AI-generated picture", "a computer-generated image", "a digital rendering"),
+    "underwater": ("an underwater photo", "a photo taken under water", "a photo of fish and the sea floor"),
+    "face": ("a photo of a face", "a close-up portrait of a person", "a headshot of a person"),
+    "aesthetics": ("an artistic photograph", "a professional photo with a beautiful composition", "a fine-art photo"),
+}
+
+#: Scenes that ``scene="auto"`` chooses from by default. "aesthetics" is left out: it differs from "natural" by the
+#: question asked (aesthetics or technical quality), not by what the picture shows, so content cannot decide it.
+AUTO_SCENES: tuple[str, ...] = ("natural", "aigc", "underwater", "face")

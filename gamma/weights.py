@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ._files import atomic_write
-from .config import GammaConfig, TextCfg, VisionCfg
+from .config import AttiqaConfig, GammaConfig, TextCfg, VisionCfg
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Checkpoint:
 
     kind: str  # "release" | "clip" | "gamma"
     state_dict: dict[str, torch.Tensor]
-    config: GammaConfig | None = None  # ours only
+    config: GammaConfig | AttiqaConfig | None = None  # ours only
     extra: dict[str, Any] = field(default_factory=dict)  # training state etc. (ours only)
     path: str | None = None
 
@@ -126,7 +126,7 @@ def _read_safetensors(path: Path) -> Checkpoint:
         raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
     if meta.get("format") == FORMAT_NAME:
         try:
-            config = GammaConfig.from_dict(json.loads(meta["config"]))
+            config = _config_from_dict(json.loads(meta["config"]))
         except (KeyError, json.JSONDecodeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: invalid gamma config in safetensors metadata: {exc}") from exc
         return Checkpoint("gamma", sd, config=config, path=str(path))
@@ -138,7 +138,7 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{where} was written by a newer gamma (format {obj['format_version']})")
         try:
-            config = GammaConfig.from_dict(obj["config"])
+            config = _config_from_dict(obj["config"])
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{where}: invalid model config in gamma checkpoint: {exc}") from exc
         extra = {k: v for k, v in obj.items() if k not in ("format", "format_version", "config", "state_dict")}
@@ -160,6 +160,42 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
     raise CheckpointError(
         f"{where} is neither a Gamma checkpoint nor an OpenAI-layout ViT CLIP state_dict (first keys: {sample})"
     )
+
+
+def _config_from_dict(d: Any) -> GammaConfig | AttiqaConfig:
+    """The model config a checkpoint of ours records; its ``family`` entry picks the class (none: Gamma)."""
+    if isinstance(d, dict) and d.get("family") == AttiqaConfig.family:
+        return AttiqaConfig.from_dict(d)
+    return GammaConfig.from_dict(d)
+
+
+def read_state_dict(path: str | os.PathLike, allow_unsafe: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a plain state_dict file (e.g. torchvision ImageNet weights), unwrapped from ``{'state_dict':
+    ...}``-style containers, ``module.`` prefixes removed.
+
+    Raises:
+        CheckpointError: missing, empty, unreadable or tensor-less file.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        raise CheckpointError(f"weights file not found or empty: {path}")
+    obj = _read_safetensors_dict(path) if path.suffix == ".safetensors" else _torch_load(path, allow_unsafe)
+    if isinstance(obj, dict):
+        for wrapper in ("state_dict", "model", "params"):
+            if wrapper in obj and isinstance(obj[wrapper], dict):
+                obj = obj[wrapper]
+                break
+    return {k.removeprefix("module."): v for k, v in _tensors(obj, str(path)).items()}
+
+
+def _read_safetensors_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
 
 
 def _tensors(obj: Any, where: str) -> dict[str, torch.Tensor]:

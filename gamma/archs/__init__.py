@@ -1,7 +1,8 @@
-"""nn.Modules only: the MoAE layer, CLIP towers with MoAE, and the Gamma model with its head."""
+"""nn.Modules only: the MoAE layer, CLIP towers with MoAE, the Gamma model with its head, the ATTIQA student."""
 
+from .attiqa import AttiqaModel, attribute_ranking_loss
 from .crops import CROP_MODES, CropProtocol
-from .gamma import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Adapter, GammaModel
+from .gamma import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Adapter, Assessment, GammaModel
 from .moae import MoAE, Router, keep_only_experts
 
 __all__ = [
@@ -9,9 +10,12 @@ __all__ = [
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "Adapter",
+    "Assessment",
+    "AttiqaModel",
     "CropProtocol",
     "GammaModel",
     "MoAE",
     "Router",
+    "attribute_ranking_loss",
     "keep_only_experts",
 ]

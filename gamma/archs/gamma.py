@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import open_clip
 import torch
@@ -11,7 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import GammaConfig
-from ..prompts import SCENES, canonical_scene, prompt_table
+from ..prompts import (
+    ATTRIBUTE_PROMPTS,
+    ATTRIBUTES,
+    AUTO_SCENE,
+    AUTO_SCENES,
+    LEVELS,
+    SCENE_DESCRIPTIONS,
+    SCENES,
+    canonical_scene,
+    prompt_table,
+)
 from .clip import build_clip, encode_image, encode_text, text_parameters
 from .crops import CropProtocol, prepare, unique_crops
 from .moae import MoAE
@@ -37,6 +48,33 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc(x)
+
+
+@dataclass
+class Assessment:
+    """Everything :meth:`GammaModel.assess` reads from one pass of the image tower over the test-time crops.
+
+    Attributes:
+        score: (B,) the model's score, as :meth:`GammaModel.score_images` returns it.
+        distribution: (B, 5) the level probabilities (bad, poor, fair, good, perfect), averaged over crops with the
+            crop weights of the score; ``distribution @ levels`` is the score.
+        std: (B,) standard deviation of the learned levels under ``distribution``: how spread out the model's belief
+            over the levels is, on the score's scale. Not a calibrated confidence interval (docs/explain.md).
+        levels: (5,) the learned level values the distribution is over.
+        scenes: the scene each image was scored with (named or chosen by ``"auto"``); None for single-set prompts.
+        attributes: attribute name -> (B,) zero-shot attribute score in (0, 1), when asked for.
+    """
+
+    score: torch.Tensor
+    distribution: torch.Tensor
+    std: torch.Tensor
+    levels: torch.Tensor
+    scenes: list[str] | None = None
+    attributes: dict[str, torch.Tensor] | None = None
+
+    def level_columns(self) -> dict[str, torch.Tensor]:
+        """``{'p_bad': (B,), ..., 'p_perfect': (B,)}``: the distribution as one column per level."""
+        return {f"p_{level}": self.distribution[:, k] for k, level in enumerate(LEVELS)}
 
 
 class GammaModel(nn.Module):
@@ -69,11 +107,20 @@ class GammaModel(nn.Module):
         rows = [table[s] for s in SCENES] if config.prompt_set == "sdp" else [table[SCENES[0]]]
         tokens = open_clip.tokenize([p for row in rows for p in row], context_length=config.text.context_length)
         self.register_buffer("prompt_tokens", tokens.view(len(rows), 5, -1), persistent=False)  # (S, 5, C)
+        ctx = config.text.context_length
+        pairs = [p for attribute in ATTRIBUTES for p in ATTRIBUTE_PROMPTS[attribute]]
+        self.register_buffer("attribute_tokens", open_clip.tokenize(pairs, context_length=ctx).view(
+            len(ATTRIBUTES), 2, -1), persistent=False)  # (5 attributes, 2 = positive/negative, C)
+        per_scene = len(SCENE_DESCRIPTIONS[SCENES[0]])
+        descriptions = [d for s in SCENES for d in SCENE_DESCRIPTIONS[s]]
+        self.register_buffer("scene_tokens", open_clip.tokenize(descriptions, context_length=ctx).view(
+            len(SCENES), per_scene, -1), persistent=False)  # (5 scenes, D descriptions, C)
+        self.auto_scenes: tuple[str, ...] = AUTO_SCENES  # the scenes scene="auto" chooses from
 
         self.crop_protocol = CropProtocol(size=config.vision.image_size)
         self.check_input_range = True
         self._text_params = text_parameters(self.clip_model)
-        self._text_cache: tuple[tuple, torch.Tensor, bool] | None = None
+        self._text_cache: dict[str, tuple[tuple, torch.Tensor, bool]] = {}
         self.set_trainable()
 
     # ----------------------------------------------------------------------------------------------- parameters
@@ -125,34 +172,47 @@ class GammaModel(nn.Module):
         weight changes (an optimiser step, ``load_state_dict``, ``.to()``: each changes a parameter's version or
         storage, which is the cache key) or :func:`keep_only_experts` changes the routing.
         """
-        tokens = self.prompt_tokens
+        return self._encoded_prompts("levels", self.prompt_tokens)
+
+    def _encoded_prompts(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text features (..., E) of ``tokens`` (..., C), cached under ``name`` as described above."""
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self._text_params)
         key = (
             tuple((p.data_ptr(), p._version, p.dtype) for p in self._text_params),
             tuple(m.kept_experts for m in self.moae_modules()),  # keep_only_experts changes the text tower too
             tokens.device,
         )
-        cache = self._text_cache
+        cache = self._text_cache.get(name)
         if not needs_grad and cache is not None and cache[0] == key:
             # An inference-mode tensor may only be reused where autograd is off.
             if not cache[2] or not torch.is_grad_enabled():
                 return cache[1]
-        rows, levels, ctx = tokens.shape
-        feats = encode_text(self.clip_model, tokens.view(rows * levels, ctx))
-        feats = F.normalize(feats, dim=-1).view(rows, levels, -1)
-        self._text_cache = None if needs_grad else (key, feats, torch.is_inference_mode_enabled())
+        *lead, ctx = tokens.shape
+        feats = encode_text(self.clip_model, tokens.reshape(-1, ctx))
+        feats = F.normalize(feats, dim=-1).view(*lead, -1)
+        if needs_grad:
+            self._text_cache.pop(name, None)
+        else:
+            self._text_cache[name] = (key, feats, torch.is_inference_mode_enabled())
         return feats
+
+    def backbone_features(self, crops: torch.Tensor) -> torch.Tensor:
+        """Image features (B, E) of crops (B, 3, S, S) in [0, 1] as the image tower gives them: before the adapter,
+        not normalised. Zero-shot outputs (attributes, automatic scene) read these."""
+        dtype = self.clip_model.visual.conv1.weight.dtype
+        pixels = (crops.to(dtype) - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
+        return encode_image(self.clip_model, pixels)
 
     def image_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Adapter-refined, L2-normalised image features (B, E) of crops (B, 3, S, S) in [0, 1]."""
-        dtype = self.clip_model.visual.conv1.weight.dtype
-        pixels = (crops.to(dtype) - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
-        feats = encode_image(self.clip_model, pixels)
-        return F.normalize(self.adapter(feats), dim=-1)
+        return F.normalize(self.adapter(self.backbone_features(crops)), dim=-1)
 
     def logits(self, crops: torch.Tensor, scene_index: torch.Tensor | None) -> torch.Tensor:
         """Scaled cosine similarities (B, 5) between crops and their five level prompts."""
-        image = self.image_features(crops)  # (B, E)
+        return self._level_logits(self.image_features(crops), scene_index)
+
+    def _level_logits(self, image: torch.Tensor, scene_index: torch.Tensor | None) -> torch.Tensor:
+        """Scaled cosine similarities (N, 5) of adapter-refined features (N, E) with their scene's level prompts."""
         text = self.text_features().to(image.dtype)  # (S, 5, E)
         scale = self.clip_model.logit_scale.exp().to(image.dtype)
         if scene_index is None:
@@ -165,7 +225,12 @@ class GammaModel(nn.Module):
         size = self.config.vision.image_size
         if crops.shape[-2:] != (size, size):
             raise ValueError(f"crops must be {size}x{size}, got {crops.shape[-2]}x{crops.shape[-1]}")
-        return self._score(crops, self.scene_index(scene, crops.shape[0], crops.device))
+        scene_index = self.scene_index(scene, crops.shape[0], crops.device)
+        if _asks_auto(scene) and scene_index is not None:  # each crop is its own image here
+            with torch.no_grad():  # a discrete choice: no gradient flows through it
+                feats = self.backbone_features(crops)[None]  # (1, B, E)
+                scene_index = self._resolve_auto(scene_index, feats, torch.ones(1, dtype=torch.float64))
+        return self._score(crops, scene_index)
 
     def _score(self, crops: torch.Tensor, scene_index: torch.Tensor | None) -> torch.Tensor:
         probs = self.logits(crops, scene_index).softmax(dim=-1)  # (B, 5)
@@ -173,14 +238,7 @@ class GammaModel(nn.Module):
 
     def score_images(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
         """Scores (B,) of full-resolution images with the test-time crop protocol, averaged over crops."""
-        images = self.check_images(images)
-        scene_index = self.scene_index(scene, images.shape[0], images.device)
-        images = prepare(images, self.crop_protocol)
-        crops, weights = unique_crops(images, self.crop_protocol)  # (U*B, 3, S, S), (U,)
-        batch = images.shape[0]
-        crop_scene = scene_index.repeat(len(weights)) if scene_index is not None else None
-        scores = self._score(crops, crop_scene).view(len(weights), batch)  # crop-major
-        return (weights.to(scores) [:, None] * scores).sum(dim=0)
+        return self.assess(images, scene).score
 
     def forward(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
         """Scores (B,): per crop in training mode, per image (test-time protocol) in eval mode."""
@@ -188,9 +246,131 @@ class GammaModel(nn.Module):
             return self.score_crops(images, scene)
         return self.score_images(images, scene)
 
+    # ------------------------------------------------------------------------- more than one number per image
+    # The level distribution, zero-shot attribute scores and the automatic scene (docs/explain.md) all read the image
+    # tower's features of the same test-time crops: `_crop_features` runs the crop protocol once, the rest is math on
+    # (crops, images, E) tensors, and `_crop_mean` averages per-crop results with the weights the score uses.
+    def assess(self, images: torch.Tensor, scene: str | Sequence[str] | None = None, *,
+               attributes: bool = False) -> Assessment:
+        """Score, level distribution and (optionally) attribute scores of full-resolution images (B, 3, H, W).
+
+        One pass of the image tower per distinct test-time crop serves all of them. ``scene`` is as for
+        :meth:`score_images`; ``"auto"`` lets the model choose each image's scene (SDP models).
+        """
+        images = self.check_images(images)
+        batch = images.shape[0]
+        scene_index = self.scene_index(scene, batch, images.device)
+        feats, weights = self._crop_features(images)  # (U, B, E), (U,)
+        if _asks_auto(scene) and scene_index is not None:
+            scene_index = self._resolve_auto(scene_index, feats, weights)
+        num_crops = len(weights)
+        flat = feats.reshape(num_crops * batch, -1)  # crop-major, as the crops were cut
+        crop_scene = scene_index.repeat(num_crops) if scene_index is not None else None
+        probs = self._level_logits(F.normalize(self.adapter(flat), dim=-1), crop_scene).softmax(dim=-1)  # (U*B, 5)
+        levels = self.score_level.to(probs.dtype)
+        score = _crop_mean((probs @ levels).view(num_crops, batch), weights)  # (B,)
+        distribution = _crop_mean(probs.view(num_crops, batch, -1), weights)  # (B, 5)
+        mean = distribution @ levels  # equals `score` up to rounding (the average of expectations)
+        std = (distribution * (levels - mean[:, None]).square()).sum(dim=-1).clamp_min(0).sqrt()
+        scenes = [SCENES[i] for i in scene_index.tolist()] if scene_index is not None else None
+        attrs = self._attribute_scores(feats, weights) if attributes else None
+        return Assessment(score=score, distribution=distribution, std=std, levels=levels, scenes=scenes,
+                          attributes=attrs)
+
+    def distribution(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
+        """Level probabilities (B, 5) of full-resolution images, averaged over the test-time crops.
+
+        Rows sum to 1 and their mean over the learned levels (``probs @ model.score_level``) is the score; see
+        :meth:`assess` for the standard deviation.
+        """
+        return self.assess(images, scene).distribution
+
+    def attributes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Zero-shot attribute scores of full-resolution images: attribute name -> (B,) in (0, 1), higher is better.
+
+        For each attribute of :data:`gamma.prompts.ATTRIBUTE_PROMPTS`, the softmax over its (positive, negative)
+        prompt pair of ``logit_scale.exp() * cosine(image, prompt)``, probability of the positive prompt (CLIP-IQA's
+        antonym method, as ATTIQA uses it). The image feature is the image tower's, before Gamma's adapter, and the
+        probabilities are averaged over the test-time crops like the score. :meth:`tower_description` says which
+        towers produced them.
+        """
+        return self._attribute_scores(*self._crop_features(self.check_images(images)))
+
+    def scene_probabilities(self, images: torch.Tensor, candidates: Sequence[str] | None = None) -> torch.Tensor:
+        """Probabilities (B, K) of the K candidate scenes (default :attr:`auto_scenes`) for full-resolution images.
+
+        Zero-shot through the model's own towers: the softmax over candidates of ``logit_scale.exp() * cosine`` between
+        the image feature (before the adapter) and each scene's averaged description features
+        (:data:`gamma.prompts.SCENE_DESCRIPTIONS`), averaged over the test-time crops.
+        """
+        images = self.check_images(images)
+        feats, weights = self._crop_features(images)
+        return self._scene_probs(feats, weights, self._candidate_rows(candidates))
+
+    def detect_scene(self, images: torch.Tensor, candidates: Sequence[str] | None = None) -> list[str]:
+        """The most likely scene of each image among ``candidates`` (default :attr:`auto_scenes`)."""
+        rows = self._candidate_rows(candidates)
+        probs = self.scene_probabilities(images, [SCENES[r] for r in rows])
+        return [SCENES[rows[k]] for k in probs.argmax(dim=-1).tolist()]
+
+    def tower_description(self) -> str:
+        """Which towers produce the zero-shot outputs (attribute scores, automatic scene), for the record."""
+        modules = self.moae_modules()
+        if not modules:
+            return "the CLIP backbone's towers (no MoAE)"
+        active = [m for m in modules if m.scale is None or bool(m.scale.detach().ne(0).item())]
+        where = f"MoAE in the last {self.config.moae_layers} blocks of each tower, {self.config.num_experts} experts"
+        if not active:
+            return f"the CLIP backbone's towers ({where}, all merge factors 0: the backbone exactly)"
+        return f"Gamma's MoAE towers ({where}; {len(active)} of {len(modules)} MoAE blocks active), not a plain CLIP"
+
+    def _crop_features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (U, B, E) of the U distinct test-time crops of checked images (B, 3, H, W), crop-major,
+        and each crop's weight (U,) in the average."""
+        images = prepare(images, self.crop_protocol)
+        crops, weights = unique_crops(images, self.crop_protocol)  # (U*B, 3, S, S), (U,)
+        feats = self.backbone_features(crops)  # (U*B, E)
+        return feats.view(len(weights), images.shape[0], -1), weights
+
+    def _attribute_scores(self, feats: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Attribute name -> crop-averaged P(positive prompt) (B,) from backbone features (U, B, E)."""
+        image = F.normalize(feats, dim=-1)
+        text = self._encoded_prompts("attributes", self.attribute_tokens).to(image.dtype)  # (5, 2, E)
+        scale = self.clip_model.logit_scale.exp().to(image.dtype)
+        logits = scale * torch.einsum("ube,ape->ubap", image, text)  # (U, B, 5 attributes, 2)
+        probs = _crop_mean(logits.softmax(dim=-1)[..., 0], weights)  # (B, 5)
+        return dict(zip(ATTRIBUTES, probs.unbind(dim=-1), strict=True))
+
+    def _candidate_rows(self, candidates: Sequence[str] | None) -> list[int]:
+        names = self.auto_scenes if candidates is None else candidates
+        if isinstance(names, str):
+            names = [names]
+        rows = [SCENES.index(canonical_scene(n)) for n in names]
+        if not rows or len(set(rows)) != len(rows):
+            raise ValueError(f"scene candidates must be distinct scenes (at least one), got {list(names)}")
+        return rows
+
+    def _scene_probs(self, feats: torch.Tensor, weights: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Crop-averaged scene probabilities (B, K) over the scenes ``rows`` from backbone features (U, B, E)."""
+        image = F.normalize(feats, dim=-1)
+        described = self._encoded_prompts("scenes", self.scene_tokens)  # (5, D, E)
+        text = F.normalize(described.mean(dim=1), dim=-1)[rows].to(image.dtype)  # (K, E): prompt ensembling
+        scale = self.clip_model.logit_scale.exp().to(image.dtype)
+        return _crop_mean((scale * image @ text.t()).softmax(dim=-1), weights)  # (U, B, K) -> (B, K)
+
+    def _resolve_auto(self, scene_index: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``scene_index`` (B,) with every -1 ("auto") replaced by the most likely of :attr:`auto_scenes`."""
+        rows = self._candidate_rows(None)
+        probs = self._scene_probs(feats, weights, rows)  # (B, K)
+        chosen = torch.tensor(rows, device=scene_index.device)[probs.argmax(dim=-1)]
+        return torch.where(scene_index < 0, chosen, scene_index)
+
     # ---------------------------------------------------------------------------------------------- checks
     def scene_index(self, scene: str | Sequence[str] | None, batch: int, device: torch.device) -> torch.Tensor | None:
         """Row of :meth:`text_features` for each image (B,), or None for single-set prompts.
+
+        ``"auto"`` (alone or in a per-image list) is accepted and marked -1: :meth:`assess` and :meth:`score_crops`
+        replace it with the scene :meth:`scene_probabilities` finds most likely. A named scene is used as named.
 
         Raises:
             ValueError: unknown scene, a missing scene on an SDP model, or one scene per image of the wrong length.
@@ -199,20 +379,21 @@ class GammaModel(nn.Module):
         if scene is None:
             names = None
         elif isinstance(scene, str):
-            names = [canonical_scene(scene)] * batch
+            names = [_scene_or_auto(scene)] * batch
         elif isinstance(scene, Sequence):
             if len(scene) != batch:
                 raise ValueError(f"got {len(scene)} scenes for a batch of {batch} images")
-            names = [canonical_scene(s) for s in scene]
+            names = [_scene_or_auto(s) for s in scene]
         else:
             raise ValueError(f"scene must be a string or a sequence of strings, got {type(scene).__name__}")
         if self.config.prompt_set != "sdp":
             return None
         if names is None:
             raise ValueError(
-                "this model uses scene-based prompts (SDP): pass scene=one of " + ", ".join(SCENES)
+                "this model uses scene-based prompts (SDP): pass scene=one of " + ", ".join(SCENES) + " or 'auto'"
             )
-        return torch.tensor([SCENES.index(n) for n in names], device=device, dtype=torch.long)
+        return torch.tensor([-1 if n == AUTO_SCENE else SCENES.index(n) for n in names], device=device,
+                            dtype=torch.long)
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """Validate a batch of RGB images in [0, 1]; returns it in the model's float dtype.
@@ -248,3 +429,22 @@ class GammaModel(nn.Module):
                        else "; divide 0-255 images by 255")
                 )
         return images.to(self.score_level.dtype) if images.dtype != self.score_level.dtype else images
+
+
+def _scene_or_auto(scene: str) -> str:
+    """The canonical name of ``scene``, or ``"auto"``."""
+    if isinstance(scene, str) and scene.strip().lower() == AUTO_SCENE:
+        return AUTO_SCENE
+    return canonical_scene(scene)
+
+
+def _asks_auto(scene: str | Sequence[str] | None) -> bool:
+    """Whether a scene argument asks for the automatic scene anywhere (decided from the names, no tensor sync)."""
+    names = [scene] if isinstance(scene, str) else scene if isinstance(scene, Sequence) else []
+    return any(isinstance(n, str) and n.strip().lower() == AUTO_SCENE for n in names)
+
+
+def _crop_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted average over the leading crop axis: values (U, B, ...) and weights (U,) -> (B, ...)."""
+    w = weights.to(values).view(-1, *([1] * (values.dim() - 1)))
+    return (w * values).sum(dim=0)

@@ -1,0 +1,299 @@
+"""Teacher pseudo-labels for ATTIQA pretraining: five zero-shot CLIP attribute scores per image, cached on disk.
+
+The teacher is any CLIP-layout checkpoint gamma loads (OpenAI CLIP, UniQA, a Gamma file), scoring with
+:meth:`gamma.GammaModel.attributes`. Labels are computed once per image and written to a cache folder:
+
+- ``teacher.json``: how they were computed (prompts, teacher weights fingerprint, towers, preprocessing), written
+  first; resuming with a different teacher or preprocessing is refused;
+- ``part-NNNNN.csv``: one file per chunk of images (``path, sharpness, contrast, brightness, colorfulness,
+  noisiness``), each written atomically, so a kill loses at most the chunk in progress and a rerun resumes after the
+  last complete chunk;
+- ``labels.csv``: every label in input order, written (atomically) once all images are done; ``skipped.csv`` lists
+  images that could not be read when ``on_error='skip'``.
+
+Preprocessing (docs/attiqa.md): each image's short side is resized to the teacher's input size, then the scores of
+three crops spread over the long side (``grid`` protocol; one crop for a square image) are averaged, so the labels
+describe the whole picture at the scale CLIP was trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ._files import atomic_write
+from .archs.crops import CropProtocol
+from .archs.gamma import GammaModel
+from .archs.moae import MoAE
+from .data.transforms import resize_short_side
+from .factory import create_model
+from .io import ImageDecodeError, list_image_files, load_image
+from .prompts import ATTRIBUTE_PROMPTS, ATTRIBUTES
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE = "teacher.json"
+LABELS_FILE = "labels.csv"
+SKIPPED_FILE = "skipped.csv"
+FORMAT_VERSION = 1
+_PART = re.compile(r"^part-(\d{5,})\.csv$")
+HEADER = ("path", *ATTRIBUTES)
+
+
+@dataclass
+class TeacherLabels:
+    """Pseudo-labels: ``scores[i]`` (5 attributes, :data:`gamma.prompts.ATTRIBUTES` order) belong to ``paths[i]``."""
+
+    paths: list[str]
+    scores: np.ndarray  # (N, 5) float32, each in (0, 1); higher = better (a high noisiness score means little noise)
+    skipped: list[str]  # inputs that could not be read (on_error='skip')
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return dict(zip(self.paths, self.scores, strict=True))
+
+
+def label_images(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    teacher: GammaModel | str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    *,
+    root: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    chunk_size: int = 256,
+    device: str | torch.device | None = None,
+    on_error: str = "raise",
+    allow_unsafe: bool = False,
+) -> TeacherLabels:
+    """Compute (or resume computing) the teacher's attribute scores of images and cache them in ``cache_dir``.
+
+    Args:
+        inputs: a folder (searched recursively), an image file, or a list of image files.
+        teacher: a GammaModel, or a checkpoint file of CLIP layout (plain OpenAI/UniQA CLIP, release or our Gamma
+            file) to build one from.
+        cache_dir: the cache folder (created); rerunning with the same folder skips what is done.
+        root: labels are keyed by path relative to ``root``; default: relative to ``inputs`` when it is a folder,
+            else the path as given.
+        batch_size: images per forward pass (images of equal size after resizing are batched together).
+        chunk_size: images per ``part-*.csv`` file (the unit a kill can lose).
+        device: where the teacher runs (default: where it is).
+        on_error: ``raise`` stops at an unreadable image (its name in the error; finished chunks stay on disk);
+            ``skip`` logs it, lists it in ``skipped.csv`` and goes on.
+        allow_unsafe: passed to :func:`gamma.create_model` for a teacher checkpoint that needs a full unpickle.
+
+    Returns:
+        the labels of every readable input, in input order.
+
+    Raises:
+        ValueError: bad arguments, no images, or a cache written by a different teacher or preprocessing.
+        gamma.io.ImageDecodeError: an unreadable image with ``on_error='raise'``.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    files, keys = _inputs(inputs, root)
+    checkpoint = None if isinstance(teacher, GammaModel) else str(teacher)
+    model = teacher if isinstance(teacher, GammaModel) else create_model(None, pretrained=teacher,
+                                                                          allow_unsafe=allow_unsafe)
+    if not isinstance(model, GammaModel):
+        raise ValueError(f"the teacher must be a CLIP-layout model, got {type(model).__name__}")
+    if device is not None:
+        model = model.to(device)
+    cache = Path(cache_dir)
+    settings = _settings(model, checkpoint)
+    _check_settings(cache, settings)
+
+    done = _read_parts(cache)
+    todo = [(f, k) for f, k in zip(files, keys, strict=True) if k not in done]
+    logger.info("teacher labels: %d images, %d cached in %s, %d to compute (%s)", len(keys), len(keys) - len(todo),
+                cache, len(todo), settings["towers"])
+    skipped: dict[str, str] = {}
+    part = max((int(m.group(1)) for p in cache.glob("part-*.csv") if (m := _PART.match(p.name))), default=-1) + 1
+    protocol, was_training = model.crop_protocol, model.training
+    model.eval()
+    model.crop_protocol = CropProtocol(mode="grid", num=3, size=model.config.vision.image_size)
+    try:
+        for start in range(0, len(todo), chunk_size):
+            chunk = todo[start : start + chunk_size]
+            rows = _label_chunk(model, chunk, batch_size, on_error, skipped)
+            if rows:
+                _write_csv(cache / f"part-{part:05d}.csv", rows)
+                part += 1
+                done.update((k, s) for k, *s in rows)
+            logger.info("teacher labels: %d / %d images done", len(keys) - len(todo) + start + len(chunk), len(keys))
+    finally:
+        model.crop_protocol = protocol
+        model.train(was_training)
+
+    paths = [k for k in keys if k in done]
+    scores = np.array([done[k] for k in paths], dtype=np.float32).reshape(len(paths), len(ATTRIBUTES))
+    _write_csv(cache / LABELS_FILE, [(k, *map(float, s)) for k, s in zip(paths, scores, strict=True)])
+    if skipped:
+        atomic_write(cache / SKIPPED_FILE, lambda tmp: _write_rows(tmp, ("path", "error"), list(skipped.items())))
+        logger.warning("teacher labels: %d unreadable images skipped (listed in %s)", len(skipped),
+                       cache / SKIPPED_FILE)
+    return TeacherLabels(paths=paths, scores=scores, skipped=list(skipped))
+
+
+def read_labels(cache_dir: str | os.PathLike) -> TeacherLabels:
+    """The labels cached in ``cache_dir``: ``labels.csv`` when complete, else the finished chunks so far.
+
+    Raises:
+        ValueError: no labels there, or a malformed file (named, with its line).
+    """
+    cache = Path(cache_dir)
+    if (cache / LABELS_FILE).is_file():
+        rows = _read_csv(cache / LABELS_FILE)
+    else:
+        rows = list(_read_parts(cache).items())
+    if not rows:
+        raise ValueError(f"no teacher labels in {cache}")
+    skipped = [r[0] for r in _csv_rows(cache / SKIPPED_FILE)[1:]] if (cache / SKIPPED_FILE).is_file() else []
+    return TeacherLabels(paths=[k for k, _ in rows], scores=np.array([s for _, s in rows], dtype=np.float32),
+                         skipped=skipped)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def _inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+            root: str | os.PathLike | None) -> tuple[list[str], list[str]]:
+    """Image files and their keys (relative to ``root``, or to ``inputs`` when it is a folder), duplicates dropped."""
+    if isinstance(inputs, (str, os.PathLike)) and Path(inputs).is_dir():
+        base = Path(root) if root is not None else Path(inputs)
+        files = list_image_files(inputs)
+    else:
+        base = Path(root) if root is not None else None
+        files = [str(f) for f in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    if not files:
+        raise ValueError(f"no images found in {inputs}")
+    out_files, out_keys, seen = [], [], set()
+    for f in files:
+        key = Path(os.path.relpath(f, base)).as_posix() if base is not None else str(f)
+        if key in seen:
+            continue
+        if "\n" in key or "\r" in key:
+            raise ValueError(f"image path with a line break cannot be a label key: {key!r}")
+        seen.add(key)
+        out_files.append(str(f))
+        out_keys.append(key)
+    return out_files, out_keys
+
+
+def _label_chunk(model: GammaModel, chunk: Sequence[tuple[str, str]], batch_size: int, on_error: str,
+                 skipped: dict[str, str]) -> list[tuple]:
+    """Rows ``(key, 5 scores)`` of a chunk of (file, key), in chunk order (unreadable files skipped or raised)."""
+    size = model.config.vision.image_size
+    images: dict[str, torch.Tensor] = {}
+    for file, key in chunk:
+        try:
+            images[key] = resize_short_side(load_image(file), size, mode="bicubic")  # (3, size, L)
+        except ImageDecodeError as exc:
+            if on_error == "raise":
+                raise
+            logger.warning("teacher labels: skipping %s", exc)
+            skipped[key] = str(exc)
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for key, img in images.items():
+        groups.setdefault(tuple(img.shape), []).append(key)
+    device = model.score_level.device
+    scores: dict[str, list[float]] = {}
+    with torch.inference_mode():
+        for keys in groups.values():
+            for i in range(0, len(keys), batch_size):
+                batch = keys[i : i + batch_size]
+                x = torch.stack([images[k] for k in batch]).to(device)
+                out = torch.stack(list(model.attributes(x).values()), dim=-1).float().cpu()  # (b, 5)
+                scores.update(zip(batch, out.tolist(), strict=True))
+    return [(key, *scores[key]) for _, key in chunk if key in scores]
+
+
+# ------------------------------------------------------------------------------------------------ cache files
+def _settings(model: GammaModel, checkpoint: str | None) -> dict:
+    digest = hashlib.sha1()
+    for name, tensor in _tower_state(model).items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return {
+        "format_version": FORMAT_VERSION,
+        "prompts": {a: list(ATTRIBUTE_PROMPTS[a]) for a in ATTRIBUTES},
+        "score": "softmax over (positive, negative) of logit_scale.exp() * cosine; P(positive)",
+        "weights_sha1": digest.hexdigest(),
+        "checkpoint": checkpoint,
+        "towers": model.tower_description(),
+        "preprocess": f"short side resized to {model.config.vision.image_size} (bicubic, antialiased), mean of the "
+                      f"scores of a 3-crop grid of {model.config.vision.image_size} crops",
+    }
+
+
+def _tower_state(model: GammaModel) -> dict[str, torch.Tensor]:
+    """The tensors the attribute scores depend on: the CLIP towers, without the level head (adapter, levels) and
+    without the routers and experts of MoAE blocks whose merge factor is 0 (they add exact zeros; a CLIP file leaves
+    the routers at their random initial values)."""
+    idle = [f"{name}." for name, m in model.named_modules()
+            if isinstance(m, MoAE) and m.scale is not None and not bool(m.scale.detach().ne(0).item())]
+    return {k: v for k, v in model.state_dict().items()
+            if k.startswith("clip_model.") and not any(k.startswith((p + "experts.", p + "gating.")) for p in idle)}
+
+
+def _check_settings(cache: Path, settings: dict) -> None:
+    path = cache / SETTINGS_FILE
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: unreadable teacher settings ({exc}); delete the cache folder to start over") \
+                from exc
+        differ = [k for k in settings if k != "checkpoint" and old.get(k) != settings[k]]
+        if differ:
+            raise ValueError(f"{cache} holds labels from a different teacher or preprocessing ({', '.join(differ)} "
+                             "differ); use another cache folder or delete this one")
+        return
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8"))
+
+
+def _read_parts(cache: Path) -> dict[str, list[float]]:
+    done: dict[str, list[float]] = {}
+    for path in sorted(p for p in cache.glob("part-*.csv") if _PART.match(p.name)):
+        done.update(_read_csv(path))
+    return done
+
+
+def _read_csv(path: Path) -> list[tuple[str, list[float]]]:
+    rows = _csv_rows(path)
+    if not rows or tuple(rows[0]) != HEADER:
+        raise ValueError(f"{path}: not a teacher-label file (header should be {','.join(HEADER)})")
+    out = []
+    for line, row in enumerate(rows[1:], start=2):
+        try:
+            if len(row) != len(HEADER):
+                raise ValueError(f"{len(row)} columns")
+            out.append((row[0], [float(v) for v in row[1:]]))
+        except ValueError as exc:
+            raise ValueError(f"{path}, line {line}: malformed label row ({exc})") from None
+    return out
+
+
+def _csv_rows(path: Path) -> list[list[str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return [r for r in csv.reader(fh) if r]
+
+
+def _write_csv(path: Path, rows: Sequence[tuple]) -> None:
+    atomic_write(path, lambda tmp: _write_rows(tmp, HEADER, rows))
+
+
+def _write_rows(tmp: str, header: Sequence[str], rows: Sequence[tuple]) -> None:
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([repr(v) if isinstance(v, float) else v for v in row])

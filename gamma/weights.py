@@ -3,7 +3,7 @@
 Formats read (detected from the file, never from its name):
 
 - ``release``: the authors' ``{'params': state_dict}`` pickle; keys ``clip_model.<OpenAI key>``, ``adapter.*``,
-  ``score_level`` (DESIGN.md §3). Carries no prompt set: the caller states it (default ``naive``).
+  ``score_level``. Carries no prompt set: the caller states it (default ``naive``).
 - ``clip``: a plain OpenAI / UniQA CLIP state_dict (also TorchScript archives and ``{'state_dict': ...}`` wrappers).
   It becomes the backbone; every adaptive expert starts as a copy of its block's MLP, as at the start of training.
 - ``gamma``: our own checkpoint, ``{'format': 'gamma', 'config': {...}, 'state_dict': ...}`` (+ training state),

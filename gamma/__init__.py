@@ -39,8 +39,9 @@ __all__ = [
     "save_checkpoint",
 ]
 
-# pyiqa metrics 'gamma' / 'gamma_sdp': registered now if pyiqa is already imported, else by a one-shot hook right after
-# pyiqa's import. Does not import pyiqa (seconds). See gamma.pyiqa_plugin.
-from .pyiqa_plugin import enable as _enable_pyiqa  # noqa: E402
+# pyiqa metrics 'gamma' / 'gamma_sdp': registered now if pyiqa is already imported, else right after pyiqa's import.
+# Imports neither pyiqa (seconds) nor anything else; installed gamma also runs it at interpreter start, for pyiqa's own
+# command line. See _gamma_pyiqa_hook and gamma.pyiqa_plugin.
+import _gamma_pyiqa_hook  # noqa: E402
 
-_enable_pyiqa()
+_gamma_pyiqa_hook.install()

@@ -13,7 +13,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
 
     The temporary file is flushed to disk before the rename, so after a crash the path holds either its previous
     content or the new one, never a mix. A failed write (disk full ...) raises an ``OSError`` naming ``path`` (not its
-    temporary) and removes the temporary.
+    temporary) and removes the temporary; an ``OSError`` that ``write`` raises with its own message (no ``errno``, such
+    as a checksum mismatch) or that names another file passes through unchanged.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,6 +27,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
+        if exc.errno is None or exc.filename not in (None, tmp):
+            raise
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

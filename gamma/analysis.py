@@ -6,17 +6,18 @@
 - :func:`single_expert_evaluation`: SRCC / PLCC on a labelled set with all experts, then with only one expert kept
   (the others' router weights zeroed, :func:`gamma.keep_only_experts`) — the paper's Table 6.
 
-Command line: ``gamma analyze routing ...`` and ``gamma analyze experts ...`` (see ``gamma analyze -h``).
+Command line: ``gamma analyze routing ...`` and ``gamma analyze experts ...`` (see ``gamma analyze -h`` and
+:mod:`gamma.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ import torch
 
 from .archs.gamma import GammaModel
 from .archs.moae import MoAE, keep_only_experts
+from .metrics import plcc, srcc
+from .prompts import DATASET_SCENES, canonical_scene
+from .scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +99,6 @@ def routing_statistics(
     Returns:
         rows with keys :data:`ROUTING_COLUMNS`, ``tower`` being ``image``.
     """
-    from itertools import islice
-
-    from .scorer import Scorer
-
     blocks = image_moae_blocks(model)
     if not blocks:
         raise ValueError("this model has no MoAE blocks (moae_layers=0 or num_experts=0): nothing to analyse")
@@ -131,8 +131,6 @@ def routing_statistics(
 def _scene_for(group: str, model: GammaModel) -> str | None:
     if model.config.prompt_set != "sdp":
         return None
-    from .prompts import DATASET_SCENES, canonical_scene
-
     key = group.lower()
     if key in DATASET_SCENES:
         return DATASET_SCENES[key]
@@ -162,7 +160,8 @@ def write_routing(rows: Sequence[Mapping[str, Any]], out_dir: str | os.PathLike,
 
 def plot_routing(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
     """One panel per MoAE block; in each, the mean weight of every expert as bars grouped by image group."""
-    # The object-oriented API with an Agg canvas: no pyplot, no change to a notebook's global backend.
+    # The object-oriented API with an Agg canvas: no pyplot, no change to a notebook's global backend. Imported here:
+    # matplotlib is an optional dependency (the `analysis` extra), needed only for the figure.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -214,10 +213,6 @@ def single_expert_evaluation(
     Returns:
         rows with keys :data:`EXPERT_COLUMNS`; ``setting`` is ``all`` or ``only expert k``.
     """
-    from scipy import stats
-
-    from .scorer import Scorer
-
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     blocks = image_moae_blocks(model)
@@ -238,10 +233,8 @@ def single_expert_evaluation(
             ok = np.isfinite(pred) & np.isfinite(y)
             if ok.sum() < 3:
                 raise ValueError(f"need at least 3 scored images with labels, got {int(ok.sum())}")
-            srcc = float(stats.spearmanr(pred[ok], y[ok])[0])
-            plcc = float(stats.pearsonr(pred[ok], y[ok])[0])
             rows.append({"setting": name, "experts": "all" if keep is None else " ".join(map(str, keep)),
-                         "srcc": srcc, "plcc": plcc, "images": int(ok.sum())})
+                         "srcc": srcc(pred[ok], y[ok]), "plcc": plcc(pred[ok], y[ok]), "images": int(ok.sum())})
     finally:
         keep_only_experts(model, None)
     return rows
@@ -280,71 +273,3 @@ def read_labels(meta: str | os.PathLike, root: str | os.PathLike | None = None) 
     if not paths:
         raise ValueError(f"{meta}: no (path, label) rows")
     return paths, labels
-
-
-# ---------------------------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``gamma analyze``."""
-    sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--weights", "-w", help="weight file or known name (default: find the release file)")
-    common.add_argument("--model", help=argparse.SUPPRESS)
-    common.add_argument("--prompt", choices=("naive", "sdp", "quality"), help="prompts the weights expect")
-    common.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
-    common.add_argument("--batch-size", "-b", type=int, default=8)
-    common.add_argument("--crops", choices=("random", "grid", "five", "center", "resize"), help="crop protocol")
-    common.add_argument("--num-crops", type=int, help="crops per image")
-    common.add_argument("--out-dir", "-o", default="gamma_analysis", help="output folder (default gamma_analysis)")
-
-    r = sub.add_parser("routing", parents=[common], help="mean router weight per block and expert for each group")
-    r.add_argument("groups", nargs="+", metavar="NAME=PATH[:SCENE]",
-                   help="a group of images (folder, file or glob) and its name, e.g. koniq10k=data/koniq/512x384 "
-                        "or mine=photos/:natural; a dataset or scene name gives SDP models their scene")
-    r.add_argument("--max-images", type=int, help="use at most this many images per group")
-
-    e = sub.add_parser("experts", parents=[common], help="SRCC/PLCC with all experts and with each one alone (Table 6)")
-    e.add_argument("meta", help="CSV: image path (relative to --root), MOS; more columns ignored")
-    e.add_argument("--root", help="image folder (default: the CSV's folder)")
-    e.add_argument("--scene", help="scene for SDP models")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run ``gamma analyze`` with parsed arguments; prints the files written."""
-    from .cli import UsageError
-    from .hub import WeightsNotFoundError
-    from .scorer import Scorer
-    from .weights import CheckpointError
-
-    try:
-        scorer = Scorer(args.weights, model=args.model, prompt_set=args.prompt, device=args.device,
-                        batch_size=args.batch_size, crops=args.crops, num_crops=args.num_crops, num_workers=0)
-    except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
-    model = scorer.model
-    try:
-        if args.analysis == "routing":
-            groups, scenes = {}, {}
-            for spec in args.groups:
-                name, sep, rest = spec.partition("=")
-                if not sep or not name or not rest:
-                    raise UsageError(f"a group is NAME=PATH[:SCENE], got {spec!r}")
-                path, scene = rest, None
-                head, colon, tail = rest.rpartition(":")
-                if colon and head and not os.path.exists(rest) and "/" not in tail and "\\" not in tail:
-                    path, scene = head, tail
-                groups[name], scenes[name] = path, scene
-            rows = routing_statistics(model, groups, scenes=scenes, batch_size=args.batch_size,
-                                      device=scorer.device, max_images=args.max_images)
-            written = write_routing(rows, args.out_dir)
-        else:
-            paths, labels = read_labels(args.meta, args.root)
-            rows = single_expert_evaluation(model, paths, labels, scene=args.scene, batch_size=args.batch_size,
-                                            device=scorer.device)
-            written = [write_rows(rows, Path(args.out_dir) / "single_expert.csv", EXPERT_COLUMNS)]
-            for row in rows:
-                print(f"{row['setting']:<16} SRCC {row['srcc']:.4f}  PLCC {row['plcc']:.4f}  ({row['images']} images)")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    for path in written:
-        print(f"wrote {path}")
-    return 0

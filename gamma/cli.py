@@ -18,13 +18,34 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import torch
+from tqdm.auto import tqdm
+
 from . import __version__
+from ._files import atomic_write
+from .analysis import (
+    EXPERT_COLUMNS,
+    read_labels,
+    routing_statistics,
+    single_expert_evaluation,
+    write_routing,
+    write_rows,
+)
+from .archs.crops import CROP_MODES
 from .data.meta import is_number
+from .data.registry import DATASETS
+from .factory import list_models
+from .hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights, weights_dir
+from .io import MAX_PIXELS, iter_image_files
+from .prompts import PROMPT_SETS, SCENES
+from .scorer import Scorer
+from .train.main import cli as train_cli
+from .weights import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +150,9 @@ class RowWriter:
             self._csv.writerow(self.columns)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.parent.glob(f".{glob.escape(self.path.name)}.*.tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
+        for name in (self.path.name, self.partial_path.name):  # temporaries of atomic_write left by a killed run
+            for stale in self.path.parent.glob(f".{glob.escape(name)}.*.tmp"):
+                stale.unlink(missing_ok=True)
         stream_path = self.partial_path if self.format == "json" else self.path
         if self._replace:
             stream_path.unlink(missing_ok=True)
@@ -157,11 +179,13 @@ class RowWriter:
             raise UsageError(f"cannot resume {self.path}: not a JSON file written by gamma ({exc})") from None
         if not isinstance(rows, list):
             raise UsageError(f"cannot resume {self.path}: expected a JSON list of rows")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.partial_path)
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row) + "\n")
+
+        atomic_write(self.partial_path, write)
 
     def write(self, row: dict[str, Any]) -> None:
         try:
@@ -193,24 +217,20 @@ class RowWriter:
 
     def _finish_json(self) -> None:
         assert self.path is not None
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out, open(self.partial_path, encoding="utf-8") as src:
-                out.write("[")
-                first = True
-                for line in src:  # streamed: a million rows never sit in memory at once
-                    if not line.strip():
-                        continue
-                    out.write(("\n  " if first else ",\n  ") + line.strip())
-                    first = False
-                out.write("\n]\n" if not first else "]\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, self._write_json_from_partial)
         self.partial_path.unlink(missing_ok=True)
+
+    def _write_json_from_partial(self, tmp: str) -> None:
+        """The side file's rows as one JSON list, streamed: a million rows never sit in memory at once."""
+        with open(tmp, "w", encoding="utf-8") as out, open(self.partial_path, encoding="utf-8") as src:
+            out.write("[")
+            first = True
+            for line in src:
+                if not line.strip():
+                    continue
+                out.write(("\n  " if first else ",\n  ") + line.strip())
+                first = False
+            out.write("\n]\n" if not first else "]\n")
 
 
 def _fmt(value: Any) -> str:
@@ -219,11 +239,41 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# ------------------------------------------------------------------------------------------------ commands
-def _score(args: argparse.Namespace) -> int:
-    from .io import iter_image_files
-    from .scorer import Scorer
+# ------------------------------------------------------------------------------------------------ score
+@dataclass
+class _Tally:
+    scored: int = 0
+    skipped: int = 0  # already in the output (--resume), or named twice
+    failed: int = 0  # could not be read or scored
 
+
+def _score(args: argparse.Namespace) -> int:
+    _resolve_score_options(args)
+    columns = ["name", "score"] + (["mos"] if args.mos_range else [])
+    writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
+    try:
+        scorer = _make_scorer(args)
+        writer.open()
+        tally = _score_files(args, scorer, writer)
+    except KeyboardInterrupt:
+        print("gamma: interrupted; run again with --resume to continue", file=sys.stderr)
+        writer.close(complete=False)
+        return 130
+    except BaseException:
+        writer.close(complete=False)
+        raise
+    writer.close(complete=True)
+    parts = [f"scored {tally.scored} image(s)"]
+    if tally.skipped:
+        parts.append(f"skipped {tally.skipped} already in {args.out}")
+    if tally.failed:
+        parts.append(f"{tally.failed} could not be read (named above)")
+    print("gamma: " + ", ".join(parts), file=sys.stderr)
+    return 1 if tally.failed else 0
+
+
+def _resolve_score_options(args: argparse.Namespace) -> None:
+    """Check option combinations and fill in what ``--dataset`` implies (before any file is touched)."""
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out (the file to continue)")
     args.scene_explicit = args.scene is not None
@@ -233,65 +283,42 @@ def _score(args: argparse.Namespace) -> int:
         raise UsageError("--mos-range needs two different numbers LO HI")
     if args.lower_better and args.mos_range is None:
         raise UsageError("--lower-better only applies together with --mos-range")
-    columns = ["name", "score"] + (["mos"] if args.mos_range else [])
-    writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
-    complete = False
-    try:
-        scorer = _make_scorer(args, Scorer)
-        writer.open()
-        recursive = not args.no_recursive
-        # Counting first walks the folders twice but keeps memory flat and gives the bar an ETA.
-        total = None if args.no_progress else sum(1 for _ in iter_image_files(args.paths, recursive=recursive))
-        bar = _progress(total, disable=args.no_progress)
-        skipped = scored = failed = 0
-        seen = writer.done
 
-        def todo() -> Iterator[str]:
-            nonlocal skipped
-            for path in iter_image_files(args.paths, recursive=recursive):
-                if path in seen:  # already in the output (--resume) or named twice
-                    skipped += 1
-                    bar.update(1)
-                    continue
-                seen.add(path)
-                yield path
 
-        results = scorer.iter_file_scores(todo(), on_error="skip")
-        try:
-            for result in results:
-                if result.ok:
-                    writer.write({"name": result.name, "score": result.score, "mos": result.mos})
-                    scored += 1
-                else:
-                    failed += 1
-                    bar.write(f"gamma: cannot score {result.error}", file=sys.stderr)
+def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) -> _Tally:
+    """Score the images under ``args.paths`` that are not in the output yet, streaming one row per image."""
+    recursive = not args.no_recursive
+    # Counting first walks the folders twice but keeps memory flat and gives the bar an ETA.
+    total = None if args.no_progress else sum(1 for _ in iter_image_files(args.paths, recursive=recursive))
+    bar = _progress(total, disable=args.no_progress)
+    tally = _Tally()
+    seen = writer.done
+
+    def todo() -> Iterator[str]:
+        for path in iter_image_files(args.paths, recursive=recursive):
+            if path in seen:
+                tally.skipped += 1
                 bar.update(1)
-        finally:
-            bar.close()
-        complete = True
-    except KeyboardInterrupt:
-        print("gamma: interrupted; run again with --resume to continue", file=sys.stderr)
-        writer.close(complete=False)
-        return 130
-    except BaseException:
-        writer.close(complete=False)
-        raise
-    writer.close(complete=complete)
-    parts = [f"scored {scored} image(s)"]
-    if skipped:
-        parts.append(f"skipped {skipped} already in {args.out}")
-    if failed:
-        parts.append(f"{failed} could not be read (named above)")
-    print("gamma: " + ", ".join(parts), file=sys.stderr)
-    return 1 if failed else 0
+                continue
+            seen.add(path)
+            yield path
+
+    try:
+        for result in scorer.iter_file_scores(todo(), on_error="skip"):
+            if result.ok:
+                writer.write({"name": result.name, "score": result.score, "mos": result.mos})
+                tally.scored += 1
+            else:
+                tally.failed += 1
+                bar.write(f"gamma: cannot score {result.error}", file=sys.stderr)
+            bar.update(1)
+    finally:
+        bar.close()
+    return tally
 
 
 def _apply_dataset(args: argparse.Namespace) -> None:
     """--dataset NAME: the dataset's MOS range, label direction and (for SDP) scene, unless given explicitly."""
-    try:
-        from .data.registry import DATASETS
-    except ImportError as exc:
-        raise UsageError(f"--dataset needs gamma.data ({exc})") from None
     info = DATASETS.get(args.dataset.lower())
     if info is None:
         raise UsageError(f"unknown dataset {args.dataset!r}; known: {', '.join(DATASETS)}")
@@ -302,22 +329,13 @@ def _apply_dataset(args: argparse.Namespace) -> None:
         args.scene = info.scene
 
 
-def _make_scorer(args: argparse.Namespace, scorer_cls: Any) -> Any:
-    from .hub import WeightsNotFoundError
-    from .weights import CheckpointError
-
-    if args.model is None and args.weights is None:
-        weights = None
-    else:
-        weights = args.weights
+def _make_scorer(args: argparse.Namespace) -> Scorer:
     if args.model is not None and args.weights is None:
         logger.warning("--model %s without --weights: random weights (tests and demos only)", args.model)
-        import torch
-
         torch.manual_seed(0)  # the same random weights on every run, so that --resume continues consistently
     try:
-        scorer = scorer_cls(
-            weights,
+        scorer = Scorer(
+            args.weights,
             model=args.model,
             prompt_set=args.prompt,
             device=args.device,
@@ -338,8 +356,6 @@ def _make_scorer(args: argparse.Namespace, scorer_cls: Any) -> Any:
             raise
         raise UsageError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
     if scorer.model.config.prompt_set == "sdp" and args.scene is None:
-        from .prompts import SCENES
-
         raise UsageError(f"this model uses scene-based prompts (SDP): pass --scene, one of {', '.join(SCENES)}")
     if args.scene is not None and args.scene_explicit and scorer.model.config.prompt_set != "sdp":
         logger.warning("--scene only applies to scene-based prompts; this model uses %r prompts (for the Gamma-Prompt "
@@ -354,18 +370,12 @@ def _make_scorer(args: argparse.Namespace, scorer_cls: Any) -> Any:
 
 
 def _progress(total: int | None, disable: bool) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, unit="img", desc="scoring", file=sys.stderr, disable=disable,
                 dynamic_ncols=True)
 
 
+# ------------------------------------------------------------------------------------------------ list
 def _list(args: argparse.Namespace) -> int:
-    from .archs.crops import CROP_MODES
-    from .factory import list_models
-    from .hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights, weights_dir
-    from .prompts import SCENES
-
     out = sys.stdout
     print("model variants (--model):", file=out)
     for name in list_models():
@@ -382,18 +392,53 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ analyze
 def _analyze(args: argparse.Namespace) -> int:
-    from .analysis import main as analysis_main
+    """``gamma analyze routing|experts``: the functions of :mod:`gamma.analysis`; prints the files written."""
+    try:
+        scorer = Scorer(args.weights, model=args.model, prompt_set=args.prompt, device=args.device,
+                        batch_size=args.batch_size, crops=args.crops, num_crops=args.num_crops, num_workers=0)
+    except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    model = scorer.model
+    try:
+        if args.analysis == "routing":
+            groups, scenes = _parse_groups(args.groups)
+            rows = routing_statistics(model, groups, scenes=scenes, batch_size=args.batch_size,
+                                      device=scorer.device, max_images=args.max_images)
+            written = write_routing(rows, args.out_dir)
+        else:
+            paths, labels = read_labels(args.meta, args.root)
+            rows = single_expert_evaluation(model, paths, labels, scene=args.scene, batch_size=args.batch_size,
+                                            device=scorer.device)
+            written = [write_rows(rows, Path(args.out_dir) / "single_expert.csv", EXPERT_COLUMNS)]
+            for row in rows:
+                print(f"{row['setting']:<16} SRCC {row['srcc']:.4f}  PLCC {row['plcc']:.4f}  ({row['images']} images)")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
-    return analysis_main(args)
+
+def _parse_groups(specs: Sequence[str]) -> tuple[dict[str, str], dict[str, str | None]]:
+    """``NAME=PATH[:SCENE]`` arguments -> (name -> path, name -> scene)."""
+    groups: dict[str, str] = {}
+    scenes: dict[str, str | None] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise UsageError(f"a group is NAME=PATH[:SCENE], got {spec!r}")
+        path, scene = rest, None
+        head, colon, tail = rest.rpartition(":")
+        if colon and head and not os.path.exists(rest) and "/" not in tail and "\\" not in tail:
+            path, scene = head, tail
+        groups[name], scenes[name] = path, scene
+    return groups, scenes
 
 
 def _train(argv: Sequence[str]) -> int:
-    """``gamma train ARGS`` is ``gamma-train ARGS`` (gamma.train.main.cli), imported only when asked for."""
-    try:
-        from .train.main import cli as train_cli
-    except ImportError as exc:
-        raise UsageError(f"training is not available in this installation ({exc})") from None
+    """``gamma train ARGS`` is ``gamma-train ARGS`` (gamma.train.main.cli)."""
     return int(train_cli(list(argv)) or 0)
 
 
@@ -405,20 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gamma {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    release_names = ", ".join(name for name, entry in KNOWN_WEIGHTS.items() if entry.prompt_set)
 
     s = sub.add_parser("score", help="score images (files, folders, globs)", description=(
         "Score images with Gamma. Rows stream to the output as they are scored; unreadable files are named on "
         "stderr and counted, and make the exit status 1."))
     s.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
-    s.add_argument("--weights", "-w", help="weight file, or a known name (gamma, gamma_sdp); default: find the "
+    s.add_argument("--weights", "-w", help=f"weight file, or a known name ({release_names}); default: find the "
                    "release file (see `gamma list`)")
     s.add_argument("--model", help=argparse.SUPPRESS)  # a variant name, random-init without --weights (tests)
-    s.add_argument("--prompt", choices=("naive", "sdp", "quality"), help="prompts the weights expect "
+    s.add_argument("--prompt", choices=PROMPT_SETS, help="prompts the weights expect "
                    "(the release files: naive for Gamma, sdp for Gamma-Prompt)")
-    s.add_argument("--scene", help="scene for SDP models: natural, aigc, underwater, face, aesthetics")
+    s.add_argument("--scene", help=f"scene for SDP models: {', '.join(SCENES)}")
     s.add_argument("--batch-size", "-b", type=_positive_int, default=8, help="images per forward pass (default 8)")
     s.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    s.add_argument("--crops", choices=("random", "grid", "five", "center", "resize"),
+    s.add_argument("--crops", choices=CROP_MODES,
                    help="test-time crop protocol (default: random, the release's 10 seeded random crops)")
     s.add_argument("--num-crops", type=_positive_int, help="crops per image for random/grid (default 10)")
     s.add_argument("--seed", type=int, help="seed of the random crop offsets (default 0)")
@@ -441,13 +487,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("list", help="model variants, known weights (and whether they are found), scenes, crop modes")
 
-    from .analysis import add_arguments as add_analysis_arguments
-
     a = sub.add_parser("analyze", help="expert analysis: router weights per block and scene; single-expert scores")
-    add_analysis_arguments(a)
+    _add_analyze_arguments(a)
 
     sub.add_parser("train", help="train or fine-tune (arguments are passed to gamma.train)", add_help=False)
     return parser
+
+
+def _add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``gamma analyze``."""
+    sub = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--weights", "-w", help="weight file or known name (default: find the release file)")
+    common.add_argument("--model", help=argparse.SUPPRESS)
+    common.add_argument("--prompt", choices=PROMPT_SETS, help="prompts the weights expect")
+    common.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
+    common.add_argument("--batch-size", "-b", type=int, default=8)
+    common.add_argument("--crops", choices=CROP_MODES, help="crop protocol")
+    common.add_argument("--num-crops", type=int, help="crops per image")
+    common.add_argument("--out-dir", "-o", default="gamma_analysis", help="output folder (default gamma_analysis)")
+
+    r = sub.add_parser("routing", parents=[common], help="mean router weight per block and expert for each group")
+    r.add_argument("groups", nargs="+", metavar="NAME=PATH[:SCENE]",
+                   help="a group of images (folder, file or glob) and its name, e.g. koniq10k=data/koniq/512x384 "
+                        "or mine=photos/:natural; a dataset or scene name gives SDP models their scene")
+    r.add_argument("--max-images", type=int, help="use at most this many images per group")
+
+    e = sub.add_parser("experts", parents=[common], help="SRCC/PLCC with all experts and with each one alone (Table 6)")
+    e.add_argument("meta", help="CSV: image path (relative to --root), MOS; more columns ignored")
+    e.add_argument("--root", help="image folder (default: the CSV's folder)")
+    e.add_argument("--scene", help=f"scene for SDP models: {', '.join(SCENES)}")
 
 
 def _positive_int(text: str) -> int:
@@ -469,8 +538,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.command == "score":
-        from .io import MAX_PIXELS
-
         args.max_pixels = MAX_PIXELS if args.max_pixels is None else args.max_pixels
         return _run(lambda: _score(args))
     if args.command == "list":

@@ -9,6 +9,7 @@ from typing import Any
 from .archs.attiqa import AttiqaModel
 from .archs.gamma import GammaModel
 from .config import ATTIQA_VARIANTS, VARIANTS, AttiqaConfig, GammaConfig, get_attiqa_variant, get_variant
+from .hub import KNOWN_WEIGHTS, resolve_weights
 from .weights import Checkpoint, CheckpointError, infer_config, load_into, read_checkpoint, read_state_dict
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ def create_model(
         name: a variant from :func:`list_models`. Without it, ``pretrained`` is required and the architecture is
             inferred from the checkpoint (our checkpoints carry their config; others are read from tensor shapes).
         pretrained: a checkpoint file: ours, the authors' release (``{'params': ...}``), a plain OpenAI/UniQA CLIP
-            state_dict (becomes the backbone; experts start as copies of its MLPs), or safetensors of these.
+            state_dict (becomes the backbone; experts start as copies of its MLPs), or safetensors of these. Or a
+            known weight name (``gamma``, ``gamma_sdp``, ``uniqa``: :data:`gamma.hub.KNOWN_WEIGHTS`), whose file
+            :func:`gamma.hub.resolve_weights` finds and which implies its prompt set unless ``prompt_set`` is given.
         strict: refuse a checkpoint whose keys or shapes do not match exactly (the error names them).
         allow_unsafe: allow a full unpickle for files that cannot be read with ``weights_only=True``.
         **overrides: config fields (``prompt_set='sdp'``, ``moae_layers=4``, ``num_experts=5``, ``vision={...}`` ...).
@@ -49,11 +52,20 @@ def create_model(
 
     Returns:
         the model in eval mode.
+
+    Raises:
+        gamma.hub.WeightsNotFoundError: the file (or the known name's file) does not exist.
     """
     if name is None and pretrained is None:
         known = ", ".join(list_models("all"))
         raise ValueError(f"create_model needs a variant name or a checkpoint; variants: {known}")
-    ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe) if pretrained is not None else None
+    ckpt = None
+    if pretrained is not None:
+        implied = _implied_prompt_set(pretrained)
+        if implied is not None and "prompt_set" not in overrides:
+            overrides = {**overrides, "prompt_set": implied}
+        pretrained = resolve_weights(path=pretrained)
+        ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe)
     if name in ATTIQA_VARIANTS or (name is None and isinstance(ckpt.config, AttiqaConfig)):
         return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
     if name is not None:
@@ -71,6 +83,13 @@ def create_model(
     if ckpt is not None:
         load_into(model, ckpt, strict=strict)
     return model.eval()
+
+
+def _implied_prompt_set(pretrained: str | os.PathLike) -> str | None:
+    """The prompt set of a known weight name (the release files do not record theirs); None for a file path."""
+    text = os.fspath(pretrained)
+    entry = KNOWN_WEIGHTS.get(text) if not os.path.isfile(text) else None
+    return entry.prompt_set if entry is not None else None
 
 
 def _create_attiqa(name: str | None, ckpt: Checkpoint | None, *, strict: bool, allow_unsafe: bool,

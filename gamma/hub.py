@@ -19,9 +19,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch.hub
+
+from ._files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +94,6 @@ def weights_dir() -> Path:
     home = os.environ.get("GAMMA_HOME")
     if home:
         return Path(home).expanduser()
-    import torch.hub
-
     return Path(torch.hub.get_dir()) / "checkpoints" / "gamma"
 
 
@@ -172,7 +173,8 @@ def resolve_weights(
 
 
 def download_weights(entry: WeightFile, dest: str | os.PathLike, progress: bool = True) -> Path:
-    """Download ``entry.url`` to ``dest`` through a temporary file, verify its sha256, then move it into place.
+    """Download ``entry.url`` to ``dest`` through a temporary file, verify its sha256, then move it into place
+    (:func:`gamma._files.atomic_write`).
 
     Raises:
         ValueError: the entry has no URL or no checksum (unchecked downloads are refused).
@@ -182,20 +184,13 @@ def download_weights(entry: WeightFile, dest: str | os.PathLike, progress: bool 
         raise ValueError(f"no download URL for {entry.name!r}")
     if not entry.sha256:
         raise ValueError(f"refusing to download {entry.name!r} without a sha256 to check it against")
-    from torch.hub import download_url_to_file
 
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    try:
-        logger.info("downloading %s to %s", entry.url, dest)
-        download_url_to_file(entry.url, tmp, hash_prefix=None, progress=progress)
+    def fetch(tmp: str) -> None:
+        torch.hub.download_url_to_file(entry.url, tmp, hash_prefix=None, progress=progress)
         verify_sha256(tmp, entry.sha256, what=entry.url)
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return dest
+
+    logger.info("downloading %s to %s", entry.url, dest)
+    return atomic_write(dest, fetch)
 
 
 def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

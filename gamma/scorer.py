@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .archs.gamma import GammaModel
+from .data.meta import denormalize_mos, normalize_mos
 from .factory import create_model
-from .hub import KNOWN_WEIGHTS, resolve_weights
 from .io import MAX_PIXELS, ImageDecodeError, iter_image_files, load_image
 
 logger = logging.getLogger(__name__)
@@ -49,21 +50,28 @@ class ScoreResult:
 def to_mos(score: float | np.ndarray | torch.Tensor, lo: float, hi: float, lower_better: bool = False) -> Any:
     """Map normalised scores (0 = worst, 1 = best) back to a dataset's label scale.
 
-    The inverse of the training normalisation ``y = (mos - lo) / (hi - lo)``, ``y = 1 - y`` for DMOS-like labels
-    (``lower_better``).
+    :func:`gamma.data.meta.denormalize_mos`, the inverse of the training normalisation ``y = (mos - lo) / (hi - lo)``
+    (``y = 1 - y`` for DMOS-like labels, ``lower_better``), with the range given as two numbers; ``hi < lo`` reads
+    as a reversed scale. Tensors give tensors.
     """
-    if hi == lo:
-        raise ValueError(f"MOS range must not be empty, got lo = hi = {lo}")
-    y = 1 - score if lower_better else score
-    return lo + y * (hi - lo)
+    return _with_range(denormalize_mos, score, lo, hi, lower_better)
 
 
 def from_mos(mos: float | np.ndarray | torch.Tensor, lo: float, hi: float, lower_better: bool = False) -> Any:
-    """Normalise labels on a dataset's scale to [0, 1], higher is better (the inverse of :func:`to_mos`)."""
+    """Normalise labels on a dataset's scale to [0, 1], higher is better (:func:`gamma.data.meta.normalize_mos`; the
+    inverse of :func:`to_mos`)."""
+    return _with_range(normalize_mos, mos, lo, hi, lower_better)
+
+
+def _with_range(convert: Callable[..., Any], values: Any, lo: float, hi: float, lower_better: bool) -> Any:
     if hi == lo:
         raise ValueError(f"MOS range must not be empty, got lo = hi = {lo}")
-    y = (mos - lo) / (hi - lo)
-    return 1 - y if lower_better else y
+    # A reversed range (hi < lo) is the ordered one with the label direction flipped.
+    mos_range, lower_better = ((lo, hi), lower_better) if lo < hi else ((hi, lo), not lower_better)
+    if isinstance(values, torch.Tensor):
+        out = convert(values.detach().cpu().numpy(), mos_range, lower_better)
+        return torch.as_tensor(out, dtype=values.dtype, device=values.device)
+    return convert(values, mos_range, lower_better)
 
 
 def default_device() -> torch.device:
@@ -143,24 +151,16 @@ class Scorer:
 
     @staticmethod
     def _build(weights: Any, model: Any, prompt_set: str | None, allow_unsafe: bool) -> GammaModel:
-        overrides = {"prompt_set": prompt_set} if prompt_set else {}
         if isinstance(model, GammaModel):
             if weights is not None or prompt_set is not None:
                 raise ValueError("pass either a model instance or weights/prompt_set, not both")
             return model
-        if isinstance(model, str):
-            path = resolve_weights(path=weights) if weights is not None else None
-            return create_model(model, pretrained=path, allow_unsafe=allow_unsafe, **overrides)
-        if model is not None:
+        if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a GammaModel or a variant name, got {type(model).__name__}")
-        name = "gamma_sdp" if prompt_set == "sdp" else "gamma"
-        if isinstance(weights, str) and weights in KNOWN_WEIGHTS and not os.path.isfile(weights):
-            name = weights
-        path = resolve_weights(name, weights)
-        entry = KNOWN_WEIGHTS[name]
-        if not overrides and (weights is None or weights == name) and entry.prompt_set:
-            overrides = {"prompt_set": entry.prompt_set}  # a known release file: its prompt set is known
-        return create_model(pretrained=path, allow_unsafe=allow_unsafe, **overrides)
+        if model is None and weights is None:  # the release file for these prompts, found by gamma.hub
+            weights = "gamma_sdp" if prompt_set == "sdp" else "gamma"
+        overrides = {"prompt_set": prompt_set} if prompt_set else {}
+        return create_model(model, pretrained=weights, allow_unsafe=allow_unsafe, **overrides)
 
     # ------------------------------------------------------------------------------------------------ scoring
     def score(
@@ -186,8 +186,6 @@ class Scorer:
         """
         results = self.iter_scores(inputs, scene, on_error=on_error)
         if progress:
-            from tqdm.auto import tqdm
-
             results = tqdm(results, desc="scoring", unit="img")
         rows = [asdict(r) for r in results]
         if self.mos_range is None:
@@ -197,7 +195,7 @@ class Scorer:
             for row in rows:
                 row.pop("error")
         try:
-            import pandas as pd
+            import pandas as pd  # optional (the `analysis` and `dev` extras)
         except ImportError:
             return rows
         columns = ["name", "score"] + (["mos"] if self.mos_range else [])

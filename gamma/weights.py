@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from ._files import atomic_write
 from .config import AttiqaConfig, GammaConfig, TextCfg, VisionCfg
@@ -116,8 +118,6 @@ def _torch_load(path: Path, allow_unsafe: bool) -> Any:
 
 
 def _read_safetensors(path: Path) -> Checkpoint:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -346,8 +346,6 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **extra: An
     path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         meta = {"format": FORMAT_NAME, "config": json.dumps(model.config.to_dict())}
         return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),

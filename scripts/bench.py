@@ -8,8 +8,9 @@ Everything that is compared is measured in the same run, interleaved (A B C A B 
   tokens on every call, experts in a Python loop, crops one after another) on the *same* weights; the max abs score
   difference is reported (fp32: must be <= 1e-5);
 - **matmul**: the machine's own rate for a large square fp32 ``torch.mm``, the ceiling for the model's FLOP rate;
-- **floor**: plain open_clip ViT-B/16 (``ViT-B-16-quickgelu``, random init, image encoding only), which a model with
-  dense MoAE experts cannot beat.
+- **floor**: the same CLIP backbone without MoAE (:func:`gamma.archs.clip.build_clip` with ``moae_layers=0``: open_clip
+  modules, QuickGELU, the class-token-only last block; random init, image encoding only), which a model with dense MoAE
+  experts cannot beat.
 
 It also measures the trade-off of cheaper deterministic test-time modes against the 10-crop protocol: cost per image,
 and agreement (SRCC) of their scores with the 10-crop scores on synthetic distorted pictures.
@@ -39,13 +40,19 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
+from scipy.stats import spearmanr
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gamma  # noqa: E402
+from gamma.archs.clip import build_clip  # noqa: E402
 from gamma.config import GammaConfig  # noqa: E402
+from gamma.data import synthetic as syn  # noqa: E402
 from gamma.reference import ReleaseReference  # noqa: E402
 
 logger = logging.getLogger("bench")
@@ -61,8 +68,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    import open_clip
-
     info = {
         "nproc": os.cpu_count(),
         "cpu": cpu,
@@ -225,7 +230,7 @@ def flops_per_crop(cfg: GammaConfig, prompts: int) -> dict[str, float]:
     moae = cfg.moae_layers if cfg.has_moae else 0
     ours = _tower_flops(tokens, v.width, v.layers, moae, cfg.num_experts, last_cls_only=True)
     release = _tower_flops(tokens, v.width, v.layers, moae, cfg.num_experts, last_cls_only=False)
-    plain = _tower_flops(tokens, v.width, v.layers, 0, 0, last_cls_only=False)
+    plain = _tower_flops(tokens, v.width, v.layers, 0, 0, last_cls_only=True)
     text = _tower_flops(t.context_length, t.width, t.layers, moae, cfg.num_experts, last_cls_only=False)
     text_total = prompts * (sum(text.values()) + 2 * t.width * cfg.embed_dim)
     return {
@@ -240,8 +245,6 @@ def flops_per_crop(cfg: GammaConfig, prompts: int) -> dict[str, float]:
 
 def counted_flops(fn: Callable[[], Any]) -> int:
     """FLOPs that torch.utils.flop_counter sees (matmuls and convolutions; CPU attention kernels are not counted)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
@@ -263,23 +266,9 @@ def perturb(model: gamma.GammaModel, seed: int = 0) -> None:
             p.normal_(0, 0.05, generator=gen)
 
 
-def plain_clip(cfg: GammaConfig, variant: str) -> torch.nn.Module:
-    """open_clip's CLIP with the backbone of ``cfg``, no MoAE and nothing of ours: ViT-B-16-quickgelu for the paper's
-    variant, the same-shaped open_clip CLIP otherwise."""
-    import open_clip
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    if variant.startswith("gamma_vitb16"):
-        return open_clip.create_model("ViT-B-16-quickgelu").eval()
-    v, t = cfg.vision, cfg.text
-    return CLIP(
-        embed_dim=cfg.embed_dim,
-        vision_cfg=CLIPVisionCfg(width=v.width, layers=v.layers, head_width=v.width // v.heads,
-                                 patch_size=v.patch_size, image_size=v.image_size),
-        text_cfg=CLIPTextCfg(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width,
-                             heads=t.heads, layers=t.layers),
-        quick_gelu=True,
-    ).eval()
+def plain_clip(cfg: GammaConfig) -> torch.nn.Module:
+    """The CLIP of ``cfg`` as gamma builds it, without MoAE and without our head: the floor of our image tower."""
+    return build_clip(cfg.replace(moae_layers=0)).eval()
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -297,7 +286,7 @@ class Bench:
         self.cfg = self.model.config
         self.scene = args.scene if self.cfg.prompt_set == "sdp" else None
         self.reference = ReleaseReference(self.model.state_dict(), prompt_set=self.cfg.prompt_set).to(self.device)
-        self.floor = plain_clip(self.cfg, args.variant).to(self.device)
+        self.floor = plain_clip(self.cfg).to(self.device)
         if args.compile:
             self.model.clip_model.visual.compile()
             self.floor.visual.compile()
@@ -499,13 +488,6 @@ class Bench:
 # ------------------------------------------------------------------------------------------------ agreement
 def synthetic_pictures(count: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, list[float]]:
     """Distorted synthetic pictures (count, 3, height, width) in [0, 1] and their noise-free quality."""
-    import numpy as np
-
-    try:
-        from gamma.data import synthetic as syn
-    except ImportError:  # the demo's generator is not installed: distorted crops of scikit-image's photos instead
-        return _skimage_pictures(count, height, width, seed)
-
     rng = np.random.default_rng(seed)
     pool = syn._photo_pool()
     spec = syn.DEMO_SPECS[0]
@@ -520,27 +502,6 @@ def synthetic_pictures(count: int, height: int, width: int, seed: int) -> tuple[
     return torch.stack(images), quality
 
 
-def _skimage_pictures(count: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, list[float]]:
-    import numpy as np
-    import skimage.data
-    from skimage.filters import gaussian
-    from skimage.transform import resize
-
-    rng = np.random.default_rng(seed)
-    photos = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
-    images, quality = [], []
-    for i in range(count):
-        photo = resize(photos[i % len(photos)], (height, width), anti_aliasing=True)
-        strength = 0.0 if i % 7 == 0 else float(rng.uniform(0.05, 1.0))
-        if i % 2:
-            photo = gaussian(photo, sigma=0.4 + 2.6 * strength, channel_axis=-1)
-        else:
-            photo = photo + rng.normal(0, 0.02 + 0.16 * strength, photo.shape)
-        images.append(torch.from_numpy(np.clip(photo, 0, 1).astype(np.float32)).permute(2, 0, 1))
-        quality.append(1 - 0.9 * strength)
-    return torch.stack(images), quality
-
-
 def mode_agreement(args: argparse.Namespace, count: int) -> dict[str, Any]:
     """SRCC between the 10-crop scores and each cheaper mode's, on synthetic distorted 384x512 pictures.
 
@@ -548,8 +509,6 @@ def mode_agreement(args: argparse.Namespace, count: int) -> dict[str, Any]:
     weights). Without one, the random tiny variant is used and the figures only say how much the crop choice moves an
     untrained model's scores (its SRCC against the true quality, reported alongside, shows how uninformative it is).
     """
-    from scipy.stats import spearmanr
-
     torch.manual_seed(0)
     if args.checkpoint:
         model = gamma.create_model(pretrained=args.checkpoint).eval()

@@ -114,6 +114,22 @@ def test_mos_mapping(image_dir):
         Scorer(model="gamma_test", device="cpu", mos_range=(3, 3))
 
 
+def test_mos_mapping_follows_gamma_data_meta():
+    """to_mos / from_mos are gamma.data.meta's pair with the range as two numbers; hi < lo is a reversed scale."""
+    from gamma.data.meta import denormalize_mos
+
+    y = np.array([0.0, 0.25, 0.9])
+    np.testing.assert_allclose(to_mos(y, 1, 5), denormalize_mos(y, (1, 5), False))
+    np.testing.assert_allclose(to_mos(y, 0, 100, True), 100 * (1 - y))
+    np.testing.assert_allclose(to_mos(y, 100, 0), 100 - 100 * y)  # reversed: the same as lower_better on (0, 100)
+    np.testing.assert_allclose(from_mos(to_mos(y, 100, 0), 100, 0), y)
+    t = to_mos(torch.tensor([0.5, 1.0]), 1, 5)
+    assert isinstance(t, torch.Tensor) and t.dtype == torch.float32 and torch.allclose(t, torch.tensor([3.0, 5.0]))
+    assert isinstance(to_mos(0.5, 1, 5), float) and to_mos(0.5, 1, 5) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="must not be empty"):
+        to_mos(y, 3, 3)
+
+
 def test_sdp_needs_a_scene(image_dir):
     torch.manual_seed(0)
     model = gamma.create_model("gamma_test_sdp")
@@ -249,6 +265,25 @@ def test_verify_sha256(tmp_path):
     hub.verify_sha256(f, "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD")
     with pytest.raises(hub.ChecksumError, match=str(f)):
         hub.verify_sha256(f, "00")
+
+
+def test_create_model_resolves_known_weight_names(clean_env, tmp_path):
+    """create_model(pretrained='gamma_sdp') finds the file itself and implies its prompt set; an explicit one wins."""
+    clean_env.mkdir()
+    torch.manual_seed(1)
+    torch.save(release_state_dict(gamma.create_model("gamma_test_sdp")), clean_env / "Gamma-Prompt.pth")
+    model = gamma.create_model(pretrained="gamma_sdp")
+    assert model.config.prompt_set == "sdp"
+    model.set_crop_protocol(mode="center")
+    assert gamma.create_model(pretrained="gamma_sdp", prompt_set="quality").config.prompt_set == "quality"
+    scorer = Scorer("gamma_sdp", device="cpu", crops="center", scene="face")  # through create_model
+    x = torch.rand(1, 3, 224, 224)
+    with torch.inference_mode():
+        assert scorer.score(x)["score"][0] == pytest.approx(float(model(x, scene="face")[0]), rel=1e-5, abs=1e-6)
+    with pytest.raises(hub.WeightsNotFoundError, match="no weight file for 'gamma'"):
+        gamma.create_model(pretrained="gamma")
+    with pytest.raises(hub.WeightsNotFoundError, match="weight file not found: .*nope.pth"):
+        gamma.create_model("gamma_test", pretrained=tmp_path / "nope.pth")
 
 
 def test_scorer_without_weights_reports_the_hub_message(clean_env):

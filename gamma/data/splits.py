@@ -19,6 +19,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .._files import atomic_write
+from .meta import read_meta
+from .registry import META_KINDS, get_dataset_info
+
 logger = logging.getLogger(__name__)
 
 #: The two parts of each split; ``eval_key`` names the held-out one ('val', or 'test' for AVA).
@@ -188,15 +192,14 @@ def all_split(n_items: int, eval_key: str = "val") -> dict[int, dict[str, list[i
 
 
 def save_splits(splits: dict, path: str | os.PathLike) -> None:
-    """Write ``splits`` as a pickle (protocol 4, plain ints) atomically."""
-    file = os.fspath(path)
+    """Write ``splits`` as a pickle (protocol 4, plain ints) atomically (:func:`gamma._files.atomic_write`)."""
     clean = {int(k): {str(p): [int(i) for i in rows] for p, rows in v.items()} for k, v in splits.items()}
-    folder = os.path.dirname(os.path.abspath(file))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{file}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        pickle.dump(clean, fh, protocol=4)
-    os.replace(tmp, file)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            pickle.dump(clean, fh, protocol=4)
+
+    atomic_write(path, write)
 
 
 # --------------------------------------------------------------------------------------------------------- CLI
@@ -204,9 +207,6 @@ def save_splits(splits: dict, path: str | os.PathLike) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scripts/make_splits.py``: meta CSV in, split pickle out."""
-    from .meta import read_meta
-    from .registry import META_KINDS, get_dataset_info
-
     p = argparse.ArgumentParser(
         prog="make_splits.py",
         description="Write seeded train/held-out splits of a meta CSV as a pyiqa split pickle. Full-reference meta "

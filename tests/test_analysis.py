@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_moae
+from helpers import perturb_moae
 from PIL import Image
 
 import gamma

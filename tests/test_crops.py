@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import perturb_moae
+from helpers import perturb_moae
 
 from gamma.archs.crops import CropProtocol, prepare, unique_crops
 

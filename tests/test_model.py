@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_moae
+from helpers import perturb_moae
 
 import gamma
 from gamma.archs.clip import encode_text

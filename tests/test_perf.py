@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_moae
+from helpers import perturb_moae
 
 import gamma
 from gamma.archs.clip import ClassTokenBlock

@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import perturb_moae
+from helpers import perturb_moae
 
 import gamma
 import gamma.reference

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import perturb_moae
+from helpers import perturb_moae
 
 import gamma
 from gamma.weights import CheckpointError, infer_config, read_checkpoint, release_state_dict, save_checkpoint

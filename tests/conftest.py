@@ -1,16 +1,43 @@
-"""Shared test setup: offline, deterministic, small."""
+"""Suite setup: offline, seeded, small. Helpers that several test modules share live in tests/helpers.py."""
 
 import os
+import random
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # Width-64 test models gain nothing from a second thread, and on a busy 2-core machine each parallel op can stall.
-torch.set_num_threads(1)
+# The suite must also pass with torch's default thread count: GAMMA_TEST_THREADS=0 keeps it (N > 0 sets N threads).
+_THREADS = int(os.environ.get("GAMMA_TEST_THREADS", "1"))
+if _THREADS > 0:
+    torch.set_num_threads(_THREADS)
+
+# Property tests try the same examples on every run (Hypothesis derives them from each test's code) and keep no
+# example database in the working tree; HYPOTHESIS_PROFILE=explore draws new examples on each run.
+settings.register_profile("repeatable", derandomize=True, database=None)
+settings.register_profile("explore", database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
+
+
+def _seed_global_rngs(seed: int = 0) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_seed_global_rngs()  # draws made while the test modules are imported (tables of parametrised inputs)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rngs() -> None:
+    """Every test starts from the same global random state, whichever tests ran before it."""
+    _seed_global_rngs()
 
 
 @pytest.fixture
@@ -28,16 +55,3 @@ def tiny_sdp_model():
 
     torch.manual_seed(0)
     return gamma.create_model("gamma_test_sdp")
-
-
-def perturb_moae(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
-    """Give a model's MoAE blocks non-trivial values (alphas, routers, experts) so that they change the output."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.moae_modules():
-            if m.scale is not None:
-                m.scale.fill_(0.7)
-            m.gating.layer1.weight.normal_(0, 1.0, generator=gen)
-            for expert in m.experts.values():
-                for p in expert.parameters():
-                    p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp_min(1e-3))

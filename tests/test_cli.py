@@ -172,6 +172,7 @@ def test_version_and_list(capsys):
     assert "gamma_test" in out and "Gamma.pth" in out and "underwater" in out and "grid" in out
 
 
+@pytest.mark.slow
 def test_subprocess_killed_mid_run_then_resumed(image_dir, tmp_path, capsys):
     """The real command in a subprocess, SIGKILLed while writing; --resume completes it without duplicates."""
     many = tmp_path / "many"

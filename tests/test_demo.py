@@ -60,6 +60,7 @@ def test_demo_options_resolve():
     assert load_config(REPO / "options" / "demo_nomoae.yml").model.overrides["num_experts"] == 0
 
 
+@pytest.mark.slow
 def test_backbone_is_a_plain_clip_state_dict(demo):
     _, result = demo
     sd = torch.load(result["backbone"], map_location="cpu", weights_only=True)
@@ -74,11 +75,13 @@ def test_backbone_is_a_plain_clip_state_dict(demo):
     assert not model.clip_model.visual.conv1.weight.requires_grad
 
 
+@pytest.mark.slow
 def test_pretraining_lowers_the_contrastive_loss(demo):
     losses = demo[1]["losses"]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.05
 
 
+@pytest.mark.slow
 def test_demo_writes_the_comparison(demo):
     root, result = demo
     assert set(result["stages"]) == {"demo_gamma", "demo_nomoae"}
@@ -90,6 +93,7 @@ def test_demo_writes_the_comparison(demo):
         assert set(res["best"]["datasets"]) == {"synth_natural", "synth_underwater", "synth_aigc"}
 
 
+@pytest.mark.slow
 def test_training_beats_the_untrained_model(demo, tmp_path):
     """The chain's Gamma model ranks the demo's pictures better than the same architecture before any training.
 
@@ -98,16 +102,22 @@ def test_training_beats_the_untrained_model(demo, tmp_path):
     of the full-size demo are in docs/training.md#the-offline-demo.
     """
     root, result = demo
-    untrained = gamma.create_model("gamma_test", moae_layers=0, num_experts=0, embed_dim=32,
-                                   vision={"width": 32, "layers": 2, "heads": 1, "image_size": 32, "patch_size": 8},
-                                   text={"width": 32, "layers": 2, "heads": 1})
-    random_clip = tmp_path / "random_clip.pth"
-    torch.save(untrained.clip_model.state_dict(), random_clip)
     every_picture = [*(f"data.{i}.crop_size=32" for i in range(3)), *(f"data.{i}.split_index=all" for i in range(3))]
     common = ["-opt", "options/demo_gamma.yml", "eval_only=true", "model.overrides.moae_layers=1",
               f"data_root={root / 'data'}", "log.progress=false", *every_picture]
-    before = main([*common, f"model.pretrained={random_clip}", f"output_dir={tmp_path / 'before'}"])
+    # An untrained model's SRCC depends on its random initialisation (spread ~0.04 here): the baseline is the mean
+    # over eight seeded initialisations rather than one draw from whatever state the global RNG is in.
+    before = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        untrained = gamma.create_model("gamma_test", moae_layers=0, num_experts=0, embed_dim=32,
+                                       vision={"width": 32, "layers": 2, "heads": 1, "image_size": 32, "patch_size": 8},
+                                       text={"width": 32, "layers": 2, "heads": 1})
+        random_clip = tmp_path / f"random_clip_{seed}.pth"
+        torch.save(untrained.clip_model.state_dict(), random_clip)
+        out = main([*common, f"model.pretrained={random_clip}", f"output_dir={tmp_path / f'before_{seed}'}"])
+        before.append(out["best"]["mean"]["srcc"])
     trained = Path(result["stages"]["demo_gamma"]["run_dir"]) / "last.pth"
     after = main([*common, f"model.pretrained={trained}", f"output_dir={tmp_path / 'after'}"])
-    gain = after["best"]["mean"]["srcc"] - before["best"]["mean"]["srcc"]
-    assert gain > 0.1, (after["best"]["mean"], before["best"]["mean"])
+    gain = after["best"]["mean"]["srcc"] - float(np.mean(before))
+    assert gain > 0.1, (after["best"]["mean"], before)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_moae
+from helpers import assert_close, max_abs, perturb_moae
 
 import gamma
 from gamma.archs.clip import encode_text
@@ -114,7 +114,9 @@ def test_experts_start_as_copies_of_the_pretrained_mlp(tiny_model):
 # ------------------------------------------------------------------------------------------ MoAE behaviour
 def test_alpha_zero_equals_backbone_exactly(tiny_model):
     torch.manual_seed(1)
-    with torch.no_grad():  # routers and experts differ from the shared MLP, but alpha = 0 hides them
+    # Routers and experts differ from the shared MLP, but alpha = 0 hides them bit for bit: MoAE computes its shared
+    # expert with the plain MLP's operations and adds exact zeros.
+    with torch.no_grad():
         for m in tiny_model.moae_modules():
             for p in m.experts.parameters():
                 p.add_(torch.randn_like(p))
@@ -158,7 +160,7 @@ def test_router_weights_sum_to_one(tiny_model):
     for m in tiny_model.moae_modules():
         w = m.last_routing
         assert w.shape[-1] == 3
-        assert torch.allclose(w.sum(-1), torch.ones(w.shape[:-1]), atol=1e-6)
+        assert_close(w.sum(-1), torch.ones(w.shape[:-1]), rtol=1e-5, atol=1e-6)
         assert (w >= 0).all()
 
 
@@ -170,7 +172,7 @@ def test_fused_and_literal_experts_agree(tiny_model):
         for m in tiny_model.moae_modules():
             m.fused = False
         literal = tiny_model.score_crops(x)
-    assert torch.allclose(fused, literal, atol=1e-6)
+    assert_close(fused, literal, rtol=1e-5, atol=1e-6)
 
 
 def test_keep_only_experts_zeroes_other_routes(tiny_model):
@@ -207,7 +209,7 @@ def test_score_is_level_expectation(tiny_model):
         logits = tiny_model.clip_model.logit_scale.exp() * F.normalize(f, dim=-1) @ F.normalize(t, dim=-1).t()
         expected = logits.softmax(-1) @ tiny_model.score_level
         got = tiny_model.score_crops(x)
-    assert torch.allclose(got, expected, atol=1e-6)
+    assert_close(got, expected, rtol=1e-5, atol=1e-6)
     assert ((got > 0.2 - 1e-6) & (got < 1.0 + 1e-6)).all()
 
 
@@ -217,7 +219,7 @@ def test_truncated_text_encoding_equals_full_context(tiny_sdp_model):
     with torch.no_grad():
         short = encode_text(tiny_sdp_model.clip_model, tokens)
         full = tiny_sdp_model.clip_model.encode_text(tokens)
-    assert torch.allclose(short, full, atol=1e-5)
+    assert_close(short, full, rtol=1e-5, atol=1e-5 * max_abs(full))  # rounding follows the largest features (~3.5)
 
 
 def test_sdp_prompts_are_tokenised_per_scene(tiny_sdp_model):
@@ -235,7 +237,7 @@ def test_sdp_mixed_scene_batch_uses_each_images_prompts(tiny_sdp_model):
         mixed = tiny_sdp_model.score_crops(x, scene=scenes)
         single = torch.cat([tiny_sdp_model.score_crops(x[i : i + 1], scene=s) for i, s in enumerate(scenes)])
         all_face = tiny_sdp_model.score_crops(x, scene="face")
-    assert torch.allclose(mixed, single, atol=1e-6)
+    assert_close(mixed, single, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(mixed, all_face)
 
 
@@ -338,7 +340,7 @@ def test_fp16_input_does_not_cast_the_model(tiny_model):
         b = tiny_model(x.half())
     assert tiny_model.score_level.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in tiny_model.parameters())
-    assert torch.allclose(a, b, atol=1e-3)
+    assert_close(b, a, rtol=1e-5, atol=1e-3)  # half-precision pixels: ~5e-4 relative each
 
 
 def test_unknown_option_is_named():

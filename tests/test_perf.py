@@ -7,15 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import perturb_moae
+from helpers import assert_close, max_abs, perturb_moae
 
 import gamma
 from gamma.archs.clip import ClassTokenBlock
 from gamma.reference import ReleaseReference
 
-TOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
 
+
+def assert_same_function(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Two fp32 evaluations of one function in different orders of operations. Their rounding follows the largest
+    values summed, not each output (MoAE outputs here reach ~20; measured differences stay below 1e-6 of the largest
+    output), so the absolute tolerance is a fraction of the tensor's largest value."""
+    assert_close(actual, expected, rtol=1e-5, atol=1e-5 * max_abs(expected))
 
 
 @pytest.fixture
@@ -35,8 +40,8 @@ def test_moae_inference_path_matches_autograd_and_literal_paths(model):
     moae.fused = False
     with torch.no_grad():
         literal = moae(x)  # each expert in turn
-    assert torch.allclose(fast, grad_mode, atol=TOL, rtol=0)
-    assert torch.allclose(fast, literal, atol=TOL, rtol=0)
+    assert_same_function(fast, grad_mode)
+    assert_same_function(fast, literal)
     with torch.no_grad():
         routed_part = fast - moae.useful_experts(x)
     assert float(routed_part.abs().max()) > 1e-3  # the experts contribute: the comparison is not vacuous
@@ -53,7 +58,7 @@ def test_moae_inference_cache_follows_weight_updates(model):
     with torch.no_grad():
         literal = moae(x)
     assert not torch.allclose(before, after)
-    assert torch.allclose(after, literal, atol=TOL, rtol=0)
+    assert_same_function(after, literal)
 
 
 def test_class_token_block_equals_the_full_blocks_class_row(model):
@@ -65,7 +70,7 @@ def test_class_token_block_equals_the_full_blocks_class_row(model):
         cls_only = last(x)
         full = super(ClassTokenBlock, last).forward(x)  # open_clip's block on every token
     assert cls_only.shape == (2, 1, 64)
-    assert torch.allclose(cls_only, full[:, :1], atol=TOL, rtol=0)
+    assert_same_function(cls_only, full[:, :1])
     # Parameters and state_dict keys are those of the block it replaced.
     keys = [k for k in model.state_dict() if k.startswith("clip_model.visual.transformer.resblocks.3.")]
     assert "clip_model.visual.transformer.resblocks.3.attn.in_proj_weight" in keys
@@ -84,7 +89,7 @@ def test_class_token_block_gives_the_same_gradients(model):
     full.score_crops(x).sum().backward()
     for name, p in full.named_trainable_parameters():
         if name in grads:
-            assert torch.allclose(p.grad, grads[name], atol=1e-6, rtol=1e-4), name
+            assert_close(p.grad, grads[name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(".visual.transformer.resblocks.3.mlp.experts" in n for n in grads)
 
 
@@ -110,6 +115,7 @@ def test_bench_flop_count_matches_torch_counter():
     assert flops["ours_image"] < flops["release_image"]
 
 
+@pytest.mark.slow
 def test_bench_script_runs(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
@@ -118,6 +124,8 @@ def test_bench_script_runs(tmp_path):
     bench.main(["--variant", "gamma_test", "--batches", "2", "--rounds", "1", "--skip", "train,agreement",
                 "--threads", "1", "--matmul-size", "256", "--out", str(out)])
     res = json.loads(out.read_text())
-    assert res["scoring"][0]["max_abs_score_diff_vs_reference"] <= TOL
-    assert res["protocol"]["max_abs_score_diff_vs_reference"] <= TOL
+    # The script reports the largest absolute difference; scores lie within the score levels (~0.2 to ~1), where an
+    # absolute 1e-5 is at least as loose as a relative 1e-5.
+    assert res["scoring"][0]["max_abs_score_diff_vs_reference"] <= 1e-5
+    assert res["protocol"]["max_abs_score_diff_vs_reference"] <= 1e-5
     assert "table" in res and res["machine"]["nproc"] >= 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 from PIL import Image
 
 import gamma  # noqa: F401 - `import gamma` is what registers the metrics
@@ -78,7 +79,7 @@ def test_metric_properties_and_forward():
     model = gamma.create_model("gamma_test")
     model.test_sample = 1
     with torch.inference_mode():
-        assert torch.allclose(score[:, 0], model(x), atol=1e-5)
+        assert_close(score[:, 0], model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_generic_forward_and_backward_checks():
@@ -109,7 +110,7 @@ def test_file_path_input_and_larger_images(tmp_path):
     assert from_path.shape == (1, 1)
     from gamma.io import load_image
 
-    assert torch.allclose(from_path, metric(load_image(path)[None]), atol=1e-5)
+    assert_close(from_path, metric(load_image(path)[None]), rtol=1e-5, atol=1e-5)
 
 
 def test_file_inputs_use_gammas_decoder(tmp_path):

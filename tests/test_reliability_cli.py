@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_reliability_inputs import BAD_FILES, ODD_FILES
+from helpers import BAD_FILES, ODD_FILES
 
 import gamma
 from gamma.cli import main

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import io
 import math
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import BAD_FILES, ODD_FILES, assert_close, encode_image, noise_image, png_header_only
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -35,50 +34,8 @@ def assert_raised_by_gamma(excinfo: pytest.ExceptionInfo) -> None:
     assert GAMMA_DIR in frame.parents, f"raised from {frame}, not from gamma: {excinfo.value!r}"
 
 
-# ------------------------------------------------------------------------------------------- building files
-def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def _noise(w: int, h: int, seed: int = 0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height (8-bit RGB) but holds one compressed empty row: costs ~60 bytes to build."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00"))
-            + _png_chunk(b"IEND", b""))
-
-
-BAD_FILES: dict[str, tuple[callable, str]] = {
-    # name: (bytes builder, regex the message must match after the file name)
-    "zero_byte.jpg": (lambda: b"", "empty file"),
-    "zero_byte.png": (lambda: b"", "empty file"),
-    "truncated.jpg": (lambda: _encode(_noise(64, 64), "JPEG")[:1500], "truncated"),
-    "truncated.png": (lambda: _encode(_noise(64, 64), "PNG")[:2000], "truncated|corrupt"),
-    "truncated_header.png": (lambda: _encode(_noise(8, 8), "PNG")[:20], "not .*image|truncated|corrupt"),
-    "text.jpg": (lambda: b"this is a text file, not a photo\n" * 20, "not an image"),
-    "html.png": (lambda: b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "not an image"),
-    "random.webp": (lambda: np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not an image"),
-    "jpeg_magic_only.jpg": (lambda: b"\xff\xd8\xff\xe0" + b"\x00" * 64, "not .*image|truncated|corrupt"),
-    "bad_crc.png": (lambda: _flip_idat(_encode(_noise(16, 16), "PNG")), "corrupt|truncated|not .*image"),
-    "bomb.png": (lambda: png_header_only(50_000, 50_000), "decompression bomb"),
-    "zero_size.png": (lambda: png_header_only(0, 0), "no pixels|not .*image|corrupt"),
-}
-
-
-def _flip_idat(data: bytes) -> bytes:
-    at = data.index(b"IDAT") + 10
-    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
-
-
+# ------------------------------------------------------------------------------------------------- bad files
+# The files themselves (BAD_FILES, ODD_FILES) are built in tests/helpers.py, which tests/test_reliability_cli.py shares.
 @pytest.fixture(scope="module")
 def bad_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad")
@@ -124,7 +81,7 @@ def test_bomb_guard_reads_only_the_header_and_is_configurable(tmp_path):
     with pytest.raises(ImageDecodeError, match=r"big.png: .*decompression bomb.*2500000000 pixels.*max_pixels"):
         load_image(path)
     small = tmp_path / "small.png"
-    _noise(100, 100).save(small)
+    noise_image(100, 100).save(small)
     with pytest.raises(ImageDecodeError, match=r"exceeds the limit of 5,000 pixels.*max-pixels"):
         load_image(small, max_pixels=5_000)
     assert load_image(small, max_pixels=10_000).shape == (3, 100, 100)
@@ -132,85 +89,6 @@ def test_bomb_guard_reads_only_the_header_and_is_configurable(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ odd but valid files
-def _exif_rotated_jpeg() -> bytes:
-    """16x8 (W x H) JPEG, left half red, right half blue, EXIF orientation 6 (display rotated 90° clockwise)."""
-    arr = np.zeros((8, 16, 3), np.uint8)
-    arr[:, :8] = (255, 0, 0)
-    arr[:, 8:] = (0, 0, 255)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    return _encode(Image.fromarray(arr), "JPEG", quality=95, exif=exif)
-
-
-def _odd_exif(garbage: bool) -> bytes:
-    """A JPEG whose EXIF orientation is out of range (9), or whose EXIF block is garbage."""
-    img = Image.new("RGB", (6, 4), (200, 10, 10))
-    if not garbage:
-        exif = Image.Exif()
-        exif[0x0112] = 9
-        return _encode(img, "JPEG", exif=exif)
-    app1 = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08" + b"\xff" * 40
-    data = _encode(img, "JPEG")
-    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
-
-
-def _palette(transparent: bool) -> bytes:
-    img = Image.new("P", (6, 5), 1)
-    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
-    img.putpixel((0, 0), 0)
-    return _encode(img, "PNG", **({"transparency": 0} if transparent else {}))
-
-
-def _gif_two_frames() -> bytes:
-    frames = [Image.new("RGB", (5, 4), c) for c in ((255, 0, 0), (0, 255, 0))]
-    return _encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
-
-
-def _float_tiff(value: float) -> bytes:
-    return _encode(Image.fromarray(np.full((3, 4), value, np.float32), mode="F"), "TIFF")
-
-
-# name: (bytes builder, expected (H, W), check of the (3, H, W) tensor decoded on a black background)
-ODD_FILES = {
-    "one_pixel.png": (lambda: _encode(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), (1, 1),
-                      lambda t: torch.allclose(t[:, 0, 0], torch.tensor([10, 20, 30]) / 255)),
-    "one_pixel.jpg": (lambda: _encode(Image.new("RGB", (1, 1), (128, 128, 128)), "JPEG"), (1, 1),
-                      lambda t: abs(float(t.mean()) - 128 / 255) < 0.02),
-    "one_by_many.png": (lambda: _encode(Image.new("RGB", (1, 40)), "PNG"), (40, 1), lambda t: True),
-    "gray.png": (lambda: _encode(Image.new("L", (7, 3), 77), "PNG"), (3, 7),
-                 lambda t: torch.all(t == 77 / 255)),
-    "gray_alpha.png": (lambda: _encode(Image.new("LA", (4, 4), (200, 0)), "PNG"), (4, 4),
-                       lambda t: torch.all(t == 0)),  # fully transparent: the background
-    "bilevel.png": (lambda: _encode(Image.new("1", (9, 2), 1), "PNG"), (2, 9), lambda t: torch.all(t == 1)),
-    "palette.png": (lambda: _palette(False), (5, 6),
-                    lambda t: torch.equal(t[:, 1, 1], torch.tensor([1.0, 0, 0])) and torch.all(t[:, 0, 0] == 0)),
-    "palette_transparent.png": (lambda: _palette(True), (5, 6),
-                                lambda t: torch.all(t[:, 0, 0] == 0) and t[0, 1, 1] == 1),
-    "rgba_half.png": (lambda: _encode(Image.new("RGBA", (3, 3), (255, 255, 255, 128)), "PNG"), (3, 3),
-                      lambda t: torch.allclose(t, torch.full_like(t, 128 / 255))),
-    "cmyk.jpg": (lambda: _encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=95), (8, 8),
-                 lambda t: t[0].mean() > 0.9 and t[1:].mean() < 0.1),  # cyan 0, magenta+yellow full: red
-    "cmyk.tiff": (lambda: _encode(Image.new("CMYK", (4, 4), (255, 0, 0, 0)), "TIFF"), (4, 4),
-                  lambda t: t[0].max() < 0.05 and t[1:].min() > 0.95),  # cyan
-    "sixteen_bit.png": (lambda: _encode(Image.fromarray(np.array([[1000, 60000]], np.uint16)), "PNG"), (1, 2),
-                        lambda t: abs(float(t[0, 0, 0]) - 1000 / 65535) < 1e-6 and abs(
-                            float(t[0, 0, 1]) - 60000 / 65535) < 1e-6),
-    "float_in_unit_range.tiff": (lambda: _float_tiff(0.25), (3, 4), lambda t: torch.all(t == 0.25)),
-    "exif_rotated.jpg": (_exif_rotated_jpeg, (16, 8),  # displayed as 8 wide, 16 high: red on top, blue below
-                         lambda t: t[0, :6].mean() > 0.9 and t[2, 10:].mean() > 0.9 and t[2, :6].mean() < 0.1),
-    "bad_orientation.jpg": (lambda: _odd_exif(False), (4, 6), lambda t: t[0].mean() > 0.7),  # shown as stored
-    "garbage_exif.jpg": (lambda: _odd_exif(True), (4, 6), lambda t: t[0].mean() > 0.7),
-    "animated.gif": (_gif_two_frames, (4, 5), lambda t: t[0].mean() > 0.9 and t[1].mean() < 0.1),  # first frame
-    "lossless.webp": (lambda: _encode(Image.new("RGB", (5, 5), (0, 255, 0)), "WEBP", lossless=True), (5, 5),
-                      lambda t: torch.all(t[1] == 1) and torch.all(t[0] == 0)),
-    "windows.bmp": (lambda: _encode(Image.new("RGB", (3, 2), (1, 2, 3)), "BMP"), (2, 3),
-                    lambda t: torch.allclose(t[:, 1, 2], torch.tensor([1, 2, 3]) / 255)),
-    "upper_case.JPEG": (lambda: _encode(_noise(10, 10), "JPEG"), (10, 10), lambda t: True),
-    "png_named.jpg": (lambda: _encode(Image.new("RGB", (2, 2), (0, 0, 255)), "PNG"), (2, 2),  # wrong suffix
-                      lambda t: torch.all(t[2] == 1)),
-}
-
-
 @pytest.fixture(scope="module")
 def odd_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("odd")
@@ -266,7 +144,8 @@ def test_scorer_skips_every_bad_file_and_scores_every_good_one(scorer, bad_dir, 
 def test_scorer_scores_a_one_pixel_image_like_its_upscaled_self(scorer, odd_dir):
     rows = scorer.score([str(odd_dir / "one_pixel.png"), torch.tensor([10, 20, 30]).view(3, 1, 1) / 255])
     scores = list(rows["score"]) if hasattr(rows, "to_dict") else [r["score"] for r in rows]
-    assert math.isfinite(scores[0]) and scores[0] == pytest.approx(scores[1], abs=1e-6)
+    assert math.isfinite(scores[0])
+    assert_close(scores[0], scores[1], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------ tensors
@@ -315,7 +194,7 @@ def test_scorer_isolates_bad_tensors_and_arrays_by_name(scorer):
                                          "<array 5>", "<tensor 6>"]
     errors = [r.get("error") if isinstance(r.get("error"), str) else None for r in rows]
     assert errors[0] is None and errors[5] is None and errors[6] is None
-    assert rows[0]["score"] == pytest.approx(rows[6]["score"], abs=1e-6)  # the bad neighbours change nothing
+    assert_close(rows[6]["score"], rows[0]["score"], rtol=1e-5, atol=1e-6)  # the bad neighbours change nothing
     assert errors[1].startswith("<tensor 1>: ") and "NaN" in errors[1]
     assert errors[2].startswith("<tensor 2>: ") and "divide 0-255 images by 255" in errors[2]
     assert errors[3].startswith("<tensor 3>: ") and "(3, H, W)" in errors[3]
@@ -345,7 +224,7 @@ def encoded_images(draw):
         img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
     else:
         img = Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "RGBA").convert(mode)
-    return mode, fmt, (h, w), _encode(img, fmt, **({"lossless": True} if fmt == "WEBP" else {})), img
+    return mode, fmt, (h, w), encode_image(img, fmt, **({"lossless": True} if fmt == "WEBP" else {})), img
 
 
 @_FAST

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import assert_close
 from PIL import Image
 
 from gamma.data import make_splits, save_splits
@@ -153,6 +154,7 @@ def _interrupt_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(loop.MetricsLog, "write", wrapped)
 
 
+@pytest.mark.slow
 def test_resume_from_epoch_boundary_is_exact(workspace, reference, monkeypatch):
     with monkeypatch.context() as m:
         _interrupt_at(m, 6)  # stops after step 7 = the end of epoch 1
@@ -165,6 +167,8 @@ def test_resume_from_epoch_boundary_is_exact(workspace, reference, monkeypatch):
     resumed = run(workspace, "name=resume_epoch", resume=True)
     first = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
              if json.loads(x)["kind"] == "train"]
+    # Exact equality: from bit-exact restored weights, optimizer and random state, the resumed run repeats the
+    # reference's operations in the same order on the same shapes, in the same process with the same threads.
     assert resumed["step_losses"] == reference["step_losses"][7:]
     assert first == reference["step_losses"]  # the log holds every step exactly once
     assert [h["mean"] for h in resumed["history"]] == [h["mean"] for h in reference["history"]]
@@ -172,6 +176,7 @@ def test_resume_from_epoch_boundary_is_exact(workspace, reference, monkeypatch):
     assert all(torch.equal(ref_w[k], got_w[k]) for k in ref_w)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_workers_is_exact(workspace, reference, monkeypatch, tmp_path):
     """Stops inside an epoch resume exactly: by a signal, and (as after kill -9) from a checkpoint.every_steps file.
     DataLoader workers must not change the samples either."""
@@ -248,9 +253,10 @@ def _launch(world: int, argvs: list[list[str]]) -> None:
     assert [p.exitcode for p in procs] == [0] * world
 
 
+@pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(workspace, reference):
     """2 CPU processes (gloo): training sees the same global batches, so the same losses and metrics; evaluation
-    alone gives exactly the 1-process metrics (scores are gathered by index)."""
+    alone gives each image the 1-process score (scores are gathered by index), so the same metrics."""
     base = ["-opt", str(workspace / "base.yml")]
     _launch(2, [[*base, "name=ddp"], [*base, "name=ddp_eval", "eval_only=true", "eval.batch_size=3"]])
     got = json.loads((folder(workspace, "ddp") / "results.json").read_text())
@@ -263,7 +269,21 @@ def test_two_process_gloo_ddp_matches_one_process(workspace, reference):
     assert log.count("training on 28 images") == 1 and "2 processes" in log  # rank 0 logs to the run folder alone
     two = json.loads((folder(workspace, "ddp_eval") / "results.json").read_text())
     one = run(workspace, "name=one_eval", "eval_only=true")
-    assert two["best"]["datasets"] == one["best"]["datasets"]
+    # Gathered by index: each image gets the score the 1-process run gives it, to the 6 decimals written. Batches of
+    # other shapes round in other ways (float32 ulps of the scores), and PLCC magnifies that by 1 / std(scores), ~350
+    # for this barely trained model: PLCC moves in its 5th or 6th digit on some CPUs. SRCC and KRCC of 3 or 4 images
+    # can only move in steps of 1/6 or more.
+    for name in ("alpha", "beta"):
+        got, want = (_read_predictions(folder(workspace, run_name) / "predictions" / f"{name}.csv")
+                     for run_name in ("ddp_eval", "one_eval"))
+        assert [row[:3] for row in got] == [row[:3] for row in want]  # path, raw MOS, label
+        assert_close([float(row[3]) for row in got], [float(row[3]) for row in want], rtol=0, atol=2e-6)
+    assert_close(two["best"]["datasets"], one["best"]["datasets"], rtol=1e-5, atol=1e-3)
+
+
+def _read_predictions(path: Path) -> list[list[str]]:
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))[1:]
 
 
 # ---------------------------------------------------------------------------------------------------- faults
@@ -313,6 +333,7 @@ def _cli_child(argv: list[str]) -> None:
         os._exit(code)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(workspace):
     """A real SIGTERM to a training process: exit code 143 and a checkpoint that resumes."""
     import multiprocessing as mp

@@ -4,12 +4,14 @@ import pickle
 
 import pytest
 import torch
-from conftest import perturb_moae
+from helpers import perturb_moae
 
 import gamma
 from gamma.weights import CheckpointError, infer_config, read_checkpoint, release_state_dict, save_checkpoint
 
 
+# Loading is exact and scoring the same weights with the same operations on the same shapes rounds the same way:
+# the tests below compare scores bit for bit.
 def _scores(model, x, scene=None):
     with torch.no_grad():
         return model(x, scene=scene) if scene else model(x)
@@ -84,7 +86,8 @@ def test_plain_clip_becomes_backbone_with_expert_copies(tmp_path, images):
     block = model.clip_model.visual.transformer.resblocks[3].mlp
     for expert in [block.useful_experts, *block.experts.values()]:
         assert torch.equal(expert.c_fc.weight, clip_sd["visual.transformer.resblocks.3.mlp.c_fc.weight"])
-    # alpha = 0 at the start of training: Gamma scores exactly what the backbone does with the same head
+    # alpha = 0 at the start of training: Gamma scores exactly what the backbone does with the same head (MoAE computes
+    # its shared expert with the plain MLP's operations and adds exact zeros)
     model.adapter.load_state_dict(backbone.adapter.state_dict())
     assert torch.equal(_scores(model, images), _scores(backbone, images))
 

@@ -1,0 +1,188 @@
+"""Helpers shared by several test modules.
+
+Test modules import them as ``from helpers import ...``: pytest puts tests/ on ``sys.path`` (``pythonpath`` in
+pyproject.toml's pytest section). conftest.py only sets the suite up (environment, threads, seeds, fixtures).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+# ------------------------------------------------------------------------------------------------ comparisons
+def assert_close(actual: Any, expected: Any, *, rtol: float, atol: float, msg: str | None = None) -> None:
+    """Assert ``|actual - expected| <= atol + rtol * |expected|`` element by element.
+
+    Takes tensors, arrays, numbers, and lists or dicts of them (dict keys must match). Both tolerances are explicit:
+    the relative one covers rounding that grows with the values compared, the absolute one values near zero. Where
+    rounding grows with the largest value of a tensor rather than with each element (sums of large terms that
+    cancel), pass an ``atol`` proportional to that value. Shapes must match; values are compared in float64.
+    """
+    if isinstance(expected, Mapping):
+        assert isinstance(actual, Mapping) and set(actual) == set(expected), (msg, sorted(actual), sorted(expected))
+        for key in expected:
+            assert_close(actual[key], expected[key], rtol=rtol, atol=atol, msg=f"{msg or ''}[{key!r}]")
+        return
+    a, e = _float64(actual), _float64(expected)
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=(lambda m: f"{msg}: {m}") if msg else None)
+
+
+def max_abs(x: Any) -> float:
+    """The largest magnitude in ``x``: the scale for an ``atol`` that follows a tensor's largest values."""
+    return float(_float64(x).abs().max())
+
+
+def _float64(x: Any) -> torch.Tensor:
+    if torch.is_tensor(x):
+        return x.detach().cpu().to(torch.float64)
+    return torch.from_numpy(np.array(x, dtype=np.float64))  # a copy: pandas columns may be read-only
+
+
+# ------------------------------------------------------------------------------------------------ models
+def perturb_moae(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
+    """Give a model's MoAE blocks non-trivial values (alphas, routers, experts) so that they change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.moae_modules():
+            if m.scale is not None:
+                m.scale.fill_(0.7)
+            m.gating.layer1.weight.normal_(0, 1.0, generator=gen)
+            for expert in m.experts.values():
+                for p in expert.parameters():
+                    p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp_min(1e-3))
+
+
+# ------------------------------------------------------------------------------------------------ odd and bad images
+# The reliability battery's files: tests/test_reliability_inputs.py decodes and scores them,
+# tests/test_reliability_cli.py runs them through the `gamma score` command.
+def encode_image(img: Image.Image, fmt: str, **kw) -> bytes:
+    """The file ``img`` would be in format ``fmt``, as bytes."""
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def noise_image(w: int, h: int, seed: int = 0) -> Image.Image:
+    """A w x h RGB picture of seeded uniform noise."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares width x height (8-bit RGB) but holds one compressed empty row: costs ~60 bytes to build."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"\x00"))
+            + _png_chunk(b"IEND", b""))
+
+
+BAD_FILES: dict[str, tuple[callable, str]] = {
+    # name: (bytes builder, regex the message must match after the file name)
+    "zero_byte.jpg": (lambda: b"", "empty file"),
+    "zero_byte.png": (lambda: b"", "empty file"),
+    "truncated.jpg": (lambda: encode_image(noise_image(64, 64), "JPEG")[:1500], "truncated"),
+    "truncated.png": (lambda: encode_image(noise_image(64, 64), "PNG")[:2000], "truncated|corrupt"),
+    "truncated_header.png": (lambda: encode_image(noise_image(8, 8), "PNG")[:20], "not .*image|truncated|corrupt"),
+    "text.jpg": (lambda: b"this is a text file, not a photo\n" * 20, "not an image"),
+    "html.png": (lambda: b"<!DOCTYPE html><html><body>404 Not Found</body></html>", "not an image"),
+    "random.webp": (lambda: np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes(), "not an image"),
+    "jpeg_magic_only.jpg": (lambda: b"\xff\xd8\xff\xe0" + b"\x00" * 64, "not .*image|truncated|corrupt"),
+    "bad_crc.png": (lambda: _flip_idat(encode_image(noise_image(16, 16), "PNG")), "corrupt|truncated|not .*image"),
+    "bomb.png": (lambda: png_header_only(50_000, 50_000), "decompression bomb"),
+    "zero_size.png": (lambda: png_header_only(0, 0), "no pixels|not .*image|corrupt"),
+}
+
+
+def _flip_idat(data: bytes) -> bytes:
+    at = data.index(b"IDAT") + 10
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
+
+
+
+def _exif_rotated_jpeg() -> bytes:
+    """16x8 (W x H) JPEG, left half red, right half blue, EXIF orientation 6 (display rotated 90° clockwise)."""
+    arr = np.zeros((8, 16, 3), np.uint8)
+    arr[:, :8] = (255, 0, 0)
+    arr[:, 8:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode_image(Image.fromarray(arr), "JPEG", quality=95, exif=exif)
+
+
+def _odd_exif(garbage: bool) -> bytes:
+    """A JPEG whose EXIF orientation is out of range (9), or whose EXIF block is garbage."""
+    img = Image.new("RGB", (6, 4), (200, 10, 10))
+    if not garbage:
+        exif = Image.Exif()
+        exif[0x0112] = 9
+        return encode_image(img, "JPEG", exif=exif)
+    app1 = b"Exif\x00\x00MM\x00*\x00\x00\x00\x08" + b"\xff" * 40
+    data = encode_image(img, "JPEG")
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
+def _palette(transparent: bool) -> bytes:
+    img = Image.new("P", (6, 5), 1)
+    img.putpalette([0, 0, 0, 255, 0, 0] + [0] * (256 * 3 - 6))
+    img.putpixel((0, 0), 0)
+    return encode_image(img, "PNG", **({"transparency": 0} if transparent else {}))
+
+
+def _gif_two_frames() -> bytes:
+    frames = [Image.new("RGB", (5, 4), c) for c in ((255, 0, 0), (0, 255, 0))]
+    return encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:])
+
+
+def _float_tiff(value: float) -> bytes:
+    return encode_image(Image.fromarray(np.full((3, 4), value, np.float32), mode="F"), "TIFF")
+
+
+# name: (bytes builder, expected (H, W), check of the (3, H, W) tensor decoded on a black background)
+ODD_FILES = {
+    "one_pixel.png": (lambda: encode_image(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG"), (1, 1),
+                      lambda t: torch.allclose(t[:, 0, 0], torch.tensor([10, 20, 30]) / 255)),
+    "one_pixel.jpg": (lambda: encode_image(Image.new("RGB", (1, 1), (128, 128, 128)), "JPEG"), (1, 1),
+                      lambda t: abs(float(t.mean()) - 128 / 255) < 0.02),
+    "one_by_many.png": (lambda: encode_image(Image.new("RGB", (1, 40)), "PNG"), (40, 1), lambda t: True),
+    "gray.png": (lambda: encode_image(Image.new("L", (7, 3), 77), "PNG"), (3, 7),
+                 lambda t: torch.all(t == 77 / 255)),
+    "gray_alpha.png": (lambda: encode_image(Image.new("LA", (4, 4), (200, 0)), "PNG"), (4, 4),
+                       lambda t: torch.all(t == 0)),  # fully transparent: the background
+    "bilevel.png": (lambda: encode_image(Image.new("1", (9, 2), 1), "PNG"), (2, 9), lambda t: torch.all(t == 1)),
+    "palette.png": (lambda: _palette(False), (5, 6),
+                    lambda t: torch.equal(t[:, 1, 1], torch.tensor([1.0, 0, 0])) and torch.all(t[:, 0, 0] == 0)),
+    "palette_transparent.png": (lambda: _palette(True), (5, 6),
+                                lambda t: torch.all(t[:, 0, 0] == 0) and t[0, 1, 1] == 1),
+    "rgba_half.png": (lambda: encode_image(Image.new("RGBA", (3, 3), (255, 255, 255, 128)), "PNG"), (3, 3),
+                      lambda t: torch.allclose(t, torch.full_like(t, 128 / 255))),
+    "cmyk.jpg": (lambda: encode_image(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=95), (8, 8),
+                 lambda t: t[0].mean() > 0.9 and t[1:].mean() < 0.1),  # cyan 0, magenta+yellow full: red
+    "cmyk.tiff": (lambda: encode_image(Image.new("CMYK", (4, 4), (255, 0, 0, 0)), "TIFF"), (4, 4),
+                  lambda t: t[0].max() < 0.05 and t[1:].min() > 0.95),  # cyan
+    "sixteen_bit.png": (lambda: encode_image(Image.fromarray(np.array([[1000, 60000]], np.uint16)), "PNG"), (1, 2),
+                        lambda t: abs(float(t[0, 0, 0]) - 1000 / 65535) < 1e-6 and abs(
+                            float(t[0, 0, 1]) - 60000 / 65535) < 1e-6),
+    "float_in_unit_range.tiff": (lambda: _float_tiff(0.25), (3, 4), lambda t: torch.all(t == 0.25)),
+    "exif_rotated.jpg": (_exif_rotated_jpeg, (16, 8),  # displayed as 8 wide, 16 high: red on top, blue below
+                         lambda t: t[0, :6].mean() > 0.9 and t[2, 10:].mean() > 0.9 and t[2, :6].mean() < 0.1),
+    "bad_orientation.jpg": (lambda: _odd_exif(False), (4, 6), lambda t: t[0].mean() > 0.7),  # shown as stored
+    "garbage_exif.jpg": (lambda: _odd_exif(True), (4, 6), lambda t: t[0].mean() > 0.7),
+    "animated.gif": (_gif_two_frames, (4, 5), lambda t: t[0].mean() > 0.9 and t[1].mean() < 0.1),  # first frame
+    "lossless.webp": (lambda: encode_image(Image.new("RGB", (5, 5), (0, 255, 0)), "WEBP", lossless=True), (5, 5),
+                      lambda t: torch.all(t[1] == 1) and torch.all(t[0] == 0)),
+    "windows.bmp": (lambda: encode_image(Image.new("RGB", (3, 2), (1, 2, 3)), "BMP"), (2, 3),
+                    lambda t: torch.allclose(t[:, 1, 2], torch.tensor([1, 2, 3]) / 255)),
+    "upper_case.JPEG": (lambda: encode_image(noise_image(10, 10), "JPEG"), (10, 10), lambda t: True),
+    "png_named.jpg": (lambda: encode_image(Image.new("RGB", (2, 2), (0, 0, 255)), "PNG"), (2, 2),  # wrong suffix
+                      lambda t: torch.all(t[2] == 1)),
+}

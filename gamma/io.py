@@ -42,7 +42,8 @@ _GLOB_CHARS = frozenset("*?[")
 _PIL_LIMIT_LOCK = threading.Lock()
 
 #: How a dataset entry's images are decoded (``decode:``): ``gamma`` is :func:`load_image`, ``release`` is
-#: :func:`load_image_release` (the authors' release, for exact reproduction; docs/model.md lists the differences).
+#: :func:`load_image_release` (the authors' release, for exact reproduction;
+#: docs/model.md#differences-from-the-release).
 DECODERS: tuple[str, ...] = ("gamma", "release")
 
 

@@ -134,7 +134,9 @@ class GammaModel(nn.Module):
         tokens = open_clip.tokenize([p for row in rows for p in row], context_length=config.text.context_length)
         self.prompt_tokens = tokens.view(len(rows), 5, -1).to(self.prompt_tokens.device)  # (S, 5, C)
         self.config = config
-        self._text_cache = None
+        # Drop the cached text features (one entry, or a dict of them by kind of prompt): their key covers the text
+        # weights, not the prompts.
+        self._text_cache = {} if isinstance(self._text_cache, dict) else None
 
     # ---------------------------------------------------------------------------------------------- features
     def text_features(self) -> torch.Tensor:

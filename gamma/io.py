@@ -22,7 +22,7 @@ from typing import IO, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ ImageSource = Union[str, os.PathLike, bytes, bytearray, IO[bytes], Image.Image] 
 
 _GLOB_CHARS = frozenset("*?[")
 _PIL_LIMIT_LOCK = threading.Lock()
+
+#: How a dataset entry's images are decoded (``decode:``): ``gamma`` is :func:`load_image`, ``release`` is
+#: :func:`load_image_release` (the authors' release, for exact reproduction;
+#: docs/model.md#differences-from-the-release).
+DECODERS: tuple[str, ...] = ("gamma", "release")
 
 
 class ImageDecodeError(ValueError):
@@ -85,10 +90,11 @@ def load_image(
     bg = _check_background(background)
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<PIL image>"
-        return _decode(source, name, bg, max_pixels)
+        with _TRUNCATED_GATE.shared():  # (a lazily opened image is decoded here)
+            return _decode(source, name, bg, max_pixels)
     name, opened = _open_source(source)
     # No warnings.catch_warnings() here: it is not thread-safe, and the scorer decodes in threads.
-    with _pil_limit(max_pixels):
+    with _pil_limit(max_pixels), _TRUNCATED_GATE.shared():
         try:
             with opened as fh:
                 try:
@@ -103,6 +109,95 @@ def load_image(
                     return _decode(img, name, bg, max_pixels)
         except OSError as exc:  # opening the file itself
             raise ImageDecodeError(name, f"cannot open file ({_why(exc)})") from None
+
+
+def load_image_release(source: str | os.PathLike | bytes | bytearray | IO[bytes]) -> torch.Tensor:
+    """Decode an image as the release's dataset loaders do, for exact reproduction of its training data.
+
+    The release reads every image with ``PIL.Image.open(path).convert('RGB')`` while ``ImageFile.LOAD_TRUNCATED_IMAGES``
+    is set (its AVA dataset module sets it on import, and its data package imports every dataset module, so in its
+    training process it holds for every dataset). Compared with :func:`load_image`:
+
+    - EXIF orientation is *not* applied (a phone photo comes out as stored, possibly sideways);
+    - a truncated file is decoded as far as its data goes (PIL fills the rest) instead of being an error;
+    - transparency is dropped rather than composited, 16-bit and float images go through PIL's ``convert('RGB')``.
+
+    PIL's truncation switch is a process-wide global. It is set only while this function decodes, and never while
+    :func:`load_image` decodes in another thread (a shared/exclusive gate), so other datasets, the scorer's threads and
+    later calls keep failing on truncated files. (DataLoader workers are processes, each with its own PIL.)
+
+    Returns:
+        (3, H, W) float32 in [0, 1].
+
+    Raises:
+        ImageDecodeError: missing, empty or unreadable files, and files PIL cannot decode even with truncation allowed.
+    """
+    name, opened = _open_source(source)
+    with _TRUNCATED_GATE.exclusive():
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            with opened as fh:
+                with Image.open(fh) as img:
+                    rgb = img.convert("RGB")  # (the release's call; it loads the pixels)
+        except Image.UnidentifiedImageError:
+            raise ImageDecodeError(name, "not an image file, or an unsupported format") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageDecodeError(name, _bomb_message(exc)) from None
+        except OSError as exc:
+            raise ImageDecodeError(name, f"cannot decode, even allowing truncated data ({_why(exc)})") from None
+        except Exception as exc:  # noqa: BLE001 - PIL plugins raise many types on bad data
+            raise ImageDecodeError(name, f"corrupt image ({_why(exc)})") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    array = np.asarray(rgb, dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+class _SharedExclusiveGate:
+    """Many shared holders at once, or one exclusive holder (a readers-writer lock; a waiting exclusive holder goes
+    before new shared ones, so it is not starved by a stream of decodes)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._waiting = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            try:
+                while self._exclusive or self._shared:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+# Decodes by load_image hold it shared; load_image_release, which sets PIL's global truncation switch, exclusive.
+_TRUNCATED_GATE = _SharedExclusiveGate()
 
 
 def _decode(img: Image.Image, name: str, bg: np.ndarray, max_pixels: int | None) -> torch.Tensor:

@@ -11,7 +11,7 @@ another (one forward per crop offset, the whole batch of images per forward) and
 Two deliberate departures: the release concatenates the 10 crops into one forward (here: one forward per crop, as a
 plain loop would; the scores are the same), and with SDP each image is paired with its own five prompts as in the
 release's training path (its batched test path mis-pairs the crops of mixed-scene batches, see
-docs/model.md#release-defects-not-repeated).
+docs/model.md#differences-from-the-release).
 
 It is deliberately slow: it is the yardstick that ``scripts/bench.py`` measures the model against and the oracle that
 ``tests/test_reference.py`` compares the model's scores with (same weights, same crop offsets, max abs diff <= 1e-5).

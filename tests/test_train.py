@@ -390,17 +390,18 @@ def test_median_table_of_split_results(tmp_path):
     assert list(table["datasets"]) == ["live", "koniq10k", "mine"]  # paper order, then custom sets
     assert table["datasets"]["koniq10k"]["srcc"] == pytest.approx(0.92)
     assert table["datasets"]["live"]["plcc"] == pytest.approx(0.94)
-    md = table_markdown(table, "Gamma")
-    assert md.splitlines()[0] == "| | LIVE | KonIQ-10k | mine | mean |"
-    assert "| Gamma | .950/.940 | .920/.950 | .600/.700 |" in md
+    md = table_markdown(table, "Gamma")  # (these results have a best epoch only; final and best: test_train_protocols)
+    assert md.splitlines()[0] == "| Gamma | LIVE | KonIQ-10k | mine | mean |"
+    assert "| best (selected on the held-out split) | .950/.940 | .920/.950 | .600/.700 |" in md
     for k, r in enumerate(results, start=1):
         (tmp_path / f"split_{k}").mkdir()
         (tmp_path / f"split_{k}" / "results.json").write_text(json.dumps(r))
     out = main(["--table", str(tmp_path)])
     assert out["table"]["datasets"]["mine"]["srcc"] == pytest.approx(0.6)
     assert json.loads((tmp_path / "table.json").read_text())["splits"] == [1, 2, 3]
-    assert (tmp_path / "table.csv").read_text().splitlines()[0] == "dataset,title,srcc,plcc,krcc,n_splits"
-    assert (tmp_path / "table.md").read_text().startswith("| | LIVE")
+    assert (tmp_path / "table.csv").read_text().splitlines()[0] == ("dataset,title,best_srcc,best_plcc,best_krcc,"
+                                                                     "n_splits")
+    assert (tmp_path / "table.md").read_text().startswith(f"| {tmp_path.name} | LIVE")
 
 
 def test_all_splits_runs_each_split_and_writes_the_table(workspace):

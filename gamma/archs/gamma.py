@@ -164,6 +164,27 @@ class GammaModel(nn.Module):
         changes = {k: v for k, v in {"mode": mode, "num": num, "seed": seed}.items() if v is not None}
         self.crop_protocol = dataclasses.replace(self.crop_protocol, **changes)
 
+    def set_prompt_set(self, prompt_set: str) -> None:
+        """Score with another prompt set (``naive`` | ``quality`` | ``sdp``); every weight stays as it is.
+
+        The text side alone changes: the prompts are tokenised again and the cached text features dropped. The paper's
+        prompt analysis (its Table 15) scores one SDP-trained model with each prompt set this way.
+
+        Raises:
+            ValueError: an unknown prompt set.
+        """
+        if prompt_set == self.config.prompt_set:
+            return
+        config = self.config.replace(prompt_set=prompt_set)  # (checks the name)
+        table = prompt_table(prompt_set)
+        rows = [table[s] for s in SCENES] if prompt_set == "sdp" else [table[SCENES[0]]]  # as in __init__
+        tokens = open_clip.tokenize([p for row in rows for p in row], context_length=config.text.context_length)
+        self.prompt_tokens = tokens.view(len(rows), 5, -1).to(self.prompt_tokens.device)  # (S, 5, C)
+        self.config = config
+        # Drop the cached text features (one entry, or a dict of them by kind of prompt): their key covers the text
+        # weights, not the prompts.
+        self._text_cache = {} if isinstance(self._text_cache, dict) else None
+
     # ---------------------------------------------------------------------------------------------- features
     def text_features(self) -> torch.Tensor:
         """L2-normalised prompt features (S, 5, E): S = 5 scenes for SDP, else 1.

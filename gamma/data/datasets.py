@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._dataclass_dict import from_dict, to_dict
-from ..io import ImageDecodeError, load_image
+from ..io import DECODERS, ImageDecodeError, load_image, load_image_release
 from ..prompts import canonical_scene
 from .meta import MetaTable, check_mos_range, normalize_mos, read_meta, validate_range
 from .registry import DATASETS, META_KINDS, canonical_dataset
@@ -72,6 +72,9 @@ class DatasetEntry:
     # for a dataset whose range the user gave.
     range_check: str | None = None
     data_root: str | None = None  # root for relative paths (default $GAMMA_DATA_ROOT, else the working directory)
+    # How images are decoded: 'gamma' (EXIF orientation applied, truncated files are errors, transparency composited
+    # on white) or 'release' (the release's PIL open + convert('RGB') with truncated files allowed; docs/model.md).
+    decode: str = "gamma"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -97,6 +100,8 @@ class DatasetEntry:
         self._check_sizes(where)
         if self.range_check not in ("error", "warn"):
             raise ValueError(f"{where}: range_check must be 'error' or 'warn', got {self.range_check!r}")
+        if self.decode not in DECODERS:
+            raise ValueError(f"{where}: decode must be one of {', '.join(DECODERS)}, got {self.decode!r}")
 
     def _take_registry_defaults(self, key: str) -> None:
         """A registered dataset: the canonical name, and the registry's value of every field left ``None``."""
@@ -250,7 +255,7 @@ class IQADataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         path = self.paths[i]
         try:
-            img = load_image(path)
+            img = load_image_release(path) if self.entry.decode == "release" else load_image(path)
         except ImageDecodeError as exc:
             raise ImageDecodeError(exc.source, f"{exc.reason} (dataset {self.entry.name!r}, "
                                    f"{self.table.where(self.rows[i])})") from None

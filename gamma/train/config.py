@@ -35,6 +35,7 @@ from ..config import GammaConfig, TextCfg, VisionCfg
 from ..data import DatasetEntry
 from ..data.synthetic import SyntheticCfg
 from ..factory import list_models
+from ..prompts import PROMPT_SETS
 
 __all__ = [
     "CheckpointCfg",
@@ -94,7 +95,14 @@ class EvalCfg:
     crop_seed: int = 0  # seed of the random crop offsets (the release leaves them unseeded)
     datasets: list[str] | None = None  # evaluate only these entries (by name); None = all entries
     keep_only_experts: list[int] | None = None  # paper Table 6: zero the other experts' router weights at test time
+    # Paper Table 15: score the same weights with each of these prompt sets (naive | quality | sdp), one table row each;
+    # None = the model's own prompt set only. The model's own set (else the first listed) selects the best epoch.
+    prompt_sets: list[str] | None = None
     select_metric: Literal["srcc", "plcc", "krcc"] = "srcc"  # best epoch = highest mean of this over datasets
+    # Where the best epoch is chosen: 'test' = on the held-out part itself (as the release does; optimistic), or
+    # 'train_holdout' = on a seeded holdout carved from each training part (those images are then not trained on).
+    select_on: Literal["test", "train_holdout"] = "test"
+    holdout_fraction: float = 0.1  # share of each training part held out for select_on: train_holdout
 
 
 @dataclass
@@ -176,6 +184,7 @@ class TrainConfig:
     eval_data: list[DatasetEntry] = field(default_factory=list)  # extra evaluation-only datasets (cross-dataset tests)
     sampler: Literal["uniform", "balanced"] = "uniform"  # uniform: one shuffle of the concatenation (size-proportional)
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests); None = whole epochs
+    drop_last: bool = False  # drop each epoch's last, partial batch (the release's training loader does)
     overwrite: bool = False  # allow a fresh run into a folder that already holds one
     eval_only: bool = False  # only evaluate model.pretrained on the held-out parts (e.g. paper Table 6)
     model: ModelCfg = field(default_factory=ModelCfg)
@@ -218,10 +227,29 @@ class TrainConfig:
         if dup:
             raise ConfigError(f"data: more than one entry named {dup[0]!r}; results are keyed by name, so give each "
                               "entry its own name")
+        self._check_eval()
         for i, name in enumerate(self.eval.datasets or []):
             if name not in names:
                 raise ConfigError(f"eval.datasets.{i}: no dataset entry named {name!r}{suggest(name, names)}; "
                                   f"entries: {', '.join(names) or '(none)'}")
+
+
+    def _check_eval(self) -> None:
+        sets = self.eval.prompt_sets
+        if sets is not None:
+            if not sets:
+                raise ConfigError("eval.prompt_sets: an empty list; leave it null for the model's own prompt set")
+            for i, name in enumerate(sets):
+                if name not in PROMPT_SETS:
+                    hint = suggest(str(name), PROMPT_SETS)
+                    raise ConfigError(f"eval.prompt_sets.{i}: unknown prompt set {name!r}{hint}; "
+                                      f"known: {', '.join(PROMPT_SETS)}")
+            dup = sorted({n for n in sets if sets.count(n) > 1})
+            if dup:
+                raise ConfigError(f"eval.prompt_sets: {dup[0]!r} is listed twice")
+        if not 0 < self.eval.holdout_fraction < 1:
+            raise ConfigError(f"eval.holdout_fraction must be between 0 and 1 (exclusive), got "
+                              f"{self.eval.holdout_fraction}")
 
 
 def _check_model_overrides(overrides: dict[str, Any]) -> None:

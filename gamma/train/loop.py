@@ -6,9 +6,12 @@ cosine annealing stepped once per epoch. What a run writes into its folder ``<ou
 
 - ``config.yaml``: the resolved configuration;
 - ``last.pth``: resumable state after every epoch (and every ``checkpoint.every_steps`` steps), written atomically;
-- ``best.pth``: weights of the epoch with the best mean SRCC over datasets (one dataset improving is not enough);
+- ``best.pth``: weights of the epoch with the best mean SRCC over datasets (one dataset improving is not enough),
+  chosen on the held-out part or on a holdout of the training part (``eval.select_on``, :mod:`gamma.train.selection`);
 - ``metrics.jsonl`` (every record) and ``metrics.csv`` (one row per evaluation); TensorBoard under ``tb/``;
-- ``predictions/<dataset>.csv`` of the best epoch; ``results.json`` at the end; ``train.log``.
+- ``predictions/<dataset>.csv`` of the best epoch, ``predictions_final/<dataset>.csv`` of the last one;
+- ``results.json`` at the end (``final``, ``best`` and ``best_per_dataset`` figures) and ``table.md`` / ``.csv`` /
+  ``.json`` (the same in the layout of the paper's Table 1); ``train.log``.
 
 Resuming (``--resume``) restores weights, optimiser, scheduler, grad scaler, counters and RNG states; the data order
 and every augmentation are functions of (seed, epoch, position) (:mod:`gamma.train.sampling`), so a resumed run
@@ -47,9 +50,10 @@ from ..weights import load_into
 from .checkpoint import LAST, RunLock, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
-from .evaluate import METRICS, autocast, evaluate
+from .evaluate import METRICS, autocast, evaluate, headline_prompt_set, median_table, write_table
 from .run_folder import MetricsLog, attach_file_log, detach_file_log, flatten, prepare_folder, run_dir_of
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
+from .selection import best_per_dataset, block, carve_holdout, selection_view
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ class Progress:
     epoch_loss_sum: float = 0.0  # sum of squared errors of `epoch` so far (for the epoch's mean loss)
     epoch_samples: int = 0
     pending_eval: bool = False  # the checkpoint was written after an epoch, before its evaluation
-    best: dict[str, Any] | None = None  # {'epoch', 'step', 'mean', 'datasets'} of the best evaluation
+    best: dict[str, Any] | None = None  # {'epoch', 'step', 'mean', 'datasets'[, 'selection']} of the best evaluation
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,6 +106,7 @@ class Run:
     train_view: SeededView
     eval_sets: dict[str, IQADataset]
     log: MetricsLog | None  # rank 0 only
+    select_sets: dict[str, IQADataset] = field(default_factory=dict)  # eval.select_on train_holdout: the holdouts
     progress: Progress = field(default_factory=Progress)
     step_losses: list[float] = field(default_factory=list)  # losses of the steps run by this process (this call)
     stop_signal: int = 0
@@ -122,7 +127,9 @@ def build_model(cfg: TrainConfig) -> GammaModel:
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[list[IQADataset], dict[str, IQADataset]]:
-    """Training datasets (one per ``data`` entry) and held-out datasets by name (``data`` + ``eval_data``)."""
+    """Training datasets (one per ``data`` entry) and held-out datasets by name (``data`` + ``eval_data``).
+
+    With ``eval.select_on: train_holdout`` use :func:`split_off_holdouts` on the training datasets."""
     train = [build_dataset(e, "train") for e in cfg.data] if not cfg.eval_only else []
     wanted = set(cfg.eval.datasets) if cfg.eval.datasets is not None else None
     held = {}
@@ -130,6 +137,19 @@ def build_datasets(cfg: TrainConfig) -> tuple[list[IQADataset], dict[str, IQADat
         if wanted is None or e.name in wanted:
             held[e.name] = build_dataset(e, e.eval_key)
     return train, held
+
+
+def split_off_holdouts(cfg: TrainConfig, train: list[IQADataset]) -> tuple[list[IQADataset], dict[str, IQADataset]]:
+    """``eval.holdout_fraction`` of each training dataset held out (seeded by the run seed) to choose the best epoch:
+    (what is trained on, holdouts by name)."""
+    kept, holdouts = [], {}
+    for ds in train:
+        rest, holdout = carve_holdout(ds, cfg.eval.holdout_fraction, cfg.seed)
+        kept.append(rest)
+        holdouts[ds.entry.name] = holdout
+        logger.info("%s: %d of %d training images held out to choose the best epoch (eval.select_on: "
+                    "train_holdout); %d trained on", ds.entry.name, len(holdout), len(ds), len(rest))
+    return kept, holdouts
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -165,6 +185,9 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     train_sets, eval_sets = build_datasets(cfg)
     if not cfg.eval_only and not train_sets:
         raise ConfigError("data: no training datasets; list at least one entry under data:")
+    select_sets: dict[str, IQADataset] = {}
+    if cfg.eval.select_on == "train_holdout" and not cfg.eval_only:
+        train_sets, select_sets = split_off_holdouts(cfg, train_sets)
     model = build_model(cfg).to(dist.device)
     params = model.trainable_parameters()
     if not params:
@@ -179,8 +202,12 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
         net = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                                       find_unused_parameters=cfg.ddp.find_unused_parameters)
     sizes = [len(d) for d in train_sets] or [1]
+    if cfg.drop_last and train_sets and sum(sizes) < cfg.batch_size:
+        raise ConfigError(f"drop_last: the training set has {sum(sizes)} images, fewer than one batch of "
+                          f"{cfg.batch_size}, so every batch would be dropped; set drop_last=false or a smaller "
+                          "batch_size")
     plan = EpochPlan(sizes, cfg.batch_size, cfg.seed, cfg.sampler, dist.world_size, dist.rank, cfg.grad_accum,
-                     cfg.max_steps_per_epoch)
+                     cfg.max_steps_per_epoch, drop_last=cfg.drop_last)
     if train_sets:
         logger.info("training on %d images from %d dataset(s) (%s); %d steps per epoch of %d images, %d epochs, "
                     "%d process%s", plan.total, len(train_sets),
@@ -189,7 +216,8 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
         logger.info("model: %s; %.1f M parameters, %.1f M trainable", cfg.model.name or cfg.model.pretrained,
                     model.num_parameters() / 1e6, model.num_parameters(trainable_only=True) / 1e6)
     return Run(cfg=cfg, run_dir=run_dir, dist=dist, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
-               scaler=scaler, plan=plan, train_view=SeededView(train_sets), eval_sets=eval_sets, log=log)
+               scaler=scaler, plan=plan, train_view=SeededView(train_sets), eval_sets=eval_sets, log=log,
+               select_sets=select_sets)
 
 
 def restore(run: Run, path: Path) -> None:
@@ -211,10 +239,12 @@ def restore(run: Run, path: Path) -> None:
 
 
 def _warn_config_changes(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
-    # Settings that do not change what is trained (and the folder's own name) are not worth a warning.
+    # Settings that do not change what is trained (and the folder's own name) are not worth a warning. A holdout
+    # for choosing the best epoch does: its images are not trained on.
     ignore = {"overwrite", "workers", "eval", "log", "splits", "output_dir", "device", "ddp", "name", "checkpoint"}
-    old_flat = {k: v for k, v in flatten(old).items() if k.split("/")[0] not in ignore}
-    new_flat = {k: v for k, v in flatten(new).items() if k.split("/")[0] not in ignore}
+    matter = {"eval/select_on", "eval/holdout_fraction"}
+    old_flat = {k: v for k, v in flatten(old).items() if k.split("/")[0] not in ignore or k in matter}
+    new_flat = {k: v for k, v in flatten(new).items() if k.split("/")[0] not in ignore or k in matter}
     changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
     if changed:
         logger.warning("resuming %s with a different configuration (%s): the run is no longer the one it started as",
@@ -362,29 +392,41 @@ def _log_steps(run: Run, window: list[float], seconds: float) -> None:
 
 
 def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
-    """Evaluate, log, and update the best checkpoint (by the mean of ``eval.select_metric`` over datasets)."""
+    """Evaluate, log, and update the best checkpoint (by the mean of ``eval.select_metric`` over datasets, on the
+    held-out parts or, with ``eval.select_on: train_holdout``, on the holdouts of the training parts)."""
     cfg, p = run.cfg, run.progress
     t0 = time.perf_counter()
-    result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp,
-                      workers=cfg.eval.workers if cfg.eval.workers is not None else cfg.workers,
+    workers = cfg.eval.workers if cfg.eval.workers is not None else cfg.workers
+    result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp, workers=workers,
                       dist_info=run.dist, progress=cfg.log.progress)
     record = {"kind": "eval", "epoch": epoch, "step": p.global_step,
               "train_loss": p.epoch_loss_sum / p.epoch_samples if p.epoch_samples else None,
-              "mean": result["mean"], "datasets": result["datasets"], "seconds": time.perf_counter() - t0}
+              "mean": result["mean"], "datasets": result["datasets"]}
+    if "prompt_sets" in result:
+        record["prompt_sets"] = result["prompt_sets"]
+    if run.select_sets:
+        chosen_on = evaluate(run.model, run.select_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp,
+                             workers=workers, dist_info=run.dist, progress=cfg.log.progress, headline_only=True)
+        record["selection"] = {"mean": chosen_on["mean"], "datasets": chosen_on["datasets"]}
+    record["seconds"] = time.perf_counter() - t0
     p.history.append(record)
-    improved = improves(p.best, result["mean"], cfg.eval.select_metric)
+    improved = improves(selection_view(p.best), selection_view(record)["mean"], cfg.eval.select_metric)
     if improved:
-        p.best = {"epoch": epoch, "step": p.global_step, "mean": result["mean"], "datasets": result["datasets"]}
+        p.best = block(record)
     if run.dist.is_main:
         run.log.write(record)
         summary = ", ".join(f"{n} {v['srcc']:.3f}/{v['plcc']:.3f}" for n, v in result["datasets"].items())
-        logger.info("epoch %d eval (SRCC/PLCC): %s; mean %.4f/%.4f%s", epoch, summary, result["mean"]["srcc"],
-                    result["mean"]["plcc"], " (best)" if improved else "")
+        chosen = (f"; holdout mean {record['selection']['mean']['srcc']:.4f}/{record['selection']['mean']['plcc']:.4f}"
+                  if "selection" in record else "")
+        logger.info("epoch %d eval (SRCC/PLCC): %s; mean %.4f/%.4f%s%s", epoch, summary, result["mean"]["srcc"],
+                    result["mean"]["plcc"], chosen, " (best)" if improved else "")
         if improved:
             if cfg.checkpoint.save_best and not cfg.eval_only:
                 save_best(run.run_dir, run.model, cfg.checkpoint.format, {"epoch": epoch, **record},
                           config_to_dict(cfg))
             write_predictions(run, result["predictions"])
+        if epoch == cfg.epochs and not cfg.eval_only:
+            write_predictions(run, result["predictions"], "predictions_final")
     return record
 
 
@@ -395,8 +437,8 @@ def improves(best: dict[str, Any] | None, mean: dict[str, float], metric: str = 
     return math.isfinite(score) and (best is None or score > best["mean"][metric])
 
 
-def write_predictions(run: Run, predictions: dict[str, list[float]]) -> None:
-    folder = run.run_dir / "predictions"
+def write_predictions(run: Run, predictions: dict[str, list[float]], folder_name: str = "predictions") -> None:
+    folder = run.run_dir / folder_name
     folder.mkdir(exist_ok=True)
     for name, scores in predictions.items():
         ds = run.eval_sets[name]
@@ -500,6 +542,8 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
         results = _results(run, time.perf_counter() - t0)
         if dist.is_main:
             write_json(run_dir / "results.json", results)
+            if results["final"] or results["best"]:
+                write_table(median_table([results]), run_dir, cfg.name)
             _log_summary(results)
         return results
     finally:
@@ -512,27 +556,42 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
 
 
 def _results(run: Run, seconds: float) -> dict[str, Any]:
-    p = run.progress
+    """What ``results.json`` holds: the run's figures at the final epoch (the headline), at the best epoch and at
+    each dataset's own best epoch (:mod:`gamma.train.selection`), the evaluated epochs and the whole history."""
+    cfg, p = run.cfg, run.progress
     evals = [h for h in p.history if h["kind"] == "eval"]
-    last = evals[-1] if evals else None
-    return {
+    finished = p.epoch >= cfg.epochs or cfg.eval_only
+    final = block(evals[-1]) if evals and finished else None
+    best = None if p.best is None else {**p.best, "selected_on": cfg.eval.select_on}
+    out = {
         "run_dir": str(run.run_dir),
-        "name": run.cfg.name,
-        "split_index": run.cfg.split_index,
-        "finished": p.epoch >= run.cfg.epochs or run.cfg.eval_only,
+        "name": cfg.name,
+        "split_index": cfg.split_index,
+        "finished": finished,
+        "eval_only": cfg.eval_only,
         "epochs": p.epoch,
         "global_step": p.global_step,
         "seconds": seconds,
-        "best": p.best,
-        "last": None if last is None else {k: last[k] for k in ("epoch", "step", "mean", "datasets")},
+        "headline": "final",
+        "final": final,
+        "best": best,
+        "best_per_dataset": best_per_dataset(evals, cfg.eval.select_metric),
+        "evaluated_epochs": [h["epoch"] for h in evals],
+        "selection": {"on": cfg.eval.select_on, "metric": cfg.eval.select_metric,
+                      "holdout_fraction": cfg.eval.holdout_fraction if run.select_sets else None,
+                      "holdout_images": {n: len(d) for n, d in run.select_sets.items()}},
         "history": p.history,
         "step_losses": list(run.step_losses),
     }
+    if cfg.eval.prompt_sets:
+        out["headline_prompt_set"] = headline_prompt_set(run.model.config.prompt_set, cfg.eval.prompt_sets)
+    return out
 
 
 def _log_summary(results: dict[str, Any]) -> None:
-    best = results.get("best")
-    if best:
-        means = ", ".join(f"{m.upper()} {best['mean'][m]:.4f}" for m in METRICS)
-        logger.info("best epoch %s (mean over datasets: %s); results in %s", best["epoch"], means, results["run_dir"])
-
+    for kind in ("final", "best"):
+        part = results.get(kind)
+        if part:
+            means = ", ".join(f"{m.upper()} {part['mean'][m]:.4f}" for m in METRICS)
+            logger.info("%s: epoch %s (mean over datasets: %s)", kind, part["epoch"], means)
+    logger.info("results in %s", results["run_dir"])

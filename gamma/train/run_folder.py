@@ -46,7 +46,8 @@ def prepare_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         raise ConfigError(f"{run_dir} already holds a run ({LAST}); continue it with --resume, start over with "
                           "overwrite=true, or choose another name=")
     if not resume and cfg.overwrite:
-        for stale in ("metrics.jsonl", "metrics.csv", "results.json", LAST, "best.pth", "best.safetensors"):
+        for stale in ("metrics.jsonl", "metrics.csv", "results.json", LAST, "best.pth", "best.safetensors", "table.md",
+                      "table.csv", "table.json"):
             (run_dir / stale).unlink(missing_ok=True)
 
 

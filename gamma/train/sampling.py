@@ -15,6 +15,8 @@ or spreading the batch over processes gives the same samples (and up to float ro
 
 When a step has fewer than ``B`` samples left (the epoch's last step) and the batch is split, the missing slots are
 filled with weight-0 copies so that every process and micro-batch keeps the same shape; the loss ignores them.
+With ``drop_last`` (the release's training loader) that last, partial step is left out instead: each epoch then
+trains on ``B * floor(N / B)`` of its ``N`` positions, and the images left out change from epoch to epoch.
 """
 
 from __future__ import annotations
@@ -60,10 +62,11 @@ class EpochPlan:
         world_size: number of processes; rank: this process.
         grad_accum: micro-batches per step and process.
         max_steps: cut the epoch after this many steps (None = whole epoch).
+        drop_last: leave out the epoch's last step when it is partial (fewer than ``batch_size`` samples).
     """
 
     def __init__(self, sizes: Sequence[int], batch_size: int, seed: int, mode: str = "uniform", world_size: int = 1,
-                 rank: int = 0, grad_accum: int = 1, max_steps: int | None = None) -> None:
+                 rank: int = 0, grad_accum: int = 1, max_steps: int | None = None, drop_last: bool = False) -> None:
         if mode not in SAMPLERS:
             raise ValueError(f"unknown sampler {mode!r}; known samplers: {', '.join(SAMPLERS)}")
         if not sizes or any(n < 1 for n in sizes):
@@ -81,7 +84,10 @@ class EpochPlan:
         self.rank = rank
         self.grad_accum = grad_accum
         self.micro = batch_size // parts  # samples per micro-batch and process
-        steps = math.ceil(self.total / batch_size)
+        self.drop_last = drop_last
+        steps = self.total // batch_size if drop_last else math.ceil(self.total / batch_size)
+        if steps < 1:
+            raise ValueError(f"drop_last with {self.total} samples and batch_size {batch_size}: no whole batch")
         self.steps_per_epoch = min(steps, max_steps) if max_steps else steps
 
     # ---------------------------------------------------------------------------------------------- order

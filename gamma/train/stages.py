@@ -118,12 +118,13 @@ def run_follow_up(item: str, cfg: TrainConfig, weights: Path) -> dict[str, Any]:
 
 
 def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict[str, Any]:
-    """Held-out SRCC / PLCC of each follow-up stage's best epoch side by side (``summary.md`` / ``summary.json``)."""
+    """Held-out SRCC / PLCC of each follow-up stage after its last epoch side by side (``summary.md`` /
+    ``summary.json``)."""
     table: dict[str, Any] = {}
     for name, res in stages.items():
-        best = res.get("best") or {}
-        table[name] = {"datasets": best.get("datasets", {}), "mean": best.get("mean", {}),
-                       "seconds": res.get("seconds")}
+        final = res.get("final") or res.get("best") or {}
+        table[name] = {"datasets": final.get("datasets", {}), "mean": final.get("mean", {}),
+                       "epoch": final.get("epoch"), "seconds": res.get("seconds")}
     datasets = list(dict.fromkeys(d for row in table.values() for d in row["datasets"]))
     lines = ["| run | " + " | ".join(datasets) + " | mean |", "|---" * (len(datasets) + 2) + "|"]
     for name, row in table.items():
@@ -132,7 +133,8 @@ def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict
         mean = row["mean"]
         cells.append(f"{mean['srcc']:.3f} / {mean['plcc']:.3f}" if mean else "-")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    text = ("Held-out SRCC / PLCC (content never seen in training), best epoch of each run.\n\n" + "\n".join(lines)
+    text = ("Held-out SRCC / PLCC (content never seen in training), each run after its last epoch.\n\n"
+            + "\n".join(lines)
             + f"\n\nTotal time {seconds:.0f} s.\n")
     atomic_write(run_dir / "summary.md", lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     summary = {"runs": table, "seconds": seconds}

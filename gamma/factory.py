@@ -32,6 +32,7 @@ def create_model(
     *,
     strict: bool = True,
     allow_unsafe: bool = False,
+    precision: str = "fp32",
     **overrides: Any,
 ) -> GammaModel | AttiqaModel:
     """Build a Gamma model (or an ATTIQA student), optionally loading weights.
@@ -45,6 +46,8 @@ def create_model(
             :func:`gamma.hub.resolve_weights` finds and which implies its prompt set unless ``prompt_set`` is given.
         strict: refuse a checkpoint whose keys or shapes do not match exactly (the error names them).
         allow_unsafe: allow a full unpickle for files that cannot be read with ``weights_only=True``.
+        precision: ``fp32`` (exact), ``bf16``, ``fp16``, ``int8`` or ``auto`` for scoring on the CPU; see
+            :meth:`GammaModel.to_precision` (for another device, move the model there, then call that method).
         **overrides: config fields (``prompt_set='sdp'``, ``moae_layers=4``, ``num_experts=5``, ``vision={...}`` ...).
             For a release file, ``prompt_set`` says which prompts its weights were trained with (default ``naive``).
             ATTIQA students (``attiqa_*`` variants, or our checkpoint of one) take their own fields
@@ -82,7 +85,7 @@ def create_model(
     model = GammaModel(config)
     if ckpt is not None:
         load_into(model, ckpt, strict=strict)
-    return model.eval()
+    return model.eval().to_precision(precision)
 
 
 def _implied_prompt_set(pretrained: str | os.PathLike) -> str | None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock
@@ -49,22 +52,41 @@ class ClassTokenBlock(ResidualAttentionBlock):
     Keys and values still come from every token, but the query, the attention output and the MLP (with MoAE: the shared
     expert and every adaptive expert) run for one token instead of L: for ViT-B/16 with MoAE, 12% fewer FLOPs per image.
     The pooled output of the tower is the same (its other token outputs are dropped), and so are the gradients. It
-    adopts the block's submodules: parameter names and state_dict keys are unchanged.
+    adopts the block's submodules: parameter names and state_dict keys are unchanged. Within :func:`every_token` it
+    computes every token, as the block it replaced does (for routing statistics over all tokens).
     """
 
     def __init__(self, block: ResidualAttentionBlock) -> None:
         nn.Module.__init__(self)
         for name, child in block.named_children():
             self.add_module(name, child)
+        self.class_token_only = True  # switched off by `every_token` only
 
     def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if k_x is not None or v_x is not None or getattr(self.mlp, "record_routing", False):
-            return super().forward(q_x, k_x, v_x, attn_mask)  # cross-attention, or routing of every token wanted
+        if k_x is not None or v_x is not None or not self.class_token_only:
+            return super().forward(q_x, k_x, v_x, attn_mask)  # cross-attention, or every token wanted
         h = self.ln_1(q_x)  # (B, L, D)
         mask = attn_mask[..., :1, :] if attn_mask is not None else None
         x = q_x[:, :1] + self.ls_1(self.attention(q_x=h[:, :1], k_x=h, v_x=h, attn_mask=mask))  # (B, 1, D)
         return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+@contextlib.contextmanager
+def every_token(module: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`ClassTokenBlock` in ``module`` computes all tokens (B, L, D).
+
+    The pooled features are the same up to rounding (the class token's row is computed in a larger matmul).
+    """
+    blocks = [m for m in module.modules() if isinstance(m, ClassTokenBlock)]
+    saved = [b.class_token_only for b in blocks]
+    for b in blocks:
+        b.class_token_only = False
+    try:
+        yield
+    finally:
+        for b, value in zip(blocks, saved, strict=True):
+            b.class_token_only = value
 
 
 def encode_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:

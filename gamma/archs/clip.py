@@ -12,6 +12,8 @@ from torch import nn
 
 from ..config import GammaConfig
 from .moae import MoAE
+from .moae_kernels import FusedExperts
+from .precision import FLOAT_DTYPES, CastLayerNorm, Int8Linear, precision_of
 
 
 def build_clip(cfg: GammaConfig) -> CLIP:
@@ -87,6 +89,48 @@ def every_token(module: nn.Module) -> Iterator[None]:
     finally:
         for b, value in zip(blocks, saved, strict=True):
             b.class_token_only = value
+
+
+def tower_precision(visual: nn.Module) -> str:
+    """``fp32``, ``bf16``, ``fp16`` or ``int8``: how a vision tower's blocks compute (read from their weights)."""
+    if any(isinstance(m, Int8Linear) for m in visual.modules()):
+        return "int8"
+    return precision_of(visual.transformer.resblocks[0].attn.in_proj_weight.dtype)
+
+
+def set_tower_precision(visual: nn.Module, precision: str) -> None:
+    """Convert an fp32 vision tower's blocks to ``precision`` for inference, or an int8 one back to fp32.
+
+    bf16 / fp16: each block's attention and MLP (or MoAE) weights are converted in place; its LayerNorms keep fp32
+    weights and compute in fp32, then hand the matmuls their input in the reduced dtype (:class:`CastLayerNorm`). The
+    residual stream stays fp32 (fp32 + bf16 promotes to fp32), and so do the patch embedding, ``ln_pre``, ``ln_post``
+    and the output projection, which cost about 1% of the FLOPs: rounding enters only through the matmuls' inputs and
+    weights, not through 12 residual additions.
+
+    int8: the MLP linears (the shared expert's in MoAE blocks) become :class:`Int8Linear` and MoAE blocks get int8
+    fused kernels; attention projections and routers stay fp32. ``fp32`` undoes it exactly.
+    """
+    current = tower_precision(visual)
+    for block in visual.transformer.resblocks:
+        mlp = block.mlp
+        if precision in ("bf16", "fp16"):
+            if current != "fp32":
+                raise ValueError(f"convert the vision tower from fp32, not from {current}")
+            dtype = FLOAT_DTYPES[precision]
+            block.attn.to(dtype)
+            mlp.to(dtype)
+            block.ln_1, block.ln_2 = CastLayerNorm(block.ln_1, dtype), CastLayerNorm(block.ln_2, dtype)
+            continue
+        int8 = precision == "int8"
+        if int8 == (current == "int8"):
+            continue
+        if isinstance(mlp, MoAE):
+            if mlp.kernel is not None:
+                mlp.kernel = FusedExperts(int8=int8)
+            mlp = mlp.useful_experts
+        for name in ("c_fc", "c_proj"):
+            layer = getattr(mlp, name)
+            setattr(mlp, name, Int8Linear(layer) if int8 else layer.to_linear())
 
 
 def encode_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:

@@ -25,11 +25,18 @@ from ..prompts import (
     canonical_scene,
     prompt_table,
 )
-from .clip import build_clip, encode_image, encode_text, every_token, text_parameters
+from .clip import (
+    build_clip,
+    encode_image,
+    encode_text,
+    every_token,
+    set_tower_precision,
+    text_parameters,
+    tower_precision,
+)
 from .crops import CropProtocol, prepare, unique_crops
 from .moae import MoAE
-from .moae_kernels import FusedExperts
-from .precision import FLOAT_DTYPES, Int8Linear, check_precision, precision_of, resolve_precision
+from .precision import check_precision, resolve_precision
 
 logger = logging.getLogger(__name__)
 
@@ -172,26 +179,24 @@ class GammaModel(nn.Module):
     @property
     def precision(self) -> str:
         """``fp32``, ``bf16``, ``fp16`` or ``int8``: how the image tower computes (read from its weights)."""
-        visual = self.clip_model.visual
-        if any(isinstance(m, Int8Linear) for m in visual.modules()):
-            return "int8"
-        return precision_of(visual.conv1.weight.dtype)
+        return tower_precision(self.clip_model.visual)
 
     def to_precision(self, precision: str = "fp32", *, allow_slow: bool = False) -> GammaModel:
         """Run the image tower in ``precision`` for scoring; returns the model (in eval mode after a conversion).
 
-        - ``bf16`` / ``fp16``: the image tower's weights (frozen and trained ones alike) are converted once, in place.
-          Its LayerNorms and softmaxes accumulate in fp32 (torch's kernels do for these dtypes); its output feature is
-          cast to fp32, and the adapter, the text features, the softmax over levels and the level expectation stay
-          fp32. The fp32 weights are not kept: going back means creating or loading the model again.
+        - ``bf16`` / ``fp16``: the weights of the image tower's attention and MLP/MoAE layers (frozen and trained ones
+          alike) are converted once, in place; LayerNorms, the residual stream, the patch embedding and the output
+          projection stay fp32 (:func:`gamma.archs.clip.set_tower_precision`). The fp32 weights are not kept: going
+          back means creating or loading the model again.
         - ``int8`` (CPU): the MLP and expert matmuls of the image tower run in int8 with per-token activation scales;
-          attention projections, routers and everything outside the image tower stay fp32. The float weights stay
-          (the state_dict is unchanged) and ``to_precision('fp32')`` restores the model exactly.
-        - ``auto``: the fastest precision the model's device runs well (see
-          :func:`gamma.archs.precision.resolve_precision`); the choice is logged.
+          attention, routers and everything else stay fp32. The float weights stay (the state_dict is unchanged) and
+          ``to_precision('fp32')`` restores the model exactly.
+        - ``auto``: the fastest precision the model's device runs well
+          (:func:`gamma.archs.precision.resolve_precision`); the choice is logged.
 
-        The crop protocol, scenes and the text-feature cache are unaffected. A reduced-precision model is for
-        inference: no parameter requires grad, and :meth:`train` is refused until it is back in fp32.
+        In every precision the text features (computed once, in fp32, and cached), the adapter, the softmax over the
+        levels and the level expectation are fp32, and the crop protocol and scenes are unchanged. A reduced-precision
+        model is for inference: no parameter requires grad, and :meth:`train` is refused until it is back in fp32.
 
         Args:
             precision: ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``auto``.
@@ -215,29 +220,14 @@ class GammaModel(nn.Module):
             )
         self.eval()
         if current == "int8":
-            self._set_int8(False)
-        if target in ("bf16", "fp16"):
-            self.clip_model.visual.to(FLOAT_DTYPES[target])
-        elif target == "int8":
-            self._set_int8(True)
+            set_tower_precision(self.clip_model.visual, "fp32")
+        set_tower_precision(self.clip_model.visual, target)
         if target == "fp32":
             self.set_trainable()
         else:
             self.requires_grad_(False)
         logger.info("image tower: %s -> %s", current, target)
         return self
-
-    def _set_int8(self, enabled: bool) -> None:
-        """Swap the image tower's MLP linears for int8 ones (or back) and give its MoAE blocks int8 fused kernels."""
-        for block in self.clip_model.visual.transformer.resblocks:
-            mlp = block.mlp
-            if isinstance(mlp, MoAE):
-                if mlp.kernel is not None:
-                    mlp.kernel = FusedExperts(int8=enabled)
-                mlp = mlp.useful_experts
-            for name in ("c_fc", "c_proj"):
-                layer = getattr(mlp, name)
-                setattr(mlp, name, Int8Linear(layer) if enabled else layer.to_linear())
 
     # ---------------------------------------------------------------------------------------------- routing
     @contextlib.contextmanager

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -187,3 +188,23 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ------------------------------------------------------------------------------------------------ bf16 / fp16
+class CastLayerNorm(nn.Module):
+    """A LayerNorm computed in fp32 whose output is cast to ``dtype``, the input dtype of the matmuls that follow.
+
+    It adopts the LayerNorm's ``weight`` and ``bias`` (kept fp32) under the same names: the state_dict is unchanged.
+    """
+
+    def __init__(self, norm: nn.LayerNorm, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.normalized_shape, self.eps, self.dtype = norm.normalized_shape, norm.eps, dtype
+        self.weight = norm.weight
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).to(self.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.normalized_shape)}, eps={self.eps}, dtype={self.dtype}"

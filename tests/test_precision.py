@@ -43,6 +43,17 @@ def photos() -> torch.Tensor:
     return images
 
 
+def test_photo_set_is_reproducible_and_varied():
+    a, infos = distorted_photos(8, size=(64, 96), seed=3)
+    b, _ = distorted_photos(8, size=(64, 96), seed=3)
+    assert a.shape == (8, 3, 64, 96) and torch.equal(a, b)
+    assert 0 <= float(a.min()) and float(a.max()) <= 1
+    assert not torch.equal(a, distorted_photos(8, size=(64, 96), seed=4)[0])
+    assert len({i.photo for i in infos}) == 8
+    with pytest.raises(ValueError, match="count"):
+        distorted_photos(0)
+
+
 @pytest.fixture(scope="module")
 def fp32_scores(photos) -> torch.Tensor:
     return _scores(_model(), photos)

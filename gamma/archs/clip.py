@@ -111,19 +111,21 @@ def set_tower_precision(visual: nn.Module, precision: str) -> None:
     fused kernels; attention projections and routers stay fp32. ``fp32`` undoes it exactly.
     """
     current = tower_precision(visual)
-    for block in visual.transformer.resblocks:
-        mlp = block.mlp
-        if precision in ("bf16", "fp16"):
-            if current != "fp32":
-                raise ValueError(f"convert the vision tower from fp32, not from {current}")
-            dtype = FLOAT_DTYPES[precision]
+    if precision == current:
+        return
+    if current != "fp32" and (current, precision) != ("int8", "fp32"):
+        raise ValueError(f"a vision tower converts from fp32 (or from int8 back to fp32), not from {current}")
+    blocks = visual.transformer.resblocks
+    if precision in ("bf16", "fp16"):
+        dtype = FLOAT_DTYPES[precision]
+        for block in blocks:
             block.attn.to(dtype)
-            mlp.to(dtype)
+            block.mlp.to(dtype)
             block.ln_1, block.ln_2 = CastLayerNorm(block.ln_1, dtype), CastLayerNorm(block.ln_2, dtype)
-            continue
-        int8 = precision == "int8"
-        if int8 == (current == "int8"):
-            continue
+        return
+    int8 = precision == "int8"
+    for block in blocks:
+        mlp = block.mlp
         if isinstance(mlp, MoAE):
             if mlp.kernel is not None:
                 mlp.kernel = FusedExperts(int8=int8)

@@ -66,7 +66,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     """Check a precision name; ``auto`` becomes the fastest precision ``device`` runs well (the choice is logged).
 
     ``auto``: bf16 on CUDA devices that have it (its fp32 exponent range cannot overflow), else fp16; bf16 on CPUs with
-    AMX or AVX512-BF16; fp32 elsewhere. It never picks int8, whose scores agree less closely (see docs/precision.md).
+    AMX or AVX512-BF16; fp32 elsewhere. It never picks int8, whose scores agree less closely with fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")

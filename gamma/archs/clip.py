@@ -69,6 +69,11 @@ class ClassTokenBlock(ResidualAttentionBlock):
         if k_x is not None or v_x is not None or not self.class_token_only:
             return super().forward(q_x, k_x, v_x, attn_mask)  # cross-attention, or every token wanted
         h = self.ln_1(q_x)  # (B, L, D)
+        if h.dtype != torch.float32:
+            # The same values in sequence-first memory: attention transposes its inputs to (L, B, D), and for a
+            # transposed input torch's CPU matmul in bf16/fp16 copies the projection weight once per position (L x
+            # 768 x 1536 values for ViT-B), which made this block cost as much as the other eleven.
+            h = h.transpose(0, 1).contiguous().transpose(0, 1)
         mask = attn_mask[..., :1, :] if attn_mask is not None else None
         x = q_x[:, :1] + self.ls_1(self.attention(q_x=h[:, :1], k_x=h, v_x=h, attn_mask=mask))  # (B, 1, D)
         return x + self.ls_2(self.mlp(self.ln_2(x)))

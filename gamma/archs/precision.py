@@ -104,10 +104,12 @@ def check_precision(precision: str, device: torch.device | str, allow_slow: bool
             logger.warning("this CPU has none of %s: int8 matmuls may be no faster than fp32",
                            ", ".join(CPU_FLAGS["int8"]))
         return
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"precision {precision!r} is implemented for CPU and CUDA, not {device.type}; use fp32")
     if precision in fast_precisions(device):
         return
-    what = {"cpu": f"this CPU has none of {', '.join(CPU_FLAGS[precision])}",
-            "cuda": f"this CUDA device has no native {precision}"}.get(device.type, f"{device.type} is not supported")
+    what = (f"this CPU has none of {', '.join(CPU_FLAGS[precision])}" if device.type == "cpu"
+            else f"this CUDA device has no native {precision}")
     message = f"precision {precision!r} would run slower than fp32 here: {what}"
     if not allow_slow:
         alternatives = [p for p in fast_precisions(device) if p != precision]

@@ -70,6 +70,8 @@ def create_model(
         pretrained = resolve_weights(path=pretrained)
         ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe)
     if name in ATTIQA_VARIANTS or (name is None and isinstance(ckpt.config, AttiqaConfig)):
+        if precision != "fp32":
+            raise ValueError(f"precision={precision!r} applies to Gamma models; ATTIQA students run in fp32")
         return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
     if name is not None:
         config = get_variant(name).replace(**overrides) if overrides else get_variant(name)

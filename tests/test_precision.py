@@ -97,6 +97,23 @@ def test_sdp_scenes_and_crop_protocol_are_unchanged(photos):
     assert torch.allclose(bf16, fp32, rtol=0, atol=0.1 * float(fp32.std()) + 1e-3)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_assessment_attributes_and_auto_scene_agree(photos, precision):
+    model = _model("gamma_test_sdp")
+    images = photos[:8]
+    with torch.inference_mode():
+        fp32 = model.assess(images, scene="auto", attributes=True)
+        fp32_scenes = model.scene_probabilities(images)
+        model.to_precision(precision, allow_slow=True)
+        low = model.assess(images, scene="auto", attributes=True)
+        low_scenes = model.scene_probabilities(images)
+    assert low.score.dtype == low.distribution.dtype == torch.float32
+    assert torch.allclose(low.distribution, fp32.distribution, rtol=0, atol=0.02)
+    assert torch.allclose(low_scenes, fp32_scenes, rtol=0, atol=0.02)
+    for name, values in fp32.attributes.items():
+        assert torch.allclose(low.attributes[name], values, rtol=0, atol=0.02), name
+
+
 def test_fp32_is_exact_and_int8_goes_back_exactly(photos, fp32_scores):
     model = _model()
     assert model.precision == "fp32"

@@ -83,7 +83,8 @@ class MoAE(nn.Module):
         return self.gating.kept_experts
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, merge_factor={self.scale is not None}"
+        kernel = "formula" if self.kernel is None else repr(self.kernel)
+        return f"num_experts={self.num_experts}, merge_factor={self.scale is not None}, kernel={kernel}"
 
 
 def keep_only_experts(module: nn.Module, keep: list[int] | None) -> None:

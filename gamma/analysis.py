@@ -12,6 +12,7 @@ Command line: ``gamma analyze routing ...`` and ``gamma analyze experts ...`` (s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -43,37 +44,29 @@ def image_moae_blocks(model: GammaModel) -> list[tuple[int, MoAE]]:
 
 
 class _RoutingAccumulator:
-    """Sums router weights over tokens, per block, from forward hooks that read :attr:`MoAE.last_routing`."""
+    """Sums router weights over tokens, per image-tower block, through :meth:`GammaModel.watch_routing`."""
 
-    def __init__(self, blocks: list[tuple[int, MoAE]]) -> None:
-        self.blocks = blocks
+    def __init__(self, model: GammaModel, blocks: list[tuple[int, MoAE]]) -> None:
+        self.model = model
+        self.index = {m: i for i, m in blocks}  # MoAE -> block index; the text tower's blocks are not counted
         self.sums = {i: torch.zeros(m.num_experts, dtype=torch.float64) for i, m in blocks}
         self.tokens = dict.fromkeys(self.sums, 0)
-        self._handles: list[Any] = []
+        self._watch = contextlib.ExitStack()
 
     def __enter__(self) -> _RoutingAccumulator:
-        for i, m in self.blocks:
-            m.record_routing = True
-            self._handles.append(m.register_forward_hook(self._hook(i)))
+        self._watch.enter_context(self.model.watch_routing(self._add))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        for _, m in self.blocks:
-            m.record_routing = False
-            m.last_routing = None
+        self._watch.close()
 
-    def _hook(self, index: int) -> Any:
-        def hook(module: MoAE, _inputs: Any, _output: Any) -> None:
-            gate = module.last_routing  # (B, L, N): every token, CLS included
-            if gate is None:
-                return
-            flat = gate.reshape(-1, gate.shape[-1]).double()
-            self.sums[index] += flat.sum(dim=0).cpu()
-            self.tokens[index] += flat.shape[0]
-
-        return hook
+    def _add(self, module: MoAE, gate: torch.Tensor) -> None:
+        index = self.index.get(module)
+        if index is None:
+            return
+        flat = gate.reshape(-1, gate.shape[-1]).double()  # (B * L, N): every token, CLS included
+        self.sums[index] += flat.sum(dim=0).cpu()
+        self.tokens[index] += flat.shape[0]
 
 
 def routing_statistics(
@@ -110,7 +103,7 @@ def routing_statistics(
         items = scorer._items(images)
         if max_images is not None:  # cut the inputs, not the results: a batch runs whole through the routers
             items = islice(items, max_images)
-        with _RoutingAccumulator(blocks) as acc:
+        with _RoutingAccumulator(model, blocks) as acc:
             results = scorer._score_items(items, scene, "skip")
             used = 0
             for r in results:

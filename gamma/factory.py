@@ -32,6 +32,7 @@ def create_model(
     *,
     strict: bool = True,
     allow_unsafe: bool = False,
+    precision: str = "fp32",
     **overrides: Any,
 ) -> GammaModel | AttiqaModel:
     """Build a Gamma model (or an ATTIQA student), optionally loading weights.
@@ -45,6 +46,8 @@ def create_model(
             :func:`gamma.hub.resolve_weights` finds and which implies its prompt set unless ``prompt_set`` is given.
         strict: refuse a checkpoint whose keys or shapes do not match exactly (the error names them).
         allow_unsafe: allow a full unpickle for files that cannot be read with ``weights_only=True``.
+        precision: ``fp32`` (exact), ``bf16``, ``fp16``, ``int8`` or ``auto`` for scoring on the CPU; see
+            :meth:`GammaModel.to_precision` (for another device, move the model there, then call that method).
         **overrides: config fields (``prompt_set='sdp'``, ``moae_layers=4``, ``num_experts=5``, ``vision={...}`` ...).
             For a release file, ``prompt_set`` says which prompts its weights were trained with (default ``naive``).
             ATTIQA students (``attiqa_*`` variants, or our checkpoint of one) take their own fields
@@ -67,6 +70,8 @@ def create_model(
         pretrained = resolve_weights(path=pretrained)
         ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe)
     if name in ATTIQA_VARIANTS or (name is None and isinstance(ckpt.config, AttiqaConfig)):
+        if precision != "fp32":
+            raise ValueError(f"precision={precision!r} applies to Gamma models; ATTIQA students run in fp32")
         return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
     if name is not None:
         config = get_variant(name).replace(**overrides) if overrides else get_variant(name)
@@ -82,7 +87,7 @@ def create_model(
     model = GammaModel(config)
     if ckpt is not None:
         load_into(model, ckpt, strict=strict)
-    return model.eval()
+    return model.eval().to_precision(precision)
 
 
 def _implied_prompt_set(pretrained: str | os.PathLike) -> str | None:

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturb_moae
+from helpers import perturb_moae
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from skimage import data as skdata
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import perturb_moae
+from helpers import perturb_moae
 from PIL import Image, ImageFile
 
 import gamma

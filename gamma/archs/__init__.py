@@ -4,11 +4,13 @@ from .attiqa import AttiqaModel, attribute_ranking_loss
 from .crops import CROP_MODES, CropProtocol
 from .gamma import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Adapter, Assessment, GammaModel
 from .moae import MoAE, Router, keep_only_experts
+from .precision import PRECISIONS
 
 __all__ = [
     "CROP_MODES",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
+    "PRECISIONS",
     "Adapter",
     "Assessment",
     "AttiqaModel",

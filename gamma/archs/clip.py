@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock
@@ -9,6 +12,8 @@ from torch import nn
 
 from ..config import GammaConfig
 from .moae import MoAE
+from .moae_kernels import FusedExperts
+from .precision import FLOAT_DTYPES, CastLayerNorm, Int8Linear, precision_of
 
 
 def build_clip(cfg: GammaConfig) -> CLIP:
@@ -49,22 +54,90 @@ class ClassTokenBlock(ResidualAttentionBlock):
     Keys and values still come from every token, but the query, the attention output and the MLP (with MoAE: the shared
     expert and every adaptive expert) run for one token instead of L: for ViT-B/16 with MoAE, 12% fewer FLOPs per image.
     The pooled output of the tower is the same (its other token outputs are dropped), and so are the gradients. It
-    adopts the block's submodules: parameter names and state_dict keys are unchanged.
+    adopts the block's submodules: parameter names and state_dict keys are unchanged. Within :func:`every_token` it
+    computes every token, as the block it replaced does (for routing statistics over all tokens).
     """
 
     def __init__(self, block: ResidualAttentionBlock) -> None:
         nn.Module.__init__(self)
         for name, child in block.named_children():
             self.add_module(name, child)
+        self.class_token_only = True  # switched off by `every_token` only
 
     def forward(self, q_x: torch.Tensor, k_x: torch.Tensor | None = None, v_x: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if k_x is not None or v_x is not None or getattr(self.mlp, "record_routing", False):
-            return super().forward(q_x, k_x, v_x, attn_mask)  # cross-attention, or routing of every token wanted
+        if k_x is not None or v_x is not None or not self.class_token_only:
+            return super().forward(q_x, k_x, v_x, attn_mask)  # cross-attention, or every token wanted
         h = self.ln_1(q_x)  # (B, L, D)
+        if h.dtype != torch.float32:
+            # The same values in sequence-first memory: attention transposes its inputs to (L, B, D), and for a
+            # transposed input torch's CPU matmul in bf16/fp16 copies the projection weight once per position (L x
+            # 768 x 1536 values for ViT-B), which made this block cost as much as the other eleven.
+            h = h.transpose(0, 1).contiguous().transpose(0, 1)
         mask = attn_mask[..., :1, :] if attn_mask is not None else None
         x = q_x[:, :1] + self.ls_1(self.attention(q_x=h[:, :1], k_x=h, v_x=h, attn_mask=mask))  # (B, 1, D)
         return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+@contextlib.contextmanager
+def every_token(module: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`ClassTokenBlock` in ``module`` computes all tokens (B, L, D).
+
+    The pooled features are the same up to rounding (the class token's row is computed in a larger matmul).
+    """
+    blocks = [m for m in module.modules() if isinstance(m, ClassTokenBlock)]
+    saved = [b.class_token_only for b in blocks]
+    for b in blocks:
+        b.class_token_only = False
+    try:
+        yield
+    finally:
+        for b, value in zip(blocks, saved, strict=True):
+            b.class_token_only = value
+
+
+def tower_precision(visual: nn.Module) -> str:
+    """``fp32``, ``bf16``, ``fp16`` or ``int8``: how a vision tower's blocks compute (read from their weights)."""
+    if any(isinstance(m, Int8Linear) for m in visual.modules()):
+        return "int8"
+    return precision_of(visual.transformer.resblocks[0].attn.in_proj_weight.dtype)
+
+
+def set_tower_precision(visual: nn.Module, precision: str) -> None:
+    """Convert an fp32 vision tower's blocks to ``precision`` for inference, or an int8 one back to fp32.
+
+    bf16 / fp16: each block's attention and MLP (or MoAE) weights are converted in place; its LayerNorms keep fp32
+    weights and compute in fp32, then hand the matmuls their input in the reduced dtype (:class:`CastLayerNorm`). The
+    residual stream stays fp32 (fp32 + bf16 promotes to fp32), and so do the patch embedding, ``ln_pre``, ``ln_post``
+    and the output projection, which cost about 1% of the FLOPs: rounding enters only through the matmuls' inputs and
+    weights, not through 12 residual additions.
+
+    int8: the MLP linears (the shared expert's in MoAE blocks) become :class:`Int8Linear` and MoAE blocks get int8
+    fused kernels; attention projections and routers stay fp32. ``fp32`` undoes it exactly.
+    """
+    current = tower_precision(visual)
+    if precision == current:
+        return
+    if current != "fp32" and (current, precision) != ("int8", "fp32"):
+        raise ValueError(f"a vision tower converts from fp32 (or from int8 back to fp32), not from {current}")
+    blocks = visual.transformer.resblocks
+    if precision in ("bf16", "fp16"):
+        dtype = FLOAT_DTYPES[precision]
+        for block in blocks:
+            block.attn.to(dtype)
+            block.mlp.to(dtype)
+            block.ln_1, block.ln_2 = CastLayerNorm(block.ln_1, dtype), CastLayerNorm(block.ln_2, dtype)
+        return
+    int8 = precision == "int8"
+    for block in blocks:
+        mlp = block.mlp
+        if isinstance(mlp, MoAE):
+            if mlp.kernel is not None:
+                mlp.kernel = FusedExperts(int8=int8)
+            mlp = mlp.useful_experts
+        for name in ("c_fc", "c_proj"):
+            layer = getattr(mlp, name)
+            setattr(mlp, name, Int8Linear(layer) if int8 else layer.to_linear())
 
 
 def encode_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import open_clip
@@ -23,9 +25,20 @@ from ..prompts import (
     canonical_scene,
     prompt_table,
 )
-from .clip import build_clip, encode_image, encode_text, text_parameters
+from .clip import (
+    build_clip,
+    encode_image,
+    encode_text,
+    every_token,
+    set_tower_precision,
+    text_parameters,
+    tower_precision,
+)
 from .crops import CropProtocol, prepare, unique_crops
 from .moae import MoAE
+from .precision import check_precision, resolve_precision
+
+logger = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -89,6 +102,9 @@ class GammaModel(nn.Module):
     State dict keys follow the authors' release: ``clip_model.<OpenAI CLIP key>``, ``adapter.fc.{0,2}.weight``,
     ``score_level``; MoAE blocks hold ``mlp.useful_experts``, ``mlp.experts.expert_k``, ``mlp.gating.layer1`` and
     ``mlp.scale``.
+
+    For faster scoring, :meth:`to_precision` runs the image tower in bf16, fp16 or int8 (:attr:`precision` says which);
+    the text features and the head stay in fp32, and training stays in fp32.
     """
 
     lower_better = False
@@ -140,6 +156,16 @@ class GammaModel(nn.Module):
     def moae_modules(self) -> list[MoAE]:
         return [m for m in self.modules() if isinstance(m, MoAE)]
 
+    def train(self, mode: bool = True) -> GammaModel:
+        """Training mode; refused unless the model is in fp32 (reduced precision is for inference)."""
+        if mode and self.precision != "fp32":
+            raise RuntimeError(
+                f"this model runs in {self.precision} for inference; training runs in fp32: "
+                + ("call to_precision('fp32') first" if self.precision == "int8" else
+                   "create or load it again without precision= (use the trainer's amp= for mixed precision)")
+            )
+        return super().train(mode)
+
     def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
 
@@ -148,6 +174,78 @@ class GammaModel(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    # ---------------------------------------------------------------------------------------------- precision
+    @property
+    def precision(self) -> str:
+        """``fp32``, ``bf16``, ``fp16`` or ``int8``: how the image tower computes (read from its weights)."""
+        return tower_precision(self.clip_model.visual)
+
+    def to_precision(self, precision: str = "fp32", *, allow_slow: bool = False) -> GammaModel:
+        """Run the image tower in ``precision`` for scoring; returns the model (in eval mode after a conversion).
+
+        - ``bf16`` / ``fp16``: the weights of the image tower's attention and MLP/MoAE layers (frozen and trained ones
+          alike) are converted once, in place; LayerNorms, the residual stream, the patch embedding and the output
+          projection stay fp32 (:func:`gamma.archs.clip.set_tower_precision`). The fp32 weights are not kept: going
+          back means creating or loading the model again.
+        - ``int8`` (CPU): the MLP and expert matmuls of the image tower run in int8 with per-token activation scales;
+          attention, routers and everything else stay fp32. The float weights stay (the state_dict is unchanged) and
+          ``to_precision('fp32')`` restores the model exactly.
+        - ``auto``: the fastest precision the model's device runs well
+          (:func:`gamma.archs.precision.resolve_precision`); the choice is logged.
+
+        In every precision the text features (computed once, in fp32, and cached), the adapter, the softmax over the
+        levels and the level expectation are fp32, and the crop protocol and scenes are unchanged. A reduced-precision
+        model is for inference: no parameter requires grad, and :meth:`train` is refused until it is back in fp32.
+
+        Args:
+            precision: ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``auto``.
+            allow_slow: run a precision that this device runs slower than fp32 (e.g. fp16 on a CPU without
+                AVX512-FP16) with a logged warning instead of an error.
+
+        Raises:
+            ValueError: an unknown precision, one the device cannot run (int8 on CUDA) or runs slower than fp32
+                (without ``allow_slow``), or leaving bf16/fp16, whose fp32 weights are gone.
+        """
+        device = self.score_level.device
+        target = resolve_precision(precision, device)
+        current = self.precision
+        if target == current:
+            return self
+        check_precision(target, device, allow_slow=allow_slow)
+        if current not in ("fp32", "int8"):
+            raise ValueError(
+                f"the image tower's weights were rounded to {current} and its fp32 weights are gone: create or load "
+                f"the model again for {target} (create_model(..., precision={target!r}))"
+            )
+        self.eval()
+        if current == "int8":
+            set_tower_precision(self.clip_model.visual, "fp32")
+        set_tower_precision(self.clip_model.visual, target)
+        if target == "fp32":
+            self.set_trainable()
+        else:
+            self.requires_grad_(False)
+        logger.info("image tower: %s -> %s", current, target)
+        return self
+
+    # ---------------------------------------------------------------------------------------------- routing
+    @contextlib.contextmanager
+    def watch_routing(self, hook: Callable[[MoAE, torch.Tensor], None]) -> Iterator[None]:
+        """Within the block, ``hook(moae, weights)`` receives the router weights (..., N) each time a MoAE block runs.
+
+        The weights come from a forward hook on each router (:attr:`MoAE.gating`), detached and after any expert mask
+        of :func:`gamma.keep_only_experts`. The image tower's last block then computes every token (otherwise the class
+        token alone: the same scores up to rounding), so image routing covers every patch and the class token. Text
+        features are cached: the text tower runs, and reports its routing, only when they are computed.
+        """
+        handles = [m.gating.register_forward_hook(_routing_hook(hook, m)) for m in self.moae_modules()]
+        try:
+            with every_token(self.clip_model):
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # ------------------------------------------------------------------------------------------ test protocol
     @property
@@ -220,9 +318,10 @@ class GammaModel(nn.Module):
     def backbone_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Image features (B, E) of crops (B, 3, S, S) in [0, 1] as the image tower gives them: before the adapter,
         not normalised. Zero-shot outputs (attributes, automatic scene) read these."""
-        dtype = self.clip_model.visual.conv1.weight.dtype
-        pixels = (crops.to(dtype) - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
-        return encode_image(self.clip_model, pixels)
+        pixels = (crops - self.pixel_mean) / self.pixel_std
+        # The image tower runs in its own precision (to_precision); its output comes back in the head's dtype (fp32).
+        feats = encode_image(self.clip_model, pixels.to(self.clip_model.visual.conv1.weight.dtype))  # (B, E)
+        return feats.to(self.score_level.dtype)
 
     def image_features(self, crops: torch.Tensor) -> torch.Tensor:
         """Adapter-refined, L2-normalised image features (B, E) of crops (B, 3, S, S) in [0, 1]."""
@@ -469,3 +568,12 @@ def _crop_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted average over the leading crop axis: values (U, B, ...) and weights (U,) -> (B, ...)."""
     w = weights.to(values).view(-1, *([1] * (values.dim() - 1)))
     return (w * values).sum(dim=0)
+
+
+def _routing_hook(hook: Callable[[MoAE, torch.Tensor], None], moae: MoAE) -> Callable:
+    """A forward hook for ``moae.gating`` that passes its output, the router weights, to ``hook``."""
+
+    def forward_hook(_router: nn.Module, _inputs: tuple, weights: torch.Tensor) -> None:
+        hook(moae, weights.detach())
+
+    return forward_hook

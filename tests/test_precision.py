@@ -1,0 +1,235 @@
+"""Reduced precision (GammaModel.to_precision): agreement with fp32 on real photographs, exact fp32, the device rules.
+
+Agreement is measured on 64 distorted crops of scikit-image's photographs with a tiny model whose every trainable part
+matters; tolerances are relative to the spread of the fp32 scores. The full-size figures come from
+scripts/bench_precision.py, not from here; no timing is asserted.
+"""
+
+import logging
+
+import pytest
+import torch
+from helpers import perturb_moae
+from scipy.stats import spearmanr
+
+import gamma
+from gamma.archs import precision as prec
+from gamma.data.photos import distorted_photos
+
+
+def _model(name: str = "gamma_test", seed: int = 0) -> gamma.GammaModel:
+    """A tiny model whose experts, alphas, routers, adapter, levels and logit scale all matter."""
+    torch.manual_seed(seed)
+    model = gamma.create_model(name)
+    perturb_moae(model, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.normal_(0, 0.2, generator=gen)
+        model.score_level.copy_(torch.tensor([0.1, 0.35, 0.5, 0.8, 1.1]))
+        model.clip_model.logit_scale.fill_(4.0)
+    return model
+
+
+def _scores(model: gamma.GammaModel, images: torch.Tensor, scene: str | None = None) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + 16], scene=scene) for i in range(0, len(images), 16)])
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    images, infos = distorted_photos(64, size=224, seed=0)
+    assert len({i.photo for i in infos}) >= 12 and len({(i.distortion, i.strength) for i in infos}) == 20
+    return images
+
+
+def test_photo_set_is_reproducible_and_varied():
+    a, infos = distorted_photos(8, size=(64, 96), seed=3)
+    b, _ = distorted_photos(8, size=(64, 96), seed=3)
+    assert a.shape == (8, 3, 64, 96) and torch.equal(a, b)
+    assert 0 <= float(a.min()) and float(a.max()) <= 1
+    assert not torch.equal(a, distorted_photos(8, size=(64, 96), seed=4)[0])
+    assert len({i.photo for i in infos}) == 8
+    with pytest.raises(ValueError, match="count"):
+        distorted_photos(0)
+
+
+@pytest.fixture(scope="module")
+def fp32_scores(photos) -> torch.Tensor:
+    return _scores(_model(), photos)
+
+
+def test_the_experts_matter_and_the_scores_spread(photos, fp32_scores):
+    plain = _model()
+    with torch.no_grad():
+        for m in plain.moae_modules():
+            m.scale.zero_()
+    assert float((_scores(plain, photos) - fp32_scores).abs().max()) > 0.1 * float(fp32_scores.std())
+    assert float(fp32_scores.std()) > 0.02  # the agreement below is not between near-constant scores
+
+
+@pytest.mark.parametrize(("precision", "max_rel", "min_srcc"), [
+    ("bf16", 0.1, 0.995),  # max |delta| <= 10% of the fp32 scores' standard deviation
+    ("fp16", 0.05, 0.999),
+    ("int8", 0.25, 0.98),  # int8 agrees loosely
+])
+def test_agreement_with_fp32(photos, fp32_scores, precision, max_rel, min_srcc):
+    # allow_slow: bf16 and fp16 math runs on every CPU, only more slowly without AVX512-BF16/-FP16 or AMX.
+    model = _model().to_precision(precision, allow_slow=True)
+    assert model.precision == precision
+    scores = _scores(model, photos)
+    assert scores.dtype == torch.float32
+    delta = float((scores - fp32_scores).abs().max())
+    assert delta <= max_rel * float(fp32_scores.std()), delta
+    assert delta > 0  # it did compute in another precision
+    assert spearmanr(scores.numpy(), fp32_scores.numpy())[0] >= min_srcc
+
+
+def test_sdp_scenes_and_crop_protocol_are_unchanged(photos):
+    model = _model("gamma_test_sdp")
+    images = photos[:6, :, :200]  # not square: the 10 random crops
+    scenes = ["natural", "face", "aigc", "aesthetics", "underwater", "natural"]
+    with torch.inference_mode():
+        fp32 = model(images, scene=scenes)
+        model.to_precision("bf16", allow_slow=True)
+        bf16 = model(images, scene=scenes)
+    assert model.crop_protocol.num == 10 and model.crop_protocol.mode == "random"
+    assert torch.allclose(bf16, fp32, rtol=0, atol=0.1 * float(fp32.std()) + 1e-3)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "int8"])
+def test_assessment_attributes_and_auto_scene_agree(photos, precision):
+    model = _model("gamma_test_sdp")
+    images = photos[:8]
+    with torch.inference_mode():
+        fp32 = model.assess(images, scene="auto", attributes=True)
+        fp32_scenes = model.scene_probabilities(images)
+        model.to_precision(precision, allow_slow=True)
+        low = model.assess(images, scene="auto", attributes=True)
+        low_scenes = model.scene_probabilities(images)
+    assert low.score.dtype == low.distribution.dtype == torch.float32
+    assert torch.allclose(low.distribution, fp32.distribution, rtol=0, atol=0.02)
+    assert torch.allclose(low_scenes, fp32_scenes, rtol=0, atol=0.02)
+    for name, values in fp32.attributes.items():
+        assert torch.allclose(low.attributes[name], values, rtol=0, atol=0.02), name
+
+
+def test_fp32_is_exact_and_int8_goes_back_exactly(photos, fp32_scores):
+    model = _model()
+    assert model.precision == "fp32"
+    assert torch.equal(_scores(model.to_precision("fp32"), photos), fp32_scores)  # a no-op
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to_precision("int8")
+    assert model.state_dict().keys() == keys.keys()  # the release layout, the float weights kept
+    assert all(torch.equal(v, keys[k]) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in model.parameters())
+    model.to_precision("fp32")
+    assert torch.equal(_scores(model, photos), fp32_scores)
+    assert {n for n, _ in model.named_trainable_parameters()} == {n for n, _ in _model().named_trainable_parameters()}
+    model.train()  # allowed again
+
+
+def test_bf16_keeps_the_layout_and_refuses_training_and_going_back():
+    model = _model().to_precision("bf16", allow_slow=True)
+    assert model.state_dict().keys() == _model().state_dict().keys()
+    blocks = model.clip_model.visual.transformer.resblocks
+    assert blocks[0].attn.in_proj_weight.dtype == torch.bfloat16
+    assert blocks[-1].mlp.experts.expert_0.c_fc.weight.dtype == torch.bfloat16
+    # The numerically sensitive parts stay fp32: LayerNorms, embedding, output projection, text tower, head.
+    assert blocks[0].ln_1.weight.dtype == torch.float32 and model.clip_model.visual.proj.dtype == torch.float32
+    assert model.clip_model.transformer.resblocks[0].attn.in_proj_weight.dtype == torch.float32
+    assert model.score_level.dtype == model.adapter.fc[0].weight.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="training runs in fp32"):
+        model.train()
+    with pytest.raises(ValueError, match="fp32 weights are gone"):
+        model.to_precision("fp32")
+    assert model.precision == "bf16" and not model.training
+
+
+def test_text_features_are_fp32_and_cached_across_precisions():
+    model = _model()
+    with torch.inference_mode():
+        text = model.text_features()
+    for precision in ("int8", "fp32", "bf16"):
+        model.to_precision(precision, allow_slow=True)
+        with torch.inference_mode():
+            again = model.text_features()
+        assert again is text and again.dtype == torch.float32, precision  # computed once, in fp32
+    with torch.no_grad():
+        fresh = gamma.archs.clip.encode_text(model.clip_model, model.prompt_tokens.view(5, -1))
+    assert torch.allclose(torch.nn.functional.normalize(fresh, dim=-1), text[0], atol=1e-6)
+
+
+def test_int8_follows_weight_updates_and_expert_masks(photos):
+    model = _model().to_precision("int8")
+    x = photos[:4]
+    with torch.no_grad():
+        before = model.score_crops(x)
+        gamma.keep_only_experts(model, [1])
+        single = model.score_crops(x)
+        gamma.keep_only_experts(model, None)
+        for m in model.moae_modules():
+            m.experts.expert_1.c_fc.weight.mul_(1.5)  # in place: the int8 copies must be made again
+            m.useful_experts.c_proj.weight.mul_(1.1)
+        after = model.score_crops(x)
+        float_model = _model()
+        for m in float_model.moae_modules():
+            m.experts.expert_1.c_fc.weight.mul_(1.5)
+            m.useful_experts.c_proj.weight.mul_(1.1)
+        reference = float_model.score_crops(x)
+    assert not torch.allclose(before, single) and not torch.allclose(before, after)
+    assert torch.allclose(after, reference, rtol=0, atol=0.05)
+
+
+def test_routing_hooks_work_in_reduced_precision():
+    model = _model().to_precision("bf16", allow_slow=True)
+    seen = {}
+    with torch.no_grad(), model.watch_routing(seen.__setitem__):
+        model.score_crops(torch.rand(2, 3, 224, 224))
+    last = model.clip_model.visual.transformer.resblocks[-1].mlp
+    assert seen[last].shape == (2, 50, 3)
+    assert torch.allclose(seen[last].float().sum(-1), torch.ones(2, 50), atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ device rules
+def test_auto_picks_a_fast_precision_and_says_so(caplog):
+    model = _model()
+    with caplog.at_level(logging.INFO, logger="gamma.archs.precision"):
+        model.to_precision("auto")
+    assert model.precision in prec.fast_precisions("cpu")
+    assert model.precision != "int8"
+    assert any("precision 'auto' on cpu: " + model.precision in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("flags", "expected"), [
+    ({"avx2", "avx512_bf16"}, "bf16"),
+    ({"avx2", "amx_bf16", "amx_tile"}, "bf16"),
+    ({"avx2", "avx512_vnni"}, "fp32"),  # int8 is never chosen automatically
+    (set(), "fp32"),
+])
+def test_auto_on_cpus_with_and_without_bf16(monkeypatch, flags, expected):
+    monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset(flags))
+    assert prec.resolve_precision("auto", "cpu") == expected
+
+
+def test_slow_or_impossible_combinations_are_refused(monkeypatch, caplog):
+    monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # a CPU without bf16/fp16 hardware
+    for precision in ("bf16", "fp16"):
+        with pytest.raises(ValueError, match=f"precision '{precision}' would run slower than fp32"):
+            prec.check_precision(precision, "cpu")
+        with caplog.at_level(logging.WARNING, logger="gamma.archs.precision"):
+            prec.check_precision(precision, "cpu", allow_slow=True)  # runs, and says so
+        assert "slower than fp32" in caplog.records[-1].getMessage()
+    with pytest.raises(ValueError, match="int8 is dynamic quantization for CPUs"):
+        prec.check_precision("int8", "cuda")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        _model().to_precision("fp8")
+    model = _model()
+    with pytest.raises(ValueError, match="slower than fp32"):
+        model.to_precision("fp16")
+    assert model.precision == "fp32"  # nothing was converted
+
+
+def test_create_model_takes_the_precision():
+    model = gamma.create_model("gamma_test", precision="int8")
+    assert model.precision == "int8" and not model.training

@@ -16,7 +16,7 @@ from PIL import Image
 import gamma
 from gamma import hub
 from gamma.archs.promptiqa import MAL, AttentionBlock, PromptIQA, leave_one_out_index, resize_like_cv2
-from gamma.config import PromptIQAConfig, get_any_variant
+from gamma.config import PromptIQAConfig, get_promptiqa_variant
 from gamma.data.promptiqa import (
     LabelAugment,
     augment_labels,
@@ -77,7 +77,7 @@ SCORES = torch.tensor([0.05, 0.93, 0.41, 0.62, 0.18, 0.77, 0.30, 0.55, 0.86, 0.1
 # ------------------------------------------------------------------------------------------- structure
 def test_full_size_matches_the_official_state_dict():
     with torch.device("meta"):  # shapes only: no 1.27 GB allocation, no random init
-        full = PromptIQA(get_any_variant("promptiqa"))
+        full = PromptIQA(get_promptiqa_variant("promptiqa"))
     sd = full.state_dict()
     rows = [line.rstrip("\n").split("\t") for line in OFFICIAL_KEYS.read_text().splitlines() if line[:1] != "#"][1:]
     assert len(rows) == 505 and len(sd) == 505
@@ -93,13 +93,14 @@ def test_full_size_matches_the_official_state_dict():
 
 
 def test_registry_and_tiny_variant():
-    assert {"promptiqa", "promptiqa_test"} <= set(gamma.list_models())
-    assert {"gamma_test", "gamma_vitb16"} <= set(gamma.list_models())
+    assert gamma.list_models("promptiqa") == ["promptiqa", "promptiqa_test"]
+    assert {"promptiqa", "promptiqa_test", "gamma_test"} <= set(gamma.list_models("all"))
+    assert "promptiqa" not in gamma.list_models()  # the default family is what the scorer and trainer take
     torch.manual_seed(0)
     tiny = gamma.create_model("promptiqa_test")
     assert isinstance(tiny, PromptIQA) and not tiny.training
     assert tiny.num_parameters() < 500_000
-    assert tiny.config.cnn_sizes()[-1] == 1 and get_any_variant("promptiqa").cnn_sizes() == [24, 12, 10, 5, 3, 1]
+    assert tiny.config.cnn_sizes()[-1] == 1 and get_promptiqa_variant("promptiqa").cnn_sizes() == [24, 12, 10, 5, 3, 1]
 
 
 def test_config_errors_name_the_field():
@@ -108,16 +109,18 @@ def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="taps"):
         PromptIQAConfig(taps=(2, 5, 8, 12))
     with pytest.raises(ValueError, match="unknown PromptIQA option.*'width'"):
-        get_any_variant("promptiqa").replace(width=3)
+        get_promptiqa_variant("promptiqa").replace(width=3)
     with pytest.raises(ValueError, match="unknown model 'promptiqa_huge'"):
         gamma.create_model("promptiqa_huge")
-    cfg = get_any_variant("promptiqa_test")
-    assert gamma.config.config_from_dict(cfg.to_dict()) == cfg
+    cfg = get_promptiqa_variant("promptiqa_test")
+    assert PromptIQAConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["family"] == "promptiqa"
+    with pytest.raises(ValueError, match="not a PromptIQA config"):
+        PromptIQAConfig.from_dict({**cfg.to_dict(), "family": "attiqa"})
 
 
 def test_layer_norm_eps_qkv_bias_and_gelu_per_block():
     with torch.device("meta"):
-        full = PromptIQA(get_any_variant("promptiqa"))
+        full = PromptIQA(get_promptiqa_variant("promptiqa"))
     expected = {"vit.blocks.0": (1e-6, True), "block": (1e-5, False), "i_p_fusion.0": (1e-5, False),
                 "prompt_fusion.2": (1e-5, False), "blocks.7": (1e-6, True)}
     modules = dict(full.named_modules())
@@ -351,6 +354,8 @@ def test_official_ddp_layout_round_trip_strict(model, pictures, tmp_path):
     torch.save({"state_dict": extra, "prompt_num": 10}, tmp_path / "extra.pth.tar")
     with pytest.raises(CheckpointError, match="unexpected key.*head.weight"):
         gamma.create_model("promptiqa_test", pretrained=tmp_path / "extra.pth.tar")
+    with pytest.raises(CheckpointError, match="is an official PromptIQA checkpoint, not a gamma_test model"):
+        gamma.create_model("gamma_test", pretrained=path)
 
 
 def test_our_format_round_trip(model, pictures, tmp_path):
@@ -360,13 +365,13 @@ def test_our_format_round_trip(model, pictures, tmp_path):
         assert isinstance(loaded, PromptIQA) and loaded.config == model.config
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(),
                                                       strict=True))
-    with pytest.raises(CheckpointError, match="holds a promptiqa model, not a gamma one"):
+    with pytest.raises(CheckpointError, match="holds a promptiqa model, not a gamma model"):
         gamma.create_model("gamma_test", pretrained=tmp_path / "ours.pth")
     with pytest.raises(CheckpointError, match="different architecture"):
         gamma.create_model("promptiqa", pretrained=tmp_path / "ours.pth")
 
 
-def test_weight_registry_knows_the_published_file(tmp_path, monkeypatch):
+def test_weight_registry_knows_the_published_file(model, tmp_path, monkeypatch):
     monkeypatch.setenv("GAMMA_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("GAMMA_PROMPTIQA_WEIGHTS", raising=False)
@@ -378,6 +383,12 @@ def test_weight_registry_knows_the_published_file(tmp_path, monkeypatch):
     alias.parent.mkdir(parents=True)
     alias.write_bytes(b"x")
     assert hub.resolve_weights("promptiqa") == alias
+    # the known name works as create_model's `pretrained` (here a tiny model's file in the official layout)
+    official = tmp_path / "tiny_official.pth.tar"
+    torch.save(promptiqa_official_checkpoint(model), official)
+    monkeypatch.setenv("GAMMA_PROMPTIQA_WEIGHTS", str(official))
+    loaded = gamma.create_model("promptiqa_test", pretrained="promptiqa")
+    assert torch.equal(loaded.score_block[3].weight, model.score_block[3].weight)
 
 
 # -------------------------------------------------------------------------------------------- preprocessing
@@ -410,7 +421,7 @@ def test_loader_reproduces_the_official_preprocessing(image_files, model):
         assert torch.equal(ours, expected), path.name
         assert torch.equal(load_promptiqa_image(path.read_bytes()), expected)
     # what the network sees is exactly (x - 0.5) / 0.5 of it, no resampling when the size already fits
-    full_cfg = get_any_variant("promptiqa")
+    full_cfg = get_promptiqa_variant("promptiqa")
     with torch.device("meta"):
         shell = PromptIQA(full_cfg)
     shell.norm.to_empty(device="cpu")  # preprocess only reads the model's dtype and device from `norm`

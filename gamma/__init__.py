@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from .archs import Assessment, AttiqaModel, CropProtocol, GammaModel, MoAE, keep_only_experts  # noqa: E402
-from .config import GammaConfig, TextCfg, VisionCfg  # noqa: E402
+from .archs import Assessment, AttiqaModel, CropProtocol, GammaModel, MoAE, PromptIQA, keep_only_experts  # noqa: E402
+from .config import GammaConfig, PromptIQAConfig, TextCfg, VisionCfg  # noqa: E402
 from .factory import create_model, list_models  # noqa: E402
 from .prompts import (  # noqa: E402
     ATTRIBUTES,
@@ -28,6 +28,8 @@ __all__ = [
     "GammaConfig",
     "GammaModel",
     "MoAE",
+    "PromptIQA",
+    "PromptIQAConfig",
     "TextCfg",
     "VisionCfg",
     "__version__",

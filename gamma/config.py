@@ -204,3 +204,124 @@ def get_attiqa_variant(name: str) -> AttiqaConfig:
     if name not in ATTIQA_VARIANTS:
         raise ValueError(f"unknown ATTIQA model {name!r}; available: {', '.join(sorted(ATTIQA_VARIANTS))}")
     return AttiqaConfig.from_dict(ATTIQA_VARIANTS[name].to_dict())
+# ------------------------------------------------------------------------------------------------ PromptIQA
+@dataclass
+class PromptIQAConfig:
+    """Everything needed to build a PromptIQA model (docs/promptiqa.md).
+
+    The defaults are the official model (ViT-B/8 at 224, 128-d features); the fixed parts of its structure (LayerNorm
+    eps, qkv biases, exact GELU, the MAL reshapes) are not options.
+    """
+
+    family = "promptiqa"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
+
+    image_size: int = 224  # every image (target and prompt) is resized to image_size x image_size
+    patch_size: int = 8  # ViT patch; grid = image_size // patch_size tokens per side (28)
+    vit_width: int = 768  # ViT token width D; also the width of the MAL modules and of the D-wide block
+    vit_depth: int = 12  # ViT blocks
+    vit_heads: int = 12  # ViT heads (and heads of the D-wide block after the fusion MAL)
+    taps: tuple[int, ...] = (2, 5, 8, 11)  # 0-based ViT blocks whose outputs (CLS dropped) are the MAL views
+    num_mals: int = 3  # parallel MAL modules ("different opinion features"), fused by one more MAL
+    cnn_channels: tuple[int, ...] = (256, 128)  # widths of the first two convs of the CNN head (the last is `dim`)
+    cnn_kernels: tuple[int, ...] = (5, 3, 3)  # kernel of each of the three convs
+    cnn_pools: tuple[int, ...] = (2, 2, 3)  # average-pool window after each conv; the head must end at 1 x 1
+    dim: int = 128  # image / prompt feature width
+    heads: int = 4  # heads of every dim-wide transformer block
+    prompt_blocks: int = 3  # prompt encoder (image-score pair fusion) blocks
+    ispp_blocks: int = 3  # ISPP fusion blocks (run over the prompt features before they meet the image)
+    fusion_blocks: int = 8  # image-prompt fusion blocks
+    drop: float = 0.1  # dropout in the MAL attention blocks and in the score head
+
+    def __post_init__(self) -> None:
+        self.taps = tuple(int(t) for t in self.taps)
+        self.cnn_channels = tuple(int(c) for c in self.cnn_channels)
+        self.cnn_kernels = tuple(int(k) for k in self.cnn_kernels)
+        self.cnn_pools = tuple(int(p) for p in self.cnn_pools)
+        self.validate()
+
+    @property
+    def grid(self) -> int:
+        """Tokens per side of the ViT (28 for the official model)."""
+        return self.image_size // self.patch_size
+
+    def cnn_sizes(self) -> list[int]:
+        """Spatial size after each conv and each pool of the CNN head, starting from :attr:`grid`."""
+        sizes, size = [], self.grid
+        for kernel, pool in zip(self.cnn_kernels, self.cnn_pools, strict=False):
+            size = size - kernel + 1
+            sizes.append(size)
+            size = size // pool if size > 0 else 0
+            sizes.append(size)
+        return sizes
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        for name, width, heads in (("vit_width", self.vit_width, self.vit_heads), ("dim", self.dim, self.heads)):
+            if heads < 1 or width % heads:
+                raise ValueError(f"{name} ({width}) must be divisible by its number of heads ({heads})")
+        if self.vit_width % 8:
+            raise ValueError(f"vit_width must be divisible by 8 (MAL query/key width), got {self.vit_width}")
+        increasing = list(self.taps) == sorted(set(self.taps))
+        if not self.taps or not increasing or self.taps[0] < 0 or self.taps[-1] >= self.vit_depth:
+            raise ValueError(f"taps must be increasing block indices in [0, {self.vit_depth}), got {self.taps}")
+        if self.num_mals < 1:
+            raise ValueError(f"num_mals must be >= 1, got {self.num_mals}")
+        if len(self.cnn_channels) != 2 or len(self.cnn_kernels) != 3 or len(self.cnn_pools) != 3:
+            raise ValueError("the CNN head has three convs: cnn_channels needs 2 entries, cnn_kernels and cnn_pools 3")
+        sizes = self.cnn_sizes()
+        if min(sizes) < 1 or sizes[-1] != 1:
+            raise ValueError(f"the CNN head must reduce the {self.grid}x{self.grid} grid to 1x1, but cnn_kernels="
+                             f"{self.cnn_kernels} and cnn_pools={self.cnn_pools} give sizes {sizes}")
+        for name in ("prompt_blocks", "ispp_blocks", "fusion_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop must be in [0, 1), got {self.drop}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"family": self.family, **asdict(self)}
+        for key in ("taps", "cnn_channels", "cnn_kernels", "cnn_pools"):
+            d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PromptIQAConfig:
+        d = dict(d)
+        family = d.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"not a PromptIQA config (family {family!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in PromptIQA config: {', '.join(unknown)}; known keys: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> PromptIQAConfig:
+        """A copy with ``overrides`` applied (unknown names are an error that lists the known ones)."""
+        d = self.to_dict()
+        unknown = sorted(set(overrides) - set(d) | ({"family"} & set(overrides)))
+        if unknown:
+            raise ValueError(f"unknown PromptIQA option(s) {', '.join(map(repr, unknown))}; known options: "
+                             f"{', '.join(sorted(set(d) - {'family'}))}")
+        return PromptIQAConfig.from_dict({**d, **overrides})
+
+
+#: Named PromptIQA variants. ``promptiqa`` is the official model (318,159,200 parameters); ``promptiqa_test`` has the
+#: same structure at toy widths (a 6 x 6 token grid, so its CNN head uses smaller kernels and pools).
+PROMPTIQA_VARIANTS: dict[str, PromptIQAConfig] = {
+    "promptiqa": PromptIQAConfig(),
+    "promptiqa_test": PromptIQAConfig(
+        image_size=48, patch_size=8, vit_width=16, vit_depth=4, vit_heads=2, taps=(0, 1, 2, 3),
+        cnn_channels=(16, 16), cnn_kernels=(3, 1, 2), cnn_pools=(2, 1, 1), dim=16, heads=2,
+    ),
+}
+
+
+def get_promptiqa_variant(name: str) -> PromptIQAConfig:
+    """A fresh copy of a named PromptIQA variant's config."""
+    if name not in PROMPTIQA_VARIANTS:
+        raise ValueError(f"unknown PromptIQA model {name!r}; available: {', '.join(sorted(PROMPTIQA_VARIANTS))}")
+    return PromptIQAConfig.from_dict(PROMPTIQA_VARIANTS[name].to_dict())

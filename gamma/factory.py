@@ -6,9 +6,22 @@ import logging
 import os
 from typing import Any
 
+import torch
+
 from .archs.attiqa import AttiqaModel
 from .archs.gamma import GammaModel
-from .config import ATTIQA_VARIANTS, VARIANTS, AttiqaConfig, GammaConfig, get_attiqa_variant, get_variant
+from .archs.promptiqa import PromptIQA
+from .config import (
+    ATTIQA_VARIANTS,
+    PROMPTIQA_VARIANTS,
+    VARIANTS,
+    AttiqaConfig,
+    GammaConfig,
+    PromptIQAConfig,
+    get_attiqa_variant,
+    get_promptiqa_variant,
+    get_variant,
+)
 from .hub import KNOWN_WEIGHTS, resolve_weights
 from .weights import Checkpoint, CheckpointError, infer_config, load_into, read_checkpoint, read_state_dict
 
@@ -17,8 +30,8 @@ logger = logging.getLogger(__name__)
 
 def list_models(family: str = "gamma") -> list[str]:
     """Names of the registered variants of a model family: ``gamma`` (what the scorer, CLI and trainer take),
-    ``attiqa`` (ATTIQA students, docs/attiqa.md) or ``all``."""
-    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS}
+    ``attiqa`` (ATTIQA students, docs/attiqa.md), ``promptiqa`` (docs/promptiqa.md) or ``all``."""
+    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS, "promptiqa": PROMPTIQA_VARIANTS}
     if family == "all":
         return sorted(name for table in tables.values() for name in table)
     if family not in tables:
@@ -34,16 +47,18 @@ def create_model(
     allow_unsafe: bool = False,
     precision: str = "fp32",
     **overrides: Any,
-) -> GammaModel | AttiqaModel:
-    """Build a Gamma model (or an ATTIQA student), optionally loading weights.
+) -> GammaModel | AttiqaModel | PromptIQA:
+    """Build a Gamma model (or an ATTIQA student, or PromptIQA), optionally loading weights.
 
     Args:
         name: a variant from :func:`list_models`. Without it, ``pretrained`` is required and the architecture is
             inferred from the checkpoint (our checkpoints carry their config; others are read from tensor shapes).
         pretrained: a checkpoint file: ours, the authors' release (``{'params': ...}``), a plain OpenAI/UniQA CLIP
-            state_dict (becomes the backbone; experts start as copies of its MLPs), or safetensors of these. Or a
-            known weight name (``gamma``, ``gamma_sdp``, ``uniqa``: :data:`gamma.hub.KNOWN_WEIGHTS`), whose file
-            :func:`gamma.hub.resolve_weights` finds and which implies its prompt set unless ``prompt_set`` is given.
+            state_dict (becomes the backbone; experts start as copies of its MLPs), the official PromptIQA file
+            (``{'state_dict': {'module.' + key: ...}, 'prompt_num': n}``), or safetensors of these. Or a known
+            weight name (``gamma``, ``gamma_sdp``, ``uniqa``, ``promptiqa``: :data:`gamma.hub.KNOWN_WEIGHTS`), whose
+            file :func:`gamma.hub.resolve_weights` finds and which implies its prompt set unless ``prompt_set`` is
+            given.
         strict: refuse a checkpoint whose keys or shapes do not match exactly (the error names them).
         allow_unsafe: allow a full unpickle for files that cannot be read with ``weights_only=True``.
         precision: ``fp32`` (exact), ``bf16``, ``fp16``, ``int8`` or ``auto`` for scoring on the CPU; see
@@ -73,6 +88,10 @@ def create_model(
         if precision != "fp32":
             raise ValueError(f"precision={precision!r} applies to Gamma models; ATTIQA students run in fp32")
         return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
+    if name in PROMPTIQA_VARIANTS or (name is None and _is_promptiqa(ckpt)):
+        return _create_promptiqa(name, ckpt, strict, overrides)
+    if ckpt is not None and ckpt.kind == "promptiqa":
+        raise CheckpointError(f"{ckpt.path} is an official PromptIQA checkpoint, not a {name} model")
     if name is not None:
         config = get_variant(name).replace(**overrides) if overrides else get_variant(name)
     elif ckpt.kind == "gamma":
@@ -120,8 +139,38 @@ def _create_attiqa(name: str | None, ckpt: Checkpoint | None, *, strict: bool, a
     return model.eval()
 
 
-def _check_same_architecture(saved: GammaConfig | AttiqaConfig, wanted: GammaConfig | AttiqaConfig,
-                             where: str) -> None:
+def _is_promptiqa(ckpt: Checkpoint) -> bool:
+    return ckpt.kind == "promptiqa" or isinstance(ckpt.config, PromptIQAConfig)
+
+
+def _create_promptiqa(name: str | None, ckpt: Checkpoint | None, strict: bool, overrides: dict[str, Any]) -> PromptIQA:
+    """PromptIQA (docs/promptiqa.md): a variant, the official checkpoint (full size only) or ours."""
+    if ckpt is not None and not _is_promptiqa(ckpt):
+        raise CheckpointError(f"{ckpt.path} is a {getattr(ckpt.config, 'family', ckpt.kind)} checkpoint, not a "
+                              "PromptIQA model")
+    if name is not None:
+        config = get_promptiqa_variant(name)
+    elif ckpt.kind == "gamma":  # ours carries its config
+        config = ckpt.config
+    else:  # the official layout exists only at full size
+        config = get_promptiqa_variant("promptiqa")
+    config = config.replace(**overrides) if overrides else config
+    if ckpt is None:
+        return PromptIQA(config).eval()
+    if ckpt.kind == "gamma" and name is not None:
+        _check_same_architecture(ckpt.config, config, str(ckpt.path))
+    if strict:  # every tensor is overwritten by the strict load (or it raises): skip the costly random init
+        with torch.device("meta"):
+            model = PromptIQA(config)
+        model.to_empty(device="cpu")
+    else:
+        model = PromptIQA(config)
+    load_into(model, ckpt, strict=strict)
+    return model.eval()
+
+
+def _check_same_architecture(saved: GammaConfig | AttiqaConfig | PromptIQAConfig,
+                             wanted: GammaConfig | AttiqaConfig | PromptIQAConfig, where: str) -> None:
     if type(saved) is not type(wanted):
         raise CheckpointError(f"{where} holds a {getattr(saved, 'family', 'gamma')} model, not a "
                               f"{getattr(wanted, 'family', 'gamma')} model")

@@ -36,7 +36,7 @@ class WeightFile:
     name: str  # what users type: gamma.hub.resolve_weights("gamma"), pyiqa.create_metric("gamma")
     filename: str  # name in the cache folder
     env_var: str  # environment variable holding a path to the file
-    prompt_set: str | None  # prompts the weights were trained with (None: a backbone, not a Gamma model)
+    prompt_set: str | None  # prompts the weights were trained with (None: a backbone, or not a Gamma model)
     description: str
     page: str  # where a person can get the file
     url: str | None = None  # direct download URL (None: none is known)
@@ -76,6 +76,16 @@ KNOWN_WEIGHTS: dict[str, WeightFile] = {
             description="the UniQA CLIP ViT-B/16 backbone that Gamma's training starts from",
             page=_RELEASE_PAGE,
             aliases=("UniQA.pt",),
+        ),
+        WeightFile(
+            name="promptiqa",
+            filename="best_model.pth.tar",
+            env_var="GAMMA_PROMPTIQA_WEIGHTS",
+            prompt_set=None,
+            description="the PromptIQA authors' released weights (official layout; docs/promptiqa.md)",
+            page="the Hugging Face model repository Zevin2023/PromptIQA (https://huggingface.co/Zevin2023/PromptIQA)",
+            # The file has a direct Hugging Face URL, but no checksum could be taken offline: url stays None.
+            aliases=("best_model_five_22.pth.tar",),  # the name the authors' online demo loads
         ),
     )
 }

@@ -8,6 +8,9 @@ Formats read (detected from the file, never from its name):
   It becomes the backbone; every adaptive expert starts as a copy of its block's MLP, as at the start of training.
 - ``gamma``: our own checkpoint, ``{'format': 'gamma', 'config': {...}, 'state_dict': ...}`` (+ training state),
   loadable with ``torch.load(weights_only=True)``.
+- ``promptiqa``: the official PromptIQA checkpoint, ``{'state_dict': {'module.' + key: ...}, 'prompt_num': n}``
+  (saved from DistributedDataParallel), keys as in gamma.archs.promptiqa; our own checkpoints of a PromptIQA model
+  are ``gamma`` files whose config has ``family: promptiqa``.
 - safetensors files holding any of the above layouts (ours records the config in the metadata).
 """
 
@@ -28,13 +31,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ._files import atomic_write
-from .config import AttiqaConfig, GammaConfig, TextCfg, VisionCfg
+from .config import AttiqaConfig, GammaConfig, PromptIQAConfig, TextCfg, VisionCfg
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "gamma"
 FORMAT_VERSION = 1
 
+PROMPTIQA_TELLTALE = "fusion_mal.channel_attention.c_q.weight"  # a key only PromptIQA state_dicts have
 _BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.expert_(\d+)\.")
 
@@ -47,9 +51,9 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A checkpoint read from disk, normalised to the model's key layout."""
 
-    kind: str  # "release" | "clip" | "gamma"
+    kind: str  # "release" | "clip" | "gamma" | "promptiqa" (the official PromptIQA layout)
     state_dict: dict[str, torch.Tensor]
-    config: GammaConfig | AttiqaConfig | None = None  # ours only
+    config: GammaConfig | AttiqaConfig | PromptIQAConfig | None = None  # ours only
     extra: dict[str, Any] = field(default_factory=dict)  # training state etc. (ours only)
     path: str | None = None
 
@@ -143,6 +147,7 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
             raise CheckpointError(f"{where}: invalid model config in gamma checkpoint: {exc}") from exc
         extra = {k: v for k, v in obj.items() if k not in ("format", "format_version", "config", "state_dict")}
         return Checkpoint("gamma", _tensors(obj.get("state_dict"), where), config=config, extra=extra, path=where)
+    extra = {"prompt_num": obj["prompt_num"]} if isinstance(obj, dict) and "prompt_num" in obj else {}
     if isinstance(obj, dict):
         for wrapper in ("params", "params_ema", "state_dict", "model"):
             if wrapper in obj and isinstance(obj[wrapper], dict):
@@ -154,18 +159,23 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
         sd.pop(drop, None)
     if "clip_model.visual.conv1.weight" in sd:
         return Checkpoint("release", sd, path=where)
+    if PROMPTIQA_TELLTALE in sd:
+        return Checkpoint("promptiqa", sd, extra=extra, path=where)
     if "visual.conv1.weight" in sd and "visual.proj" in sd:
         return Checkpoint("clip", sd, path=where)
     sample = ", ".join(list(sd)[:5])
     raise CheckpointError(
-        f"{where} is neither a Gamma checkpoint nor an OpenAI-layout ViT CLIP state_dict (first keys: {sample})"
+        f"{where} is neither a Gamma or PromptIQA checkpoint nor an OpenAI-layout ViT CLIP state_dict (first keys: "
+        f"{sample})"
     )
 
 
-def _config_from_dict(d: Any) -> GammaConfig | AttiqaConfig:
+def _config_from_dict(d: Any) -> GammaConfig | AttiqaConfig | PromptIQAConfig:
     """The model config a checkpoint of ours records; its ``family`` entry picks the class (none: Gamma)."""
     if isinstance(d, dict) and d.get("family") == AttiqaConfig.family:
         return AttiqaConfig.from_dict(d)
+    if isinstance(d, dict) and d.get("family") == PromptIQAConfig.family:
+        return PromptIQAConfig.from_dict(d)
     return GammaConfig.from_dict(d)
 
 
@@ -272,7 +282,7 @@ def convert_state_dict(ckpt: Checkpoint, config: GammaConfig) -> tuple[dict[str,
         the converted state_dict and the set of model keys the source format cannot provide (and which therefore keep
         their initial values: routers, alphas, adapter and levels for a CLIP file).
     """
-    if ckpt.kind in ("gamma", "release"):
+    if ckpt.kind in ("gamma", "release", "promptiqa"):
         return dict(ckpt.state_dict), set()
     # Plain CLIP: prefix everything; in MoAE blocks the pretrained MLP feeds the shared expert and every expert.
     out: dict[str, torch.Tensor] = {}
@@ -304,7 +314,7 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, strict: bool = True) -> 
     Raises:
         CheckpointError: any missing, unexpected or mis-shaped key when ``strict`` (the message names them).
     """
-    config: GammaConfig = model.config
+    config = model.config
     sd, _ = convert_state_dict(ckpt, config)
     nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:  # e.g. saved from a diverged run: every score would be NaN
@@ -368,3 +378,9 @@ def _torch_save(obj: Any, tmp: str, path: Path) -> None:
 def release_state_dict(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """The model's weights in the release's ``{'params': state_dict}`` layout (for the authors' code)."""
     return {"params": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+
+
+def promptiqa_official_checkpoint(model: torch.nn.Module, prompt_num: int = 10) -> dict[str, Any]:
+    """A PromptIQA model's weights in the official layout (``module.`` keys, ``prompt_num``), for the authors' code."""
+    state = {f"module.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+    return {"state_dict": state, "prompt_num": int(prompt_num)}

@@ -24,6 +24,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -248,6 +249,8 @@ class _Tally:
     scored: int = 0
     skipped: int = 0  # already in the output (--resume), or named twice
     failed: int = 0  # could not be read or scored
+    new: int = 0  # images decoded and scored by this run (sharded: not those merged from an interrupted run's parts)
+    seconds: float = 0.0  # how long that took (sharded: the slowest process)
 
 
 def _score(args: argparse.Namespace) -> int:
@@ -279,6 +282,9 @@ def _report(tally: _Tally, out: str | None, processes: int = 1) -> None:
     if tally.failed:
         parts.append(f"{tally.failed} could not be read (named above)")
     print("gamma: " + ", ".join(parts), file=sys.stderr)
+    if tally.seconds:  # with -v; scripts/bench_scale.py reads it
+        logger.info("rate: %.3f images/s (%d image(s) decoded and scored in %.2f s, %d process(es))",
+                    tally.new / tally.seconds, tally.new, tally.seconds, processes)
 
 
 def _resolve_score_options(args: argparse.Namespace) -> None:
@@ -317,6 +323,7 @@ def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) ->
     bar = _progress(total, disable=args.no_progress)
     tally = _Tally()
     seen = writer.done
+    start = time.perf_counter()
 
     def todo() -> Iterator[str]:
         for path in _iter_inputs(args):
@@ -338,6 +345,7 @@ def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) ->
             bar.update(1)
     finally:
         bar.close()
+    tally.new, tally.seconds = tally.scored + tally.failed, time.perf_counter() - start
     return tally
 
 
@@ -490,7 +498,7 @@ def _score_share(args: argparse.Namespace, columns: list[str], info: DistInfo) -
     part = RowWriter(str(_part_path(out, info.rank, info.world_size)), _PART_COLUMNS, resume=True, overwrite=False)
     part.open()
     try:
-        skipped = _score_part(args, scorer, part, info, done=(done_out, done_parts))
+        mine = _score_part(args, scorer, part, info, done=(done_out, done_parts))
     except KeyboardInterrupt:
         if info.is_main:
             print("gamma: interrupted; run again with --resume to continue", file=sys.stderr)
@@ -498,11 +506,12 @@ def _score_share(args: argparse.Namespace, columns: list[str], info: DistInfo) -
     finally:
         part.close(complete=True)
     # 4. Wait for every process, then rank 0 merges the parts into --out.
-    skipped_everywhere = sum(all_gather_objects(skipped, info))
+    everyone = all_gather_objects(mine, info)
     if not info.is_main:
         return 0
     tally = _merge_parts(out, writer)
-    tally.skipped += skipped_everywhere
+    tally.skipped += sum(t.skipped for t in everyone)
+    tally.new, tally.seconds = sum(t.new for t in everyone), max(t.seconds for t in everyone)
     _report(tally, args.out, info.world_size)
     return 1 if tally.failed else 0
 
@@ -546,20 +555,19 @@ def _names_in_parts(out: Path) -> set[str]:
 
 
 def _score_part(args: argparse.Namespace, scorer: Scorer, part: RowWriter, info: DistInfo,
-                done: tuple[set[str], set[str]]) -> int:
-    """Score inputs ``i % world == rank`` that no earlier run scored; returns how many were skipped as already in
-    --out."""
+                done: tuple[set[str], set[str]]) -> _Tally:
+    """Score inputs ``i % world == rank`` that no earlier run scored: how many, how long, how many were skipped as
+    already in --out."""
     rank, world = info.rank, info.world_size
-    skipped = 0
+    tally = _Tally()
     indices: deque[int] = deque()  # the index of each path handed to the scorer, whose results come in that order
 
     def todo() -> Iterator[str]:
-        nonlocal skipped
         for i, path in enumerate(_iter_inputs(args)):
             if i % world != rank:
                 continue
             if path in done[0] or path in done[1]:  # in --out (counted as skipped), or in a part (merged below)
-                skipped += path in done[0]
+                tally.skipped += path in done[0]
                 bar.update(1)
                 continue
             indices.append(i)
@@ -568,14 +576,18 @@ def _score_part(args: argparse.Namespace, scorer: Scorer, part: RowWriter, info:
     show = info.is_main and not args.no_progress
     total = sum(1 for i, _ in enumerate(_iter_inputs(args)) if i % world == rank) if show else None
     bar = _progress(total, disable=not show, desc=f"scoring (rank 0 of {world})" if world > 1 else "scoring")
+    start = time.perf_counter()
     try:
         for result in scorer.iter_file_scores(todo(), on_error="skip"):
             part.write({"index": indices.popleft(), "name": result.name, "score": result.score if result.ok else None,
                         "mos": result.mos, "error": result.error})
+            tally.new += 1
             bar.update(1)
     finally:
         bar.close()
-    return skipped
+    tally.seconds = time.perf_counter() - start
+    logger.info("rank %d of %d: %d image(s) in %.1f s", rank, world, tally.new, tally.seconds)
+    return tally
 
 
 def _merge_parts(out: Path, writer: RowWriter) -> _Tally:

@@ -271,20 +271,20 @@ def _score(args: argparse.Namespace) -> int:
         writer.close(complete=False)
         raise
     writer.close(complete=True)
-    _report(tally, args.out)
+    _report(tally, args.out, verbose=args.verbose)
     return 1 if tally.failed else 0
 
 
-def _report(tally: _Tally, out: str | None, processes: int = 1) -> None:
+def _report(tally: _Tally, out: str | None, processes: int = 1, verbose: bool = False) -> None:
     parts = [f"scored {tally.scored} image(s)" + (f" in {processes} processes" if processes > 1 else "")]
     if tally.skipped:
         parts.append(f"skipped {tally.skipped} already in {out} or named twice")
     if tally.failed:
         parts.append(f"{tally.failed} could not be read (named above)")
     print("gamma: " + ", ".join(parts), file=sys.stderr)
-    if tally.seconds:  # with -v; scripts/bench_scale.py reads it
-        logger.info("rate: %.3f images/s (%d image(s) decoded and scored in %.2f s, %d process(es))",
-                    tally.new / tally.seconds, tally.new, tally.seconds, processes)
+    if verbose and tally.seconds:  # scripts/bench_scale.py reads it
+        print(f"gamma: rate: {tally.new / tally.seconds:.3f} images/s ({tally.new} image(s) decoded and scored in "
+              f"{tally.seconds:.2f} s, {processes} process(es))", file=sys.stderr)
 
 
 def _resolve_score_options(args: argparse.Namespace) -> None:
@@ -512,7 +512,7 @@ def _score_share(args: argparse.Namespace, columns: list[str], info: DistInfo) -
     tally = _merge_parts(out, writer)
     tally.skipped += sum(t.skipped for t in everyone)
     tally.new, tally.seconds = sum(t.new for t in everyone), max(t.seconds for t in everyone)
-    _report(tally, args.out, info.world_size)
+    _report(tally, args.out, info.world_size, verbose=args.verbose)
     return 1 if tally.failed else 0
 
 

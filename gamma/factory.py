@@ -176,14 +176,14 @@ def _build_loaded(build: Callable[[], _M], ckpt: Checkpoint, strict: bool) -> _M
         with _LargeTensorsOnMeta():
             candidate = build()
         on_meta = {k for k, v in candidate.state_dict(keep_vars=True).items() if v.is_meta}
-        stray = [n for n, b in _non_persistent_buffers(candidate) if b.is_meta]
+        stray = [n for n, b in _non_persistent_buffers(candidate) if b.is_meta] + _meta_attributes(candidate)
         if on_meta <= set(ckpt.state_dict) and not stray:
             model = candidate  # else the checkpoint cannot fill every weight: built the usual way below
     if model is None:
         model = build()
     load_into(model, ckpt, strict=strict)
     left = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta]
-    if left:  # only reachable with strict=False and a checkpoint that lacks keys: never hand out storage-less weights
+    if left:  # a safety net (a strict load fills every key): never hand out weights without storage
         raise CheckpointError(f"{ckpt.path or 'checkpoint'} does not provide {', '.join(left[:6])}"
                               f"{' ...' if len(left) > 6 else ''}")
     return model
@@ -192,6 +192,13 @@ def _build_loaded(build: Callable[[], _M], ckpt: Checkpoint, strict: bool) -> _M
 def _non_persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     persistent = set(model.state_dict(keep_vars=True))
     return [(n, b) for n, b in model.named_buffers() if n not in persistent]
+
+
+def _meta_attributes(model: nn.Module) -> list[str]:
+    """Plain tensor attributes (neither parameters nor buffers) left on the meta device: values the constructor
+    computed from large tensors, which no checkpoint fills."""
+    return [f"{prefix}.{name}" for prefix, module in model.named_modules() for name, value in vars(module).items()
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and value.is_meta]
 
 
 # ------------------------------------------------------------------------------------------------ converting

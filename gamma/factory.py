@@ -89,7 +89,8 @@ def create_model(
             (``head_hidden=...``) and ``backbone=`` a torchvision ImageNet ResNet weight file, loaded strictly.
             Gamma + ISP (``gamma_isp*`` variants) takes its own fields (``dim=...``, ``feature=...``) and
             ``gamma_weights=`` a Gamma checkpoint (a file or a known name) to put its prompt path on, whose
-            architecture replaces the variant's.
+            architecture replaces the variant's. PromptIQA takes ``vit_weights=`` a timm ``vit_base_patch8_224``
+            state_dict file for its backbone (where official training starts; :func:`load_vit_weights`).
 
     Returns:
         the model in eval mode.
@@ -112,7 +113,14 @@ def create_model(
             raise ValueError(f"precision={precision!r} applies to Gamma models; ATTIQA students run in fp32")
         return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
     if name in PROMPTIQA_VARIANTS or (name is None and _is_promptiqa(ckpt)):
-        return _create_promptiqa(name, ckpt, strict, overrides)
+        vit_weights = overrides.pop("vit_weights", None) if overrides else None
+        model = _create_promptiqa(name, ckpt, strict, overrides)
+        if vit_weights is not None:
+            if ckpt is not None:
+                raise ValueError("pass either pretrained= (a whole PromptIQA model) or vit_weights= (ImageNet ViT "
+                                 "weights to train from), not both")
+            load_vit_weights(model, read_state_dict(vit_weights, allow_unsafe=allow_unsafe), str(vit_weights))
+        return model
     if name in GAMMA_ISP_VARIANTS or (name is None and isinstance(ckpt.config, GammaISPConfig)):
         if precision != "fp32":
             raise ValueError(f"precision={precision!r} applies to Gamma models; Gamma + ISP runs in fp32")
@@ -193,6 +201,25 @@ def _create_promptiqa(name: str | None, ckpt: Checkpoint | None, strict: bool, o
         model = PromptIQA(config)
     load_into(model, ckpt, strict=strict)
     return model.eval()
+
+
+def load_vit_weights(model: PromptIQA, state_dict: dict[str, torch.Tensor], where: str = "ViT weights") -> None:
+    """Load a timm ViT state_dict (``vit_base_patch8_224``'s keys: ``cls_token``, ``pos_embed``, ``patch_embed.*``,
+    ``blocks.i.*``) into PromptIQA's backbone, strictly; its final norm and classifier are dropped (PromptIQA has
+    neither), as the official model replaces them with identities. This is where official training starts."""
+    unused = ("norm.", "fc_norm.", "head.", "head_drop.", "pre_logits.")
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(unused)}
+    own = model.vit.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own
+                  and sd[k].shape != own[k].shape]
+    problems = [f"{len(v)} {what} key(s): {', '.join(v[:5])}" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if v]
+    if problems:
+        raise CheckpointError(f"{where} does not fit PromptIQA's ViT ({'; '.join(problems)}); it needs timm's "
+                              "vit_base_patch8_224 layout")
+    model.vit.load_state_dict(sd, strict=True)
 
 
 def _create_gamma_isp(name: str | None, ckpt: Checkpoint | None, *, strict: bool, allow_unsafe: bool,

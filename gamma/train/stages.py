@@ -5,7 +5,9 @@ Every stage name maps to a :class:`Stage` in :data:`STAGES`:
 - ``gamma``: Gamma's mixed-dataset training and evaluation (:func:`gamma.train.loop.train`; every split in turn with
   ``--all_splits``, then the median table);
 - ``pretrain_clip``: contrastive pretraining of the CLIP backbone on captioned images
-  (:func:`gamma.train.pretrain.run`).
+  (:func:`gamma.train.pretrain.run`);
+- ``promptiqa``: PromptIQA's recipe and test protocol, for PromptIQA and Gamma + ISP
+  (:func:`gamma.train.promptiqa.run`).
 
 Adding a stage (PromptIQA training, ATTIQA pretraining or fine-tuning ...) takes a function from the resolved
 configuration to the stage's results, one row in :data:`STAGES`, its name in ``TrainConfig.stage`` and, when it has
@@ -36,6 +38,7 @@ from .config import TrainConfig, config_to_dict, load_config, resolve_entries
 from .distributed import DistInfo, cleanup, setup
 from .evaluate import median_table, write_table
 from .loop import train
+from .promptiqa import run as train_promptiqa
 from .run_folder import run_dir_of
 
 logger = logging.getLogger(__name__)
@@ -74,6 +77,7 @@ def pretrain_clip(cfg: TrainConfig, resume: bool = False, all_splits: bool = Fal
 STAGES: dict[str, Stage] = {
     "gamma": Stage(train_gamma),
     "pretrain_clip": Stage(pretrain_clip, follow_ups=lambda cfg: cfg.pretrain.then),
+    "promptiqa": Stage(train_promptiqa),
 }
 
 

@@ -149,6 +149,7 @@ class PromptIQACfg:
     vflip_p: float = 0.5  # each training image flipped upside down (the official "RandHorizontalFlip" flips H)
     cosine_period: int | None = None  # epochs per cosine cycle, restarting after each; None: one half cosine per run
     decode: Literal["cv2", "pil"] = "cv2"  # PromptIQA's image loader: the official OpenCV path, or PIL
+    vit_weights: str | None = None  # timm vit_base_patch8_224 state_dict the backbone starts from (no model.pretrained)
     isp_count: int | None = None  # ISPs in a test prompt; None: chunk - 1 (the official 10)
     isp_sampling: Literal["interval", "random"] = "interval"  # how the test ISPP is drawn from the training part
     isp_draws: int = 1  # random sampling: prompts drawn per dataset and evaluation (mean and std reported)

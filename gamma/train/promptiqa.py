@@ -63,7 +63,7 @@ from ..data import IQADataset, build_dataset, collate
 from ..data.promptiqa import draw_label_augment, random_vertical_flip, sample_ispp
 from ..data.requirements import write_requirement
 from ..data.transforms import TestTransform
-from ..factory import create_model
+from ..factory import create_model, list_models
 from ..hub import WeightsNotFoundError, resolve_weights
 from ..io import load_promptiqa_image
 from ..metrics import evaluate_scores
@@ -292,6 +292,8 @@ def build_model(cfg: TrainConfig) -> nn.Module:
             raise ConfigError(f"model.name: {name} needs a Gamma: set promptiqa.gamma or "
                               "model.overrides.gamma_weights")
         overrides["gamma_weights"] = resolve_gamma(cfg)
+    if cfg.promptiqa.vit_weights and not m.pretrained and name in list_models("promptiqa"):
+        overrides.setdefault("vit_weights", cfg.promptiqa.vit_weights)  # where official training starts
     pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
     try:
         model = create_model(name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **overrides)

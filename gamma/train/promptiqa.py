@@ -261,8 +261,8 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     plan: ChunkPlan | None = None
     progress: dict[str, Any] = field(default_factory=lambda: {
-        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_steps": 0, "best": None,
-        "history": []})
+        "epoch": 0, "step_in_epoch": 0, "global_step": 0, "loss_sum": 0.0, "loss_steps": 0, "pending_eval": False,
+        "best": None, "history": []})
     step_losses: list[float] = field(default_factory=list)
 
 
@@ -804,7 +804,7 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
         if resume and not cfg.eval_only and (run_dir / LAST).exists():
             restore(run, run_dir / LAST)
             if log is not None:
-                log.truncate_after(run.progress["global_step"])
+                log.truncate_after(run.progress["global_step"], drop_eval_at_step=run.progress.get("pending_eval"))
         t0 = time.perf_counter()
         if cfg.eval_only:
             evaluate_epoch(run, 0, final=True)
@@ -833,10 +833,17 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
 
 
 def fit(run: Run) -> None:
-    """Train the remaining epochs, evaluating as ``eval.every`` says (always after the last) and checkpointing."""
+    """Train the remaining epochs, evaluating as ``eval.every`` says (always after the last) and checkpointing.
+
+    The checkpoint after an epoch is written before its evaluation (marked pending, so that a run killed during the
+    evaluation evaluates on resuming), and evaluations leave the random state of training alone.
+    """
     cfg, prog = run.cfg, run.progress
+    if prog.get("pending_eval"):
+        _finish_eval(run, prog["epoch"])
     if prog["epoch"] == 0 and prog["step_in_epoch"] == 0 and cfg.eval.at_start and not prog["history"]:
-        evaluate_epoch(run, 0, final=False)
+        with torch.random.fork_rng(devices=[]):
+            evaluate_epoch(run, 0, final=False)
     while prog["epoch"] < cfg.epochs:
         train_epoch(run)
         done = prog["epoch"] + 1
@@ -845,12 +852,22 @@ def fit(run: Run) -> None:
             logger.info("epoch %d/%d: train loss %.5f", done, cfg.epochs, loss)
             run.log.write({"kind": "epoch", "epoch": done, "step": prog["global_step"], "train_loss": loss,
                            "lr": run.optimizer.param_groups[0]["lr"]})
-        if done == cfg.epochs or (cfg.eval.every and done % cfg.eval.every == 0):
-            evaluate_epoch(run, done, final=done == cfg.epochs)
-        prog["epoch"], prog["step_in_epoch"], prog["loss_sum"], prog["loss_steps"] = done, 0, 0.0, 0
+        evaluating = done == cfg.epochs or bool(cfg.eval.every and done % cfg.eval.every == 0)
+        prog.update(epoch=done, step_in_epoch=0, pending_eval=evaluating)
+        if not evaluating:  # (an evaluation reports the epoch's loss first)
+            prog.update(loss_sum=0.0, loss_steps=0)
         save_state(run)
         if cfg.checkpoint.keep_epochs:
             save_state(run, f"epoch_{done:03d}.pth")
+        if evaluating:
+            _finish_eval(run, done)
+
+
+def _finish_eval(run: Run, epoch: int) -> None:
+    with torch.random.fork_rng(devices=[]):  # (DataLoaders draw their seeds from the global generator)
+        evaluate_epoch(run, epoch, final=epoch == run.cfg.epochs)
+    run.progress.update(pending_eval=False, loss_sum=0.0, loss_steps=0)
+    save_state(run)
 
 
 def _final_block(record: dict[str, Any]) -> dict[str, Any]:

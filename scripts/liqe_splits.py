@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """LIQE's released train / validation / test lists as split pickles, for the paper's Table 12 (LIQE's setting).
 
-LIQE (github zwx8981/LIQE) ships ten splits of each of its six training datasets, 70% / 10% / 20% of the images (LIVE,
-CSIQ and KADID-10k split by reference image), as text files ``<k>/<prefix>_{train,val,test}_clip.txt`` (k = 1..10)
-under ``IQA_Database/<dataset folder>/splits2/``: one image per line, its path relative to the dataset folder first,
-then tab-separated labels. This script finds each listed image's row in a meta file (by the longest matching path
-suffix, so ``jp2k/img39.bmp`` and ``1024x768/826373.jpg`` match ``databaserelease2/jp2k/img39.bmp`` and
-``826373.jpg``) and writes ``{k: {'train': rows, 'val': rows, 'test': rows}}``, the split pickle format gamma reads::
+LIQE (github zwx8981/LIQE) ships ten splits of each of its six training datasets, 70% / 10% / 20% of the images
+(in LIVE's lists all versions of a reference image sit in one part), as text files
+``<k>/<prefix>_{train,val,test}_clip.txt`` (k = 1..10) under ``IQA_Database/<dataset folder>/splits2/``: one image per
+line, its path relative to the dataset folder first, then tab-separated labels. This script finds each listed image's
+row in a meta file (by the longest matching path suffix, so ``jp2k/img39.bmp`` and ``1024x768/826373.jpg`` match
+``databaserelease2/jp2k/img39.bmp`` and ``826373.jpg``) and writes ``{k: {'train': rows, 'val': rows, 'test': rows}}``,
+the split pickle format gamma reads::
 
     python scripts/liqe_splits.py bid LIQE/IQA_Database/BID/splits2 -o $GAMMA_DATA_ROOT/meta_info/bid_liqe_10split.pkl
 

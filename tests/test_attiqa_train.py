@@ -121,6 +121,7 @@ def test_pretraining_resumes_exactly_and_reuses_the_cached_labels(chain, workspa
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(chain, workspace):
     """Pairs are formed within each process's micro-batch: 2 gloo processes see the micro-batches that one process
     with grad_accum=2 sees, so the losses agree. Evaluation scores each process's share with rank 0's BatchNorm
@@ -224,6 +225,9 @@ def test_student_trains_what_its_stage_trains_and_takes_the_trainers_calls():
     assert student(x, scene="natural").shape == (3, 5)
     student.set_stage("finetune")
     assert student(x, scene=["aigc"] * 3).shape == (3,)
+    student.set_prompt_set(student.config.prompt_set)  # None: what the trainer's evaluation may ask of any model
+    with pytest.raises(ValueError, match="no prompts"):
+        student.set_prompt_set("sdp")
     student.set_crop_protocol(mode="center")
     assert (student.crop_protocol.mode, student.crop_protocol.size) == ("center", 64)
     student.eval()

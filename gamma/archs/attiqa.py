@@ -165,6 +165,12 @@ class AttiqaModel(nn.Module):
         changes = {k: v for k, v in {"mode": mode, "num": num, "seed": seed}.items() if v is not None}
         self.crop_protocol = dataclasses.replace(self.crop_protocol, **changes)
 
+    def set_prompt_set(self, prompt_set: str | None) -> None:
+        """A student has no prompts (``config.prompt_set`` is None); only None is accepted, so code that switches any
+        model's prompt set (the trainer's evaluation) leaves it unchanged."""
+        if prompt_set is not None:
+            raise ValueError(f"an ATTIQA student has no prompts to switch to {prompt_set!r}")
+
     def forward(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:  # noqa: ARG002
         """Training mode: per crop, MOS predictions (B,) when fine-tuning, attribute predictions (B, 5) when
         pretraining. Eval mode: MOS predictions (B,) per image (test protocol). ``scene`` is accepted and ignored (the

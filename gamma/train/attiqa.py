@@ -68,8 +68,6 @@ def pretrain(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -
         the label caches used.
     """
     check_pretrain(cfg)
-    if cfg.pretrain.synthetic.enabled:
-        generate_for_entries(cfg.pretrain.synthetic, cfg.data, cfg.data_root)
     dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
     try:
         objective, caches = pretraining_objective(cfg, dist)
@@ -190,7 +188,8 @@ def write_folder_list(entry: DatasetEntry) -> None:
 
 
 def pretraining_objective(cfg: TrainConfig, dist: DistInfo) -> tuple[Objective, dict[str, str]]:
-    """The pretraining's datasets (with teacher labels, computed by rank 0 when not cached), loss and evaluation.
+    """The pretraining's datasets (with teacher labels, computed by rank 0 when not cached; rank 0 also writes the
+    synthetic datasets first when ``pretrain.synthetic`` asks for them), loss and evaluation.
 
     Returns:
         the objective and ``{dataset name: its label cache}``.
@@ -208,6 +207,8 @@ def pretraining_objective(cfg: TrainConfig, dist: DistInfo) -> tuple[Objective, 
     error = None
     if dist.is_main:
         try:
+            if cfg.pretrain.synthetic.enabled:
+                generate_for_entries(cfg.pretrain.synthetic, cfg.data, cfg.data_root)
             for entry in (*folders, *eval_folders):
                 write_folder_list(entry)
             _label_all(cfg, train_entries, eval_entries)

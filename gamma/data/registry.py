@@ -3,8 +3,8 @@
 Ranges are the ones the authors' release trains with (docs/datasets.md#the-registered-datasets). Folder, meta and
 split names follow the release's option files and meta-info bundle, made relative to a data root; exBeDDE and ECIQAD
 are not in the release's options, so their names are ours. BID, AIGCIQA2023 and FLIVE serve the paper's appendix
-tables and ATTIQA's (docs/paper-protocols.md): their ranges come from their own papers. Every field can be overridden per entry (see
-:class:`gamma.data.DatasetEntry`).
+tables and ATTIQA's (docs/paper-protocols.md): their ranges come from their own papers. Every field can be overridden
+per entry (see :class:`gamma.data.DatasetEntry`).
 """
 
 from __future__ import annotations

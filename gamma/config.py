@@ -142,6 +142,7 @@ class AttiqaConfig:
     regressor over the heads' hidden features. The defaults are ResNet-50."""
 
     family = "attiqa"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
+    prompt_set = None  # class attribute: a student has no prompts (for code that asks any model for its prompt set)
 
     layers: tuple[int, ...] = (3, 4, 6, 3)  # Bottleneck blocks per stage (ResNet-50); the feature is 2048 wide
     width_per_group: int = 64  # Bottleneck inner width per 64 channels (64 = ResNet-50; smaller only for tests)

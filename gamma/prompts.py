@@ -50,6 +50,10 @@ DATASET_SCENES: dict[str, str] = {
     "aadb": "aesthetics",
     "exbedde": "natural",
     "eciqad": "natural",
+    # Beyond the paper's Table 1: LIQE's training set (Table 12), cross-dataset tests (Table 13), ATTIQA's tables.
+    "bid": "natural",
+    "flive": "natural",
+    "aigciqa2023": "aigc",
 }
 
 # Accepted spellings of scene names; the canonical names are SCENES.

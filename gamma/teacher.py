@@ -14,6 +14,11 @@ The teacher is any CLIP-layout checkpoint gamma loads (OpenAI CLIP, UniQA, a Gam
 Preprocessing (docs/attiqa.md): each image's short side is resized to the teacher's input size, then the scores of
 three crops spread over the long side (``grid`` protocol; one crop for a square image) are averaged, so the labels
 describe the whole picture at the scale CLIP was trained on.
+
+The teacher ``"measured"`` (:data:`MEASURED`) needs no model: :func:`measure_attributes` computes five classical
+pixel statistics of the whole decoded picture (sharpness, RMS contrast, mean luminance, Hasler-Suesstrunk
+colourfulness, Immerkaer's noise estimate). It is the offline demo's stand-in for CLIP (whose prompts a model trained
+here never learned); its labels go through the same cache.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ._files import atomic_write
 from .archs.crops import CropProtocol
@@ -62,9 +69,68 @@ class TeacherLabels:
         return dict(zip(self.paths, self.scores, strict=True))
 
 
+# ------------------------------------------------------------------------------------------ measured teacher
+MEASURED = "measured"  # the teacher name of :func:`measure_attributes`
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma weights
+# Immerkaer (1996), "Fast noise variance estimation": this kernel cancels image structure up to second order, so what
+# remains of a picture is mostly its noise; sigma = sqrt(pi / 2) / 6 * mean |Y * kernel|.
+_NOISE_KERNEL = ((1.0, -2.0, 1.0), (-2.0, 4.0, -2.0), (1.0, -2.0, 1.0))
+
+
+def measure_attributes(images: torch.Tensor) -> torch.Tensor:
+    """Five pixel statistics per picture (B, 5), :data:`ATTRIBUTES` order, each in (0, 1], higher = better pole.
+
+    - sharpness: mean gradient magnitude of the luminance at half resolution (2x2 average, which damps pixel noise),
+      over its standard deviation + 0.05 (so a flat or faded picture is not called blurred for its low contrast);
+    - contrast: twice the RMS contrast (standard deviation of the luminance);
+    - brightness: the mean luminance;
+    - colorfulness: Hasler and Suesstrunk's (2003) M = sqrt(s_rg^2 + s_yb^2) + 0.3 sqrt(m_rg^2 + m_yb^2);
+    - noisiness: 0.02 / (0.02 + sigma), sigma Immerkaer's noise estimate (high for a clean picture, as the CLIP
+      teacher's "Peerless" pole).
+
+    Unbounded statistics x are mapped to (0, 1) by x / (1 + x); the student learns only their order.
+
+    Args:
+        images: (B, 3, H, W) RGB in [0, 1], H and W >= 4.
+    """
+    if images.dim() != 4 or images.shape[1] != 3 or min(images.shape[-2:]) < 4:
+        raise ValueError(f"images must be (B, 3, H, W) with H, W >= 4, got {tuple(images.shape)}")
+    x = images.float()
+    luma = torch.einsum("bchw,c->bhw", x, x.new_tensor(_LUMA))[:, None]  # (B, 1, H, W)
+    std = luma.std(dim=(1, 2, 3))
+    half = F.avg_pool2d(luma, 2)
+    grad = torch.sqrt((half[..., 1:, :-1] - half[..., :-1, :-1]) ** 2 + (half[..., :-1, 1:] - half[..., :-1, :-1]) ** 2)
+    sharp = grad.mean(dim=(1, 2, 3)) / (std + 0.05)
+    r, g, b = x.unbind(dim=1)
+    rg, yb = r - g, 0.5 * (r + g) - b
+    colourful = (torch.sqrt(rg.var(dim=(1, 2)) + yb.var(dim=(1, 2)))
+                 + 0.3 * torch.sqrt(rg.mean(dim=(1, 2)) ** 2 + yb.mean(dim=(1, 2)) ** 2))
+    kernel = x.new_tensor(_NOISE_KERNEL)[None, None]
+    sigma = math.sqrt(math.pi / 2) / 6 * F.conv2d(luma, kernel).abs().mean(dim=(1, 2, 3))
+    out = torch.stack([sharp / (1 + sharp), (2 * std).clamp(max=1.0), luma.mean(dim=(1, 2, 3)),
+                       colourful / (1 + colourful), 0.02 / (0.02 + sigma)], dim=-1)
+    return out.clamp(min=1e-6)
+
+
+class MeasuredTeacher:
+    """:func:`measure_attributes` with the interface of the CLIP teacher's ``attributes`` (no weights, CPU)."""
+
+    settings = {
+        "format_version": FORMAT_VERSION,
+        "teacher": MEASURED,
+        "score": "gamma.teacher.measure_attributes: sharpness, RMS contrast, mean luminance, Hasler-Suesstrunk "
+                 "colourfulness, Immerkaer noise (version 1)",
+        "preprocess": "none: the whole decoded picture",
+    }
+
+    def attributes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(ATTRIBUTES, measure_attributes(images).unbind(dim=-1), strict=True))
+
+
 def label_images(
     inputs: str | os.PathLike | Iterable[str | os.PathLike],
-    teacher: GammaModel | str | os.PathLike,
+    teacher: GammaModel | MeasuredTeacher | str | os.PathLike,
     cache_dir: str | os.PathLike,
     *,
     root: str | os.PathLike | None = None,
@@ -79,7 +145,7 @@ def label_images(
     Args:
         inputs: a folder (searched recursively), an image file, or a list of image files.
         teacher: a GammaModel, or a checkpoint file of CLIP layout (plain OpenAI/UniQA CLIP, release or our Gamma
-            file) to build one from.
+            file) to build one from; or ``"measured"`` (a :class:`MeasuredTeacher`): pixel statistics, no model.
         cache_dir: the cache folder (created); rerunning with the same folder skips what is done.
         root: labels are keyed by path relative to ``root``; default: relative to ``inputs`` when it is a folder,
             else the path as given.
@@ -102,6 +168,10 @@ def label_images(
     if batch_size < 1 or chunk_size < 1:
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
     files, keys = _inputs(inputs, root)
+    if isinstance(teacher, str) and teacher == MEASURED:
+        teacher = MeasuredTeacher()
+    if isinstance(teacher, MeasuredTeacher):
+        return _label(files, keys, teacher, Path(cache_dir), dict(teacher.settings), batch_size, chunk_size, on_error)
     checkpoint = None if isinstance(teacher, GammaModel) else str(teacher)
     model = teacher if isinstance(teacher, GammaModel) else create_model(None, pretrained=teacher,
                                                                           allow_unsafe=allow_unsafe)
@@ -109,31 +179,37 @@ def label_images(
         raise ValueError(f"the teacher must be a CLIP-layout model, got {type(model).__name__}")
     if device is not None:
         model = model.to(device)
-    cache = Path(cache_dir)
-    settings = _settings(model, checkpoint)
+    protocol, was_training = model.crop_protocol, model.training
+    model.eval()
+    model.crop_protocol = CropProtocol(mode="grid", num=3, size=model.config.vision.image_size)
+    try:
+        return _label(files, keys, model, Path(cache_dir), _settings(model, checkpoint), batch_size, chunk_size,
+                      on_error)
+    finally:
+        model.crop_protocol = protocol
+        model.train(was_training)
+
+
+def _label(files: list[str], keys: list[str], model: GammaModel | MeasuredTeacher, cache: Path, settings: dict,
+           batch_size: int, chunk_size: int, on_error: str) -> TeacherLabels:
+    """The cached loop of :func:`label_images`: check the settings, label what is missing chunk by chunk, then write
+    ``labels.csv`` (and ``skipped.csv``)."""
     _check_settings(cache, settings)
 
     done = _read_parts(cache)
     todo = [(f, k) for f, k in zip(files, keys, strict=True) if k not in done]
     logger.info("teacher labels: %d images, %d cached in %s, %d to compute (%s)", len(keys), len(keys) - len(todo),
-                cache, len(todo), settings["towers"])
+                cache, len(todo), settings.get("towers", settings.get("teacher")))
     skipped: dict[str, str] = {}
     part = max((int(m.group(1)) for p in cache.glob("part-*.csv") if (m := _PART.match(p.name))), default=-1) + 1
-    protocol, was_training = model.crop_protocol, model.training
-    model.eval()
-    model.crop_protocol = CropProtocol(mode="grid", num=3, size=model.config.vision.image_size)
-    try:
-        for start in range(0, len(todo), chunk_size):
-            chunk = todo[start : start + chunk_size]
-            rows = _label_chunk(model, chunk, batch_size, on_error, skipped)
-            if rows:
-                _write_csv(cache / f"part-{part:05d}.csv", rows)
-                part += 1
-                done.update((k, s) for k, *s in rows)
-            logger.info("teacher labels: %d / %d images done", len(keys) - len(todo) + start + len(chunk), len(keys))
-    finally:
-        model.crop_protocol = protocol
-        model.train(was_training)
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        rows = _label_chunk(model, chunk, batch_size, on_error, skipped)
+        if rows:
+            _write_csv(cache / f"part-{part:05d}.csv", rows)
+            part += 1
+            done.update((k, s) for k, *s in rows)
+        logger.info("teacher labels: %d / %d images done", len(keys) - len(todo) + start + len(chunk), len(keys))
 
     paths = [k for k in keys if k in done]
     scores = np.array([done[k] for k in paths], dtype=np.float32).reshape(len(paths), len(ATTRIBUTES))
@@ -188,14 +264,16 @@ def _inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
     return out_files, out_keys
 
 
-def _label_chunk(model: GammaModel, chunk: Sequence[tuple[str, str]], batch_size: int, on_error: str,
-                 skipped: dict[str, str]) -> list[tuple]:
+def _label_chunk(model: GammaModel | MeasuredTeacher, chunk: Sequence[tuple[str, str]], batch_size: int,
+                 on_error: str, skipped: dict[str, str]) -> list[tuple]:
     """Rows ``(key, 5 scores)`` of a chunk of (file, key), in chunk order (unreadable files skipped or raised)."""
-    size = model.config.vision.image_size
+    clip = isinstance(model, GammaModel)
     images: dict[str, torch.Tensor] = {}
     for file, key in chunk:
         try:
-            images[key] = resize_short_side(load_image(file), size, mode="bicubic")  # (3, size, L)
+            img = load_image(file)
+            # (3, size, L) for CLIP; the measures take the picture as it is
+            images[key] = resize_short_side(img, model.config.vision.image_size, mode="bicubic") if clip else img
         except ImageDecodeError as exc:
             if on_error == "raise":
                 raise
@@ -204,7 +282,7 @@ def _label_chunk(model: GammaModel, chunk: Sequence[tuple[str, str]], batch_size
     groups: dict[tuple[int, ...], list[str]] = {}
     for key, img in images.items():
         groups.setdefault(tuple(img.shape), []).append(key)
-    device = model.score_level.device
+    device = model.score_level.device if clip else torch.device("cpu")
     scores: dict[str, list[float]] = {}
     with torch.inference_mode():
         for keys in groups.values():

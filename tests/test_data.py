@@ -90,6 +90,8 @@ def test_registry_matches_design_table():
         "livec": ("MOS", 0, 100), "koniq10k": ("MOS", 0, 100), "spaq": ("MOS", 0, 100), "gfiqa20k": ("MOS", 0, 1),
         "agiqa3k": ("MOS", 0, 5), "uwiqa": ("MOS", 0, 1), "ava": ("MOS", 0, 10), "aadb": ("MOS", 0, 1),
         "exbedde": ("MOS", 0, 1), "eciqad": ("MOS", 1, 9),
+        # Appendix B and ATTIQA's tables (docs/paper-protocols.md): ranges from their own papers
+        "bid": ("MOS", 0, 5), "aigciqa2023": ("MOS", 0, 100), "flive": ("MOS", 0, 100),
     }
     assert set(DATASETS) == set(expected)
     assert set(UNIFIED_DATASETS) <= set(DATASETS) and len(UNIFIED_DATASETS) == 12

@@ -156,7 +156,8 @@ def test_shipped_options_all_load_without_absolute_paths(monkeypatch):
             value = line.split(":", 1)[-1].strip()
             assert not value.startswith("/"), f"{f}: absolute path in {line!r}"
         cfg = load_config(f)
-        assert isinstance(cfg, TrainConfig) and cfg.data, f
+        # (ATTIQA pretraining may read unlabelled folders instead; a shared base file has no data of its own)
+        assert isinstance(cfg, TrainConfig) and (cfg.data or cfg.attiqa.folders or f.stem.endswith("base")), f
     unified = load_config(OPTIONS / "unified.yml")
     assert len(unified.data) == 12 and unified.data_root == "/datasets" and unified.model.pretrained == "uniqa"
     assert load_config(OPTIONS / "unified_sdp.yml").model.overrides == {"prompt_set": "sdp"}

@@ -9,7 +9,8 @@ choices the paper leaves open are listed, with reasons, in docs/attiqa.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +44,11 @@ class AttributeHead(nn.Module):
 class AttiqaModel(nn.Module):
     """ATTIQA student.
 
-    Call it with RGB images in [0, 1] (B, 3, H, W). In training mode it returns the MOS prediction (B,) of each input
-    crop; in eval mode any size is accepted: the short side is resized to ``config.resize`` and the predictions of the
-    five ``config.crop_size`` crops (corners and centre) are averaged (the paper's test protocol).
+    Call it with RGB images in [0, 1] (B, 3, H, W). In training mode it returns what the stage trains, per input crop:
+    the MOS prediction (B,) when fine-tuning, the five attribute predictions (B, 5) when pretraining. In eval mode it
+    returns MOS predictions of whole images of any size: the short side is resized to ``config.resize`` and the
+    predictions of the five ``config.crop_size`` crops (corners and centre) are averaged (the paper's test protocol;
+    :meth:`set_crop_protocol` can change it).
     :meth:`attribute_scores` gives the five attribute predictions (B, 5) that pretraining ranks; they are unbounded
     scalars whose order, not value, is learned.
 
@@ -156,10 +159,24 @@ class AttiqaModel(nn.Module):
         scores = self._over_crops(images, self.attribute_scores)  # (B, 5)
         return dict(zip(ATTRIBUTES, scores.unbind(dim=-1), strict=True))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """MOS predictions (B,): per crop in training mode, per image (test protocol) in eval mode."""
+    def set_crop_protocol(self, mode: str | None = None, num: int | None = None, seed: int | None = None) -> None:
+        """Change the test-time protocol (:class:`CropProtocol`; the crop side stays ``config.crop_size``), as
+        :meth:`gamma.GammaModel.set_crop_protocol` does; omitted fields keep their value."""
+        changes = {k: v for k, v in {"mode": mode, "num": num, "seed": seed}.items() if v is not None}
+        self.crop_protocol = dataclasses.replace(self.crop_protocol, **changes)
+
+    def set_prompt_set(self, prompt_set: str | None) -> None:
+        """A student has no prompts (``config.prompt_set`` is None); only None is accepted, so code that switches any
+        model's prompt set (the trainer's evaluation) leaves it unchanged."""
+        if prompt_set is not None:
+            raise ValueError(f"an ATTIQA student has no prompts to switch to {prompt_set!r}")
+
+    def forward(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:  # noqa: ARG002
+        """Training mode: per crop, MOS predictions (B,) when fine-tuning, attribute predictions (B, 5) when
+        pretraining. Eval mode: MOS predictions (B,) per image (test protocol). ``scene`` is accepted and ignored (the
+        student has no scene-specific part), so the trainer calls it as it calls Gamma."""
         if self.training:
-            return self.score_crops(images)
+            return self.attribute_scores(images) if self.stage == "pretrain" else self.score_crops(images)
         return self.score_images(images)
 
     def _over_crops(self, images: torch.Tensor, per_crop: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

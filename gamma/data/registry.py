@@ -1,9 +1,10 @@
 """The table of known datasets (data only): scene, label type, MOS range, meta format and default file names.
 
-Ranges are the ones the authors' release trains with (docs/datasets.md#the-registered-datasets). Folder, meta and split
-names follow the release's option files and meta-info bundle, made relative to a data root; exBeDDE and ECIQAD are not
-in the release's options, so their names are ours. Every field can be overridden per entry (see
-:class:`gamma.data.DatasetEntry`).
+Ranges are the ones the authors' release trains with (docs/datasets.md#the-registered-datasets). Folder, meta and
+split names follow the release's option files and meta-info bundle, made relative to a data root; exBeDDE and ECIQAD
+are not in the release's options, so their names are ours. BID, AIGCIQA2023 and FLIVE serve the paper's appendix
+tables and ATTIQA's (docs/paper-protocols.md): their ranges come from their own papers. Every field can be overridden
+per entry (see :class:`gamma.data.DatasetEntry`).
 """
 
 from __future__ import annotations
@@ -77,6 +78,20 @@ DATASETS: dict[str, DatasetInfo] = {
               "exBeDDE/exbedde_mos.csv", _M + "exbedde_10split.pkl", num_images=1670),
         _info("eciqad", "ECIQAD", "MOS", 1, 9, "nr", "ECIQAD/images",
               "ECIQAD/eciqad_mos.csv", _M + "eciqad_10split.pkl", num_images=2400),
+        # Beyond Table 1 (docs/paper-protocols.md). None is in the release's options, so folder and file names follow
+        # pyiqa's naming (meta_info_<Name>Dataset.csv, <name>_10split.pkl); FLIVE's are pyiqa's own.
+        # BID (Ciancio et al., TIP 2011): authentic blur, ratings on a 0-5 scale; in LIQE's training set (Table 12).
+        _info("bid", "BID", "MOS", 0, 5, "nr", "BID",
+              _M + "meta_info_BIDDataset.csv", _M + "bid_10split.pkl", num_images=586),
+        # AIGCIQA2023 (Wang et al., CICAI 2023): 2,400 text-to-image pictures (6 models x 100 prompts x 4); the label
+        # is the quality MOS (mosz1.mat, z-scores rescaled to 0-100); tested on all images in Table 13.
+        _info("aigciqa2023", "AIGCIQA2023", "MOS", 0, 100, "nr", "AIGCIQA2023/Image/allimg",
+              _M + "meta_info_AIGCIQA2023Dataset.csv", _M + "aigciqa2023_10split.pkl", num_images=2400),
+        # FLIVE / PaQ-2-PiQ (Ying et al., CVPR 2020), for ATTIQA's tables: pyiqa's meta file and its one official
+        # split (train / val / test; the held-out part is 'test'). pyiqa's file lists the ~40k whole pictures first,
+        # then their patches; the official split indexes both (docs/paper-protocols.md).
+        _info("flive", "FLIVE", "MOS", 0, 100, "nr", "FLIVE_Database/database",
+              _M + "meta_info_FLIVEDataset.csv", _M + "flive_official.pkl", eval_key="test"),
     )
 }
 
@@ -90,6 +105,7 @@ _ALIASES: dict[str, str] = {
     "kadid": "kadid10k", "kadid-10k": "kadid10k", "koniq": "koniq10k", "koniq-10k": "koniq10k",
     "livechallenge": "livec", "clive": "livec", "live_challenge": "livec", "gfiqa": "gfiqa20k",
     "gfiqa-20k": "gfiqa20k", "agiqa": "agiqa3k", "agiqa-3k": "agiqa3k", "tid": "tid2013", "liveiqa": "live",
+    "aigc2023": "aigciqa2023", "aigciqa-2023": "aigciqa2023", "paq2piq": "flive", "paq-2-piq": "flive",
 }
 
 

@@ -31,7 +31,7 @@ import yaml
 from .._dataclass_dict import ConfigError, from_dict, show, suggest
 from .._dataclass_dict import to_dict as config_to_dict
 from .._files import atomic_write
-from ..config import GammaConfig, TextCfg, VisionCfg, get_gamma_isp_variant, get_promptiqa_variant
+from ..config import AttiqaConfig, GammaConfig, TextCfg, VisionCfg, get_gamma_isp_variant, get_promptiqa_variant
 from ..data import DatasetEntry
 from ..data.requirements import RequirementCfg
 from ..data.synthetic import SyntheticCfg
@@ -39,6 +39,7 @@ from ..factory import list_models
 from ..prompts import PROMPT_SETS
 
 __all__ = [
+    "AttiqaCfg",
     "CheckpointCfg",
     "ConfigError",
     "DDPCfg",
@@ -188,6 +189,30 @@ class PretrainCfg:
     threads: int | None = None  # torch.set_num_threads for the whole chain (None: torch's default)
 
 
+@dataclass
+class AttiqaCfg:
+    """The ``attiqa:`` section: ATTIQA's stages (:mod:`gamma.train.attiqa`, docs/attiqa.md#trainer-stages).
+
+    ``attiqa_pretrain`` trains on the training parts of the ``data`` entries (their labels unused) and every image under
+    ``folders``; ``attiqa_finetune`` is MOS training of a student and uses none of these fields but ``then``."""
+
+    # Teacher of stage attiqa_pretrain: a CLIP-layout checkpoint (OpenAI ViT-B/16 for the paper; a path or a known
+    # weight name) whose zero-shot attribute scores are the pseudo-labels, or 'measured' (pixel statistics; the demo).
+    teacher: str | None = None
+    labels_dir: str = "teacher_labels"  # label cache, one folder per dataset (relative paths: under output_dir)
+    folders: list[str] = field(default_factory=list)  # unlabelled image folders (ImageNet), relative to data_root
+    eval_folders: list[str] = field(default_factory=list)  # unlabelled held-out folders: head agreement only
+    resize: int = 340  # folder images: short side resized to this first (0 = keep) ...
+    crop_size: int = 320  # ... then a random crop of this side (and a random flip)
+    margin: float = 0.1  # of the margin-ranking loss (the paper's)
+    teacher_batch_size: int = 32  # images per teacher forward
+    chunk_size: int = 256  # images per cached label file (what a kill can lose)
+    output: str = "attiqa_pretrained.pth"  # the pretrained student, relative to the run folder
+    # Stages run next from the pretrained student: an option file, optionally followed by key=value overrides
+    # ("options/attiqa/koniq10k.yml epochs=2"); as pretrain.then.
+    then: list[str] = field(default_factory=list)
+
+
 def default_workers(most: int = 4) -> int:
     """DataLoader workers when the option file names none: ``most``, or the CPUs this process may use if fewer
     (PyTorch warns about more workers than that, and they only compete for the same cores)."""
@@ -203,7 +228,8 @@ class TrainConfig:
     """One training run (or a 10-split series of them). Defaults are the paper's unified training recipe."""
 
     name: str = "gamma"  # run name: results go to <output_dir>/<name>/split_<k>/
-    stage: Literal["gamma", "pretrain_clip", "promptiqa"] = "gamma"  # what runs: a name of gamma.train.stages.STAGES
+    # what runs: a name of gamma.train.stages.STAGES
+    stage: Literal["gamma", "pretrain_clip", "attiqa_pretrain", "attiqa_finetune", "promptiqa"] = "gamma"
     output_dir: str = "experiments"
     seed: int = 123
     epochs: int = 10
@@ -230,6 +256,7 @@ class TrainConfig:
     log: LogCfg = field(default_factory=LogCfg)
     ddp: DDPCfg = field(default_factory=DDPCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)  # stage pretrain_clip
+    attiqa: AttiqaCfg = field(default_factory=AttiqaCfg)  # stages attiqa_pretrain / attiqa_finetune
     promptiqa: PromptIQACfg = field(default_factory=PromptIQACfg)  # stage promptiqa
 
     def validate(self) -> None:
@@ -254,11 +281,15 @@ class TrainConfig:
             raise ConfigError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         if self.model.name is None and not self.model.pretrained:
             raise ConfigError("model.name or model.pretrained must be set")
-        if self.model.name is not None and self.model.name not in list_models("all"):
-            hint = suggest(self.model.name, list_models("all"))
+        # the families the trainer's stages train (PromptIQA and Gamma + ISP: stage promptiqa)
+        trainable = list_models("gamma") + list_models("attiqa") + list_models("promptiqa") + list_models("gamma_isp")
+        if self.model.name is not None and self.model.name not in trainable:
+            hint = suggest(self.model.name, trainable)
             raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}; "
-                              f"available: {', '.join(list_models('all'))}")
-        if self.model.name in list_models("promptiqa") + list_models("gamma_isp"):
+                              f"available: {', '.join(trainable)}")
+        if self.model.name in list_models("attiqa"):
+            _check_attiqa_overrides(self.model.overrides)
+        elif self.model.name in list_models("promptiqa") + list_models("gamma_isp"):
             _check_prompted_model(self.model.name, self.model.overrides, self.stage)
         else:
             _check_model_overrides(self.model.overrides)
@@ -290,6 +321,19 @@ class TrainConfig:
         if not 0 < self.eval.holdout_fraction < 1:
             raise ConfigError(f"eval.holdout_fraction must be between 0 and 1 (exclusive), got "
                               f"{self.eval.holdout_fraction}")
+
+
+def _check_attiqa_overrides(overrides: dict[str, Any]) -> None:
+    """An ATTIQA student's overrides: AttiqaConfig fields, and ``backbone`` (a torchvision ImageNet ResNet file)."""
+    known = [f.name for f in fields(AttiqaConfig)]
+    for key in overrides:
+        if key not in (*known, "backbone"):
+            raise ConfigError(f"model.overrides.{key}: unknown ATTIQA option{suggest(key, known)}; "
+                              f"known: {', '.join(known)}, backbone")
+    try:
+        AttiqaConfig().replace(**{k: v for k, v in overrides.items() if k != "backbone"})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from exc
 
 
 def _check_prompted_model(name: str, overrides: dict[str, Any], stage: str) -> None:

@@ -124,6 +124,24 @@ def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> None:
+    """Give every process rank ``src``'s buffers of ``module`` (in place).
+
+    DDP copies rank 0's buffers to the others at the start of each training forward, and that forward then updates
+    each process's BatchNorm running statistics with its own micro-batch: after training the processes hold slightly
+    different statistics. Evaluating (each process scoring a share of the images) and saving (rank 0) need one set.
+    """
+    if not info.enabled:
+        return
+    for buf in module.buffers():
+        if info.backend == "nccl" or buf.device.type == "cpu":
+            dist.broadcast(buf, src=src)
+        else:  # gloo with a CUDA tensor: through the CPU
+            tmp = buf.detach().cpu()
+            dist.broadcast(tmp, src=src)
+            buf.copy_(tmp)
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         if info.backend == "nccl":

@@ -29,7 +29,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +49,7 @@ from ..hub import resolve_weights
 from ..weights import load_into
 from .checkpoint import LAST, RunLock, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict, save_config
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
 from .evaluate import METRICS, autocast, evaluate, headline_prompt_set, median_table, write_table
 from .run_folder import MetricsLog, attach_file_log, detach_file_log, flatten, prepare_folder, run_dir_of
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
@@ -73,6 +73,39 @@ class TrainingInterrupted(Exception):
 
 
 # ------------------------------------------------------------------------------------------------- state
+def mse_sum(pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+    """Gamma's loss: the sum over a micro-batch of squared errors against the normalised MOS (padding slots weigh 0).
+
+    Args:
+        pred: the training forward's output (b,), float32.
+        batch: the collated micro-batch (``mos``, ``weight``).
+    """
+    target = batch["mos"].to(pred.device, non_blocking=True).float()
+    weight = batch["weight"].to(pred.device, non_blocking=True)
+    return ((pred - target).square() * weight).sum()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a stage trains on and for, when it is not Gamma's MOS regression on the ``data`` entries (ATTIQA
+    pretraining, :mod:`gamma.train.attiqa`). Everything else (optimiser, schedule, checkpoints, resume, DDP, signals,
+    run folder) is the loop's own.
+
+    ``train_sets`` / ``eval_sets``: datasets whose items are those of :class:`gamma.data.IQADataset` plus whatever
+    ``loss_sum`` reads. ``loss_sum(pred, batch)``: the sum over the micro-batch's real samples of their loss, as
+    :func:`mse_sum` (the step's loss is that sum over all micro-batches and processes divided by the number of real
+    samples). ``evaluate(run)``: the figures of an evaluation, ``{'datasets': {name: {metric: value}}, 'mean': {...},
+    'predictions': {eval-set name: [...]}}`` as :func:`gamma.train.evaluate.evaluate` returns them.
+    ``configure_model(model)``: called on the new model before its trainable parameters go to the optimiser.
+    """
+
+    train_sets: list[torch.utils.data.Dataset]
+    eval_sets: dict[str, torch.utils.data.Dataset]
+    loss_sum: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
+    evaluate: Callable[[Run], dict[str, Any]]
+    configure_model: Callable[[torch.nn.Module], None] | None = None
+
+
 @dataclass
 class Progress:
     """Counters and results that a checkpoint carries (plain data)."""
@@ -110,6 +143,7 @@ class Run:
     progress: Progress = field(default_factory=Progress)
     step_losses: list[float] = field(default_factory=list)  # losses of the steps run by this process (this call)
     stop_signal: int = 0
+    objective: Objective | None = None  # a stage's own data, loss and evaluation (None: Gamma's)
 
 
 # ------------------------------------------------------------------------------------------------ building
@@ -175,20 +209,26 @@ def make_loader(run: Run, epoch: int, start_step: int) -> DataLoader:
     )
 
 
-def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | None) -> Run:
+def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | None,
+            objective: Objective | None = None) -> Run:
     """Build model, data, optimiser and schedule for a run (nothing is trained or loaded from a checkpoint yet)."""
     if cfg.amp == "fp16" and dist.device.type != "cuda":
         raise ConfigError("amp=fp16 needs a CUDA device; use amp=bf16 or amp=none on CPU")
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
-    train_sets, eval_sets = build_datasets(cfg)
+    if objective is None:
+        train_sets, eval_sets = build_datasets(cfg)
+    else:
+        train_sets, eval_sets = objective.train_sets, objective.eval_sets
     if not cfg.eval_only and not train_sets:
         raise ConfigError("data: no training datasets; list at least one entry under data:")
     select_sets: dict[str, IQADataset] = {}
     if cfg.eval.select_on == "train_holdout" and not cfg.eval_only:
         train_sets, select_sets = split_off_holdouts(cfg, train_sets)
     model = build_model(cfg).to(dist.device)
+    if objective is not None and objective.configure_model is not None:
+        objective.configure_model(model)
     params = model.trainable_parameters()
     if not params:
         raise ConfigError("the model has no trainable parameters")
@@ -217,7 +257,7 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
                     model.num_parameters() / 1e6, model.num_parameters(trainable_only=True) / 1e6)
     return Run(cfg=cfg, run_dir=run_dir, dist=dist, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, plan=plan, train_view=SeededView(train_sets), eval_sets=eval_sets, log=log,
-               select_sets=select_sets)
+               select_sets=select_sets, objective=objective)
 
 
 def restore(run: Run, path: Path) -> None:
@@ -346,21 +386,20 @@ def _forward_backward(run: Run, batches: Iterator[dict[str, Any]], n_real: int) 
     cfg, dev, world = run.cfg, run.dist.device, run.dist.world_size
     run.optimizer.zero_grad(set_to_none=True)
     sq_sum = torch.zeros((), dtype=torch.float64, device=dev)
+    loss_sum = run.objective.loss_sum if run.objective is not None else mse_sum
     for micro in range(cfg.grad_accum):
         batch = next(batches)
         images = batch["img"].to(dev, non_blocking=True)
-        target = batch["mos"].to(dev, non_blocking=True).float()
-        weight = batch["weight"].to(dev, non_blocking=True)
         sync = run.net.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
         with sync:
             with autocast(dev, cfg.amp):
                 pred = run.net(images, scene=batch["scene"])
-            sq = (pred.float() - target).square() * weight  # (b,), padding slots weigh 0
+            sq = loss_sum(pred.float(), batch)  # (), summed over the micro-batch's real samples
             # Sum over this micro-batch / real samples of the whole step, times world size because DDP averages
             # gradients over processes: the gradient is exactly that of the step's mean squared error.
-            loss = sq.sum() * (world / n_real)
+            loss = sq * (world / n_real)
             run.scaler.scale(loss).backward()
-        sq_sum += sq.detach().double().sum()
+        sq_sum += sq.detach().double()
     flags = torch.stack([sq_sum, torch.tensor(float(run.stop_signal != 0), dtype=torch.float64, device=dev)])
     flags = all_reduce_sum(flags, run.dist)
     return float(flags[0]) / n_real, float(flags[1]) > 0
@@ -397,8 +436,12 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     cfg, p = run.cfg, run.progress
     t0 = time.perf_counter()
     workers = cfg.eval.workers if cfg.eval.workers is not None else cfg.workers
-    result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp, workers=workers,
-                      dist_info=run.dist, progress=cfg.log.progress)
+    broadcast_buffers(run.model, run.dist)  # one set of BatchNorm statistics on every process (the saved one)
+    if run.objective is not None:
+        result = run.objective.evaluate(run)
+    else:
+        result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp, workers=workers,
+                          dist_info=run.dist, progress=cfg.log.progress)
     record = {"kind": "eval", "epoch": epoch, "step": p.global_step,
               "train_loss": p.epoch_loss_sum / p.epoch_samples if p.epoch_samples else None,
               "mean": result["mean"], "datasets": result["datasets"]}
@@ -500,8 +543,9 @@ def _finish_epoch_eval(run: Run, epoch: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ one run
-def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
-    """Run one training (one split): returns its results (also written to ``results.json``)."""
+def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False, objective: Objective | None = None) -> dict[str, Any]:
+    """Run one training (one split): returns its results (also written to ``results.json``). ``objective``
+    replaces Gamma's data, loss and evaluation (:class:`Objective`)."""
     run_dir = run_dir_of(cfg)
     lock = RunLock(run_dir) if dist.is_main else None
     error: BaseException | None = None
@@ -523,7 +567,7 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
         if dist.is_main:
             save_config(cfg, run_dir / "config.yaml")
             log = MetricsLog(run_dir, cfg.log.tensorboard)
-        run = prepare(cfg, dist, run_dir, log)
+        run = prepare(cfg, dist, run_dir, log, objective)
         if resume and (run_dir / LAST).exists():
             restore(run, run_dir / LAST)
             if log is not None:

@@ -70,7 +70,16 @@ from ..metrics import evaluate_scores
 from ..weights import load_into
 from .checkpoint import LAST, RunLock, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict, resolve_entries, save_config
-from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_object, cleanup, setup
+from .distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    broadcast_buffers,
+    broadcast_object,
+    cleanup,
+    setup,
+)
 from .evaluate import METRICS, mean_metrics, median_table, predict, write_table
 from .loop import NonFiniteLossError
 from .run_folder import MetricsLog, attach_file_log, detach_file_log, prepare_folder, run_dir_of
@@ -671,25 +680,11 @@ def adaptation(run: Run, ev: Evaluator) -> dict[str, dict[str, dict[str, Any]]]:
     return rows
 
 
-def sync_buffers(model: nn.Module, dist_info: DistInfo) -> None:
-    """Give every process rank 0's buffers (BatchNorm statistics): under DDP each process's last training forward
-    updated its own, and evaluating (each process scoring a share of the images) and saving (rank 0) need one set."""
-    if not dist_info.enabled:
-        return
-    for buf in model.buffers():
-        if dist_info.backend == "nccl" or buf.device.type == "cpu":
-            torch.distributed.broadcast(buf, src=0)
-        else:  # gloo with a CUDA tensor: through the CPU
-            tmp = buf.detach().cpu()
-            torch.distributed.broadcast(tmp, src=0)
-            buf.copy_(tmp)
-
-
 def evaluate_epoch(run: Run, epoch: int, final: bool) -> dict[str, Any]:
     """Evaluate, log, keep the best; after the last epoch also the adaptation table."""
     cfg, prog = run.cfg, run.progress
     t0 = time.perf_counter()
-    sync_buffers(run.model, run.dist)
+    broadcast_buffers(run.model, run.dist)  # one set of BatchNorm statistics on every process (the saved one)
     ev = Evaluator(run)
     mapped = cfg.promptiqa.mapping == "fit"
     was_training = run.model.training

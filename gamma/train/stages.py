@@ -6,6 +6,8 @@ Every stage name maps to a :class:`Stage` in :data:`STAGES`:
   ``--all_splits``, then the median table);
 - ``pretrain_clip``: contrastive pretraining of the CLIP backbone on captioned images
   (:func:`gamma.train.pretrain.run`);
+- ``attiqa_pretrain``: ATTIQA's attribute-aware pretraining of a student on teacher labels
+  (:func:`gamma.train.attiqa.pretrain`); ``attiqa_finetune``: MOS training of a student, as ``gamma``;
 - ``promptiqa``: PromptIQA's recipe and test protocol, for PromptIQA and Gamma + ISP
   (:func:`gamma.train.promptiqa.run`).
 
@@ -32,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .._files import atomic_write
-from . import pretrain
+from . import attiqa, pretrain
 from .checkpoint import write_json
 from .config import TrainConfig, config_to_dict, load_config, resolve_entries
 from .distributed import DistInfo, cleanup, setup
@@ -74,9 +76,18 @@ def pretrain_clip(cfg: TrainConfig, resume: bool = False, all_splits: bool = Fal
     return pretrain.run(cfg)
 
 
+def attiqa_finetune(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
+    """Stage ``attiqa_finetune``: MOS training of an ATTIQA student (docs/attiqa.md#trainer-stages), run as stage
+    ``gamma`` runs (one split, or every split and the median table)."""
+    attiqa.check_student(cfg)
+    return train_gamma(cfg, resume=resume, all_splits=all_splits)
+
+
 STAGES: dict[str, Stage] = {
     "gamma": Stage(train_gamma),
     "pretrain_clip": Stage(pretrain_clip, follow_ups=lambda cfg: cfg.pretrain.then),
+    "attiqa_pretrain": Stage(attiqa.pretrain, follow_ups=lambda cfg: cfg.attiqa.then),
+    "attiqa_finetune": Stage(attiqa_finetune),
     "promptiqa": Stage(train_promptiqa),
 }
 

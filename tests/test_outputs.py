@@ -297,12 +297,15 @@ def test_cli_scores_with_promptiqa_and_a_prompt_file(photos, prompt_dir, piqa_fi
     assert_close([float(r[2]) for r in h[1:]], [100 * float(r[1]) for r in h[1:]], rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("case", ["missing image", "not a number", "one pair", "out of range", "no header"])
+@pytest.mark.parametrize("case", ["missing image", "undecodable image", "not a number", "one pair", "out of range",
+                                  "no header"])
 def test_a_bad_prompt_file_is_a_clear_error(case, photos, prompt_dir, piqa_file, naive_file, capsys):
     bad = prompt_dir / f"bad_{case.replace(' ', '_')}.csv"
     good = ["ispp/coins.png,0.2", "ispp/moon.png,0.7"]
     text, message = {
         "missing image": ("image,score\n" + "\n".join(good) + "\nispp/gone.png,0.5\n", r"not found.*gone\.png"),
+        "undecodable image": ("image,score\n" + "\n".join(good) + "\nispp/broken.jpg,0.5\n",
+                              r"prompt image .*broken\.jpg: "),
         "not a number": ("image,score\n" + good[0] + "\nispp/moon.png,high\n", r":3: the score 'high' is not a number"),
         "one pair": ("image,score\n" + good[0] + "\n", "at least 2 image-score pairs, got 1"),
         "out of range": ("image,score\n" + good[0] + "\nispp/moon.png,7\n",
@@ -310,6 +313,7 @@ def test_a_bad_prompt_file_is_a_clear_error(case, photos, prompt_dir, piqa_file,
         "no header": ("\n".join(good) + "\n", "header names an image column"),
     }[case]
     bad.write_text(text)
+    (prompt_dir / "ispp" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(PromptFileError, match=message):
         Scorer(piqa_file, device="cpu", prompt=bad)
     assert main(["score", str(photos[0]), "--weights", str(piqa_file), "--prompt-file", str(bad), *FAST]) == 2

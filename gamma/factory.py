@@ -82,8 +82,8 @@ def create_model(
             unsupported combination is an error). ``None``: as the weights are stored, i.e. fp32, or for a file
             written by ``gamma convert --precision bf16|fp16`` that precision, loaded without conversion; where
             ``device`` runs it slower than fp32, the stored weights are computed in fp32 instead (logged).
-        device: the device the model is moved to (default: the CPU) before the precision is applied and ``auto``
-            resolved for it.
+        device: the device the model is moved to before the precision is applied and ``auto`` resolved for it
+            (default: where it is built, the CPU unless a ``torch.device`` context says otherwise).
         **overrides: config fields (``prompt_set='sdp'``, ``moae_layers=4``, ``num_experts=5``, ``vision={...}`` ...).
             For a release file, ``prompt_set`` says which prompts its weights were trained with (default ``naive``).
             ATTIQA students (``attiqa_*`` variants, or our checkpoint of one) take their own fields
@@ -107,10 +107,10 @@ def create_model(
         ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe)
     if name in ATTIQA_VARIANTS or (name is None and isinstance(ckpt.config, AttiqaConfig)):
         _fp32_only(precision, "ATTIQA students")
-        return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides).to(device or "cpu")
+        return _placed(_create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides), device)
     if name in PROMPTIQA_VARIANTS or (name is None and _is_promptiqa(ckpt)):
         _fp32_only(precision, "PromptIQA models")
-        return _create_promptiqa(name, ckpt, strict, overrides).to(device or "cpu")
+        return _placed(_create_promptiqa(name, ckpt, strict, overrides), device)
     if ckpt is not None and ckpt.kind == "promptiqa":
         raise CheckpointError(f"{ckpt.path} is an official PromptIQA checkpoint, not a {name} model")
     if name is not None:
@@ -124,14 +124,18 @@ def create_model(
                            "Gamma-Prompt weights)", pretrained)
     if ckpt is not None and ckpt.kind == "gamma" and name is not None:
         _check_same_architecture(ckpt.config, config, str(pretrained))
-    device = torch.device(device if device is not None else "cpu")
     if ckpt is None:
-        return GammaModel(config).to(device).eval().to_precision(precision or "fp32")
-    stored, target = _stored_and_target(ckpt, precision, device)
+        return _placed(GammaModel(config), device).eval().to_precision(precision or "fp32")
+    stored, target = _stored_and_target(ckpt, precision, torch.device(device if device is not None else "cpu"))
     if stored != "fp32" and target == stored:  # the file's dtypes as they are: memory-mapped, nothing converted
         model = _build_loaded(lambda: GammaModel(config)._convert_tower(stored), ckpt, strict)
-        return model.to(device).eval()
-    return _build_loaded(lambda: GammaModel(config), ckpt, strict).to(device).eval().to_precision(target)
+        return _placed(model, device).eval()
+    return _placed(_build_loaded(lambda: GammaModel(config), ckpt, strict), device).eval().to_precision(target)
+
+
+def _placed(model: _M, device: str | torch.device | None) -> _M:
+    """``model`` moved to ``device``, or left where it was built (``None``)."""
+    return model.to(device) if device is not None else model
 
 
 def _fp32_only(precision: str | None, family: str) -> None:

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._files import atomic_write
 from .archs.crops import CROP_MODES
+from .archs.precision import PRECISIONS
 from .data.meta import is_number
 from .data.registry import DATASETS
 from .hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights, weights_dir
@@ -407,6 +408,7 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             model=args.model,
             prompt_set=args.prompt,
             device=device,
+            precision=args.precision,
             batch_size=args.batch_size,
             crops=args.crops,
             num_crops=args.num_crops,
@@ -873,6 +875,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "resized (default cv2, the official preprocessing; pil needs no OpenCV)")
     s.add_argument("--batch-size", "-b", type=_positive_int, default=8, help="images per forward pass (default 8)")
     s.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    s.add_argument("--precision", choices=PRECISIONS, help="how the image tower computes: fp32 (exact), bf16, fp16, "
+                   "int8 (CPU), auto (the fastest this device runs well); default: as the weights are stored (fp32 "
+                   "for the release's files). Under torchrun each process applies it for its own device")
     s.add_argument("--crops", choices=CROP_MODES,
                    help="test-time crop protocol (default: random, the release's 10 seeded random crops)")
     s.add_argument("--num-crops", type=_positive_int, help="crops per image for random/grid (default 10)")
@@ -900,8 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "X.safetensors instead of X.pth beside it while X.pth is unchanged.")
     c.add_argument("source", help=f"weight file, or a known name ({release_names})")
     c.add_argument("dest", help="the .safetensors file to write")
-    c.add_argument("--precision", choices=list(STORED_DTYPES), default="fp32", help="dtype the weights are stored "
-                   "in (default fp32: exact; bf16/fp16 halve the file and round the weights)")
+    c.add_argument("--precision", choices=list(STORED_DTYPES), default="fp32", help="store the model in this "
+                   "precision (default fp32: exact); bf16/fp16 store the image tower's matmul weights as "
+                   "to_precision does (a smaller file that loads as a bf16/fp16 model; scores as with --precision)")
     c.add_argument("--prompt", choices=PROMPT_SETS, help="prompts the weights expect (default: from a known name or "
                    "file name, else naive)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing DEST")

@@ -13,6 +13,11 @@ input RGB in [0, 1] (a tensor (B, 3, H, W), or a file path, bytes or PIL image, 
 like everywhere else in gamma); output (B, 1); ``as_loss=True``
 gives gradients with respect to the input; ``metric.net.test_sample`` is the number of test crops.
 
+Precision: ``precision='bf16'`` (``fp32``, ``bf16``, ``fp16``, ``int8`` on the CPU, ``auto``) runs the image tower in
+that precision (:meth:`gamma.GammaModel.to_precision`). pyiqa builds the network on the CPU and then moves it to the
+metric's device, so the precision is applied right after that move, for the device the network is on (``auto``
+resolves for it, and int8 on CUDA is an error when the metric is created).
+
 Weights: ``pretrained_model_path=`` (the release's ``{'params': ...}`` file, ours, or safetensors), else the known
 weight name of the metric (``gamma`` / ``gamma_sdp``), found by :func:`gamma.hub.resolve_weights` (``$GAMMA_WEIGHTS`` /
 ``$GAMMA_SDP_WEIGHTS``, then the cache folder). The architecture is read from the file, so a small model saved in the
@@ -31,6 +36,8 @@ from torch import nn
 
 from _gamma_pyiqa_hook import ARCH_NAME, METRICS, PROMPTIQA_ARCH_NAME, is_registered, register
 
+from .archs.gamma import GammaModel
+from .archs.precision import PRECISIONS, resolve_precision
 from .archs.promptiqa import PromptIQA, check_images, resize_like_cv2
 from .data.promptiqa import random_vertical_flip
 from .factory import create_model
@@ -53,6 +60,7 @@ class GammaIQA(nn.Module):
             file; with ``pretrained=False`` the variant keeps random weights (no file needed).
         pretrained: load weights at all.
         allow_unsafe: allow weight files that need a full unpickle.
+        precision: how the image tower computes (see the module docstring); ``None``: as the weights are stored.
     """
 
     def __init__(
@@ -66,18 +74,30 @@ class GammaIQA(nn.Module):
         model_name: str | None = None,
         pretrained: bool = True,
         allow_unsafe: bool = False,
+        precision: str | None = None,
     ) -> None:
         super().__init__()
         _decode_with_gamma(InferenceModel)
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         overrides = {"prompt_set": prompt_set} if prompt_set else {}
         if not pretrained:
-            self.net = create_model(model_name or "gamma_vitb16", **overrides)
+            name, kwargs = model_name or "gamma_vitb16", overrides
         else:
             source = pretrained_model_path if pretrained_model_path is not None else weights
-            self.net = create_model(model_name, pretrained=source, allow_unsafe=allow_unsafe, **overrides)
-        # pyiqa checks the input range itself (and turns the check off for as_loss, whose generic test feeds randn).
-        self.net.check_input_range = False
-        self.net.set_crop_protocol(mode=crop_mode, num=test_sample)
+            name, kwargs = model_name, {"pretrained": source, "allow_unsafe": allow_unsafe, **overrides}
+
+        def build(precision: str | None = None, device: torch.device | None = None) -> GammaModel:
+            net = create_model(name, precision=precision, device=device, **kwargs)
+            # pyiqa checks the input range itself (and turns the check off for as_loss, whose generic test feeds
+            # randn).
+            net.check_input_range = False
+            net.set_crop_protocol(mode=crop_mode, num=test_sample)
+            return net
+
+        self._build = build
+        self.net = build()
+        self._precision = precision  # applied by `to` (pyiqa moves the net to the metric's device) or the first call
         self.scene = scene
         if scene is not None:
             self.net.scene_index(scene, 1, torch.device("cpu"))  # fail now on an unknown scene
@@ -90,6 +110,24 @@ class GammaIQA(nn.Module):
     def test_sample(self, num: int) -> None:
         self.net.test_sample = num
 
+    def to(self, *args: Any, **kwargs: Any) -> GammaIQA:
+        """Move the network, then apply ``precision`` for the device it is now on."""
+        super().to(*args, **kwargs)
+        self._apply_precision()
+        return self
+
+    def _apply_precision(self) -> None:
+        if self._precision is None:
+            return
+        wanted, self._precision = self._precision, None
+        device = self.net.score_level.device
+        target = resolve_precision(wanted, device)
+        if self.net.precision in ("bf16", "fp16") and target != self.net.precision:
+            # A file stored in bf16 / fp16 (gamma convert --precision) has no fp32 weights left to convert from.
+            self.net = self._build(target, device)
+        else:
+            self.net.to_precision(target)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Also accepts the model's own layout (the release's keys, without ``net.``): ``metric.load_weights(file)``."""
         if state_dict and not any(k.startswith("net.") for k in state_dict):
@@ -98,6 +136,7 @@ class GammaIQA(nn.Module):
 
     def forward(self, x: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
         """Scores (B, 1) of images (B, 3, H, W) in [0, 1]; pyiqa hands grayscale (B, 1, H, W) through as is."""
+        self._apply_precision()  # when the metric was never moved (used outside pyiqa)
         if x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return self.net(x, scene=scene if scene is not None else self.scene).unsqueeze(1)

@@ -137,6 +137,10 @@ class Scorer:
         scene: default scene for SDP models (``natural``, ``aigc``, ``underwater``, ``face``, ``aesthetics``), or
             ``auto`` to let the model choose per image (adds a ``scene`` column; docs/explain.md).
         device: where to run (default: CUDA, else MPS, else CPU).
+        precision: how the image tower computes: ``fp32`` (exact), ``bf16``, ``fp16``, ``int8`` (CPU) or ``auto``
+            (the fastest ``device`` runs well; the choice is logged); a precision the device lacks is an error.
+            ``None``: as the weights are stored (fp32, or what ``gamma convert --precision`` stored). See
+            :meth:`gamma.GammaModel.to_precision` and docs/performance.md.
         batch_size: images scored per forward pass (images of one size are batched together).
         crops: test-time crop mode (``random`` (release), ``grid``, ``five``, ``center``, ``resize``); ``None`` keeps
             the model's protocol. ``num_crops`` and ``seed`` refine it (PromptIQA: ``seed`` seeds ``prompt_flip``).
@@ -168,6 +172,7 @@ class Scorer:
         prompt_set: str | None = None,
         scene: str | None = None,
         device: str | torch.device | None = None,
+        precision: str | None = None,
         batch_size: int = 8,
         crops: str | None = None,
         num_crops: int | None = None,
@@ -193,7 +198,7 @@ class Scorer:
                 raise ValueError(f"mos_range must be two different finite numbers, got {mos_range}")
             mos_range = (lo, hi)
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = self._build(weights, model, prompt_set, allow_unsafe).to(self.device).eval()
+        self.model = self._build(weights, model, prompt_set, allow_unsafe, precision, self.device).eval()
         self.batch_size = batch_size
         self.mos_range = mos_range
         self.lower_better = lower_better
@@ -226,17 +231,24 @@ class Scorer:
             self.adapt(prompt, outputs=adapt_outputs)
 
     @staticmethod
-    def _build(weights: Any, model: Any, prompt_set: str | None, allow_unsafe: bool) -> GammaModel | PromptIQA:
+    def _build(weights: Any, model: Any, prompt_set: str | None, allow_unsafe: bool, precision: str | None,
+               device: torch.device) -> GammaModel | PromptIQA:
         if isinstance(model, (GammaModel, PromptIQA)):
             if weights is not None or prompt_set is not None:
                 raise ValueError("pass either a model instance or weights/prompt_set, not both")
-            return model
+            model = model.to(device)  # first the device, then the precision for it
+            if isinstance(model, PromptIQA):
+                if precision not in (None, "fp32"):
+                    raise ValueError(f"precision={precision!r} applies to Gamma models; PromptIQA runs in fp32")
+                return model
+            return model.to_precision(precision) if precision is not None else model
         if model is not None and not isinstance(model, str):
             raise TypeError(f"model must be a GammaModel, a PromptIQA or a variant name, got {type(model).__name__}")
         if model is None and weights is None:  # the release file for these prompts, found by gamma.hub
             weights = "gamma_sdp" if prompt_set == "sdp" else "gamma"
         overrides = {"prompt_set": prompt_set} if prompt_set else {}
-        built = create_model(model, pretrained=weights, allow_unsafe=allow_unsafe, **overrides)
+        built = create_model(model, pretrained=weights, allow_unsafe=allow_unsafe, precision=precision, device=device,
+                             **overrides)
         if not isinstance(built, (GammaModel, PromptIQA)):
             raise ValueError(f"the scorer takes Gamma and PromptIQA models, not a {type(built).__name__}")
         return built

@@ -212,10 +212,17 @@ class GammaModel(nn.Module):
         """
         device = self.score_level.device
         target = resolve_precision(precision, device)
+        if target == self.precision:
+            return self
+        check_precision(target, device, allow_slow=allow_slow)
+        return self._convert_tower(target)
+
+    def _convert_tower(self, target: str) -> GammaModel:
+        """:meth:`to_precision` after its device checks (also used to build a model for a file stored in ``target``,
+        before the weights and the device are known)."""
         current = self.precision
         if target == current:
             return self
-        check_precision(target, device, allow_slow=allow_slow)
         if current not in ("fp32", "int8"):
             raise ValueError(
                 f"the image tower's weights were rounded to {current} and its fp32 weights are gone: create or load "

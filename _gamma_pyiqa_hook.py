@@ -24,6 +24,10 @@ import sys
 #: Name of gamma's network class in pyiqa's arch registry, and where pyiqa imports it from when a metric is built.
 ARCH_NAME = "GammaIQA"
 ARCH_IMPORT_PATH = "gamma.pyiqa_plugin:GammaIQA"
+#: The same for PromptIQA (gamma's implementation, docs/promptiqa.md).
+PROMPTIQA_ARCH_NAME = "GammaPromptIQA"
+PROMPTIQA_ARCH_IMPORT_PATH = "gamma.pyiqa_plugin:GammaPromptIQA"
+ARCHS = {ARCH_NAME: ARCH_IMPORT_PATH, PROMPTIQA_ARCH_NAME: PROMPTIQA_ARCH_IMPORT_PATH}
 
 #: Metric name -> its row in pyiqa's table (pyiqa's contract: no-reference, higher is better, scores about [0, 1]).
 METRICS = {
@@ -38,6 +42,14 @@ METRICS = {
         "metric_mode": "NR",
         "lower_better": False,
         "score_range": "~0, ~1",
+    },
+    # Scores on the prompt's scale, which PromptIQA takes in [0, 1] (its head ends in a sigmoid). The prompt file has
+    # no default: create_metric('promptiqa', prompt_file='isp.csv') (without one, the error says what to pass).
+    "promptiqa": {
+        "metric_opts": {"type": PROMPTIQA_ARCH_NAME, "weights": "promptiqa", "prompt_file": None},
+        "metric_mode": "NR",
+        "lower_better": False,
+        "score_range": "0, 1",
     },
 }
 
@@ -55,19 +67,23 @@ def register() -> None:
     from pyiqa.utils.registry import ARCH_REGISTRY
 
     logger = logging.getLogger("gamma.pyiqa_plugin")
-    if hasattr(ARCH_REGISTRY, "register_lazy"):
-        ARCH_REGISTRY.register_lazy(ARCH_NAME, ARCH_IMPORT_PATH, override=True)
-    else:  # a pyiqa without lazy registration: register the class itself, which imports gamma now
-        from gamma.pyiqa_plugin import GammaIQA
+    for arch, import_path in ARCHS.items():
+        if hasattr(ARCH_REGISTRY, "register_lazy"):
+            ARCH_REGISTRY.register_lazy(arch, import_path, override=True)
+            continue
+        # a pyiqa without lazy registration: register the class itself, which imports gamma now
+        import importlib
 
+        module, _, attr = import_path.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
         try:
-            ARCH_REGISTRY.register(GammaIQA, override=True)
+            ARCH_REGISTRY.register(cls, override=True)
         except TypeError:  # a pyiqa without `override`
-            if ARCH_NAME not in ARCH_REGISTRY:
-                ARCH_REGISTRY.register(GammaIQA)
+            if arch not in ARCH_REGISTRY:
+                ARCH_REGISTRY.register(cls)
     for name, config in METRICS.items():
         existing = DEFAULT_CONFIGS.get(name)
-        if existing is not None and existing.get("metric_opts", {}).get("type") != ARCH_NAME:
+        if existing is not None and existing.get("metric_opts", {}).get("type") not in ARCHS:
             logger.warning("pyiqa already defines a metric %r; leaving it as it is", name)
             continue
         DEFAULT_CONFIGS[name] = {key: (dict(value) if isinstance(value, dict) else value)

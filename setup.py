@@ -12,7 +12,12 @@ from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
 
 PTH_NAME = "gamma-pyiqa.pth"  # sorts after setuptools' "__editable__.*.pth", whose finder the line needs when editable
-PTH_LINE = "import _gamma_pyiqa_hook; _gamma_pyiqa_hook.install()\n"
+# the hook is looked up first, so that a checkout moved or deleted under an editable install costs nothing at start-up
+# rather than a traceback printed by every Python process
+PTH_LINE = (
+    "import importlib.util as _gamma_util; "
+    "_gamma_util.find_spec('_gamma_pyiqa_hook') and __import__('_gamma_pyiqa_hook').install()\n"
+)
 
 
 class BuildPyWithHook(build_py):

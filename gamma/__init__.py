@@ -25,8 +25,9 @@ _EXPORTS: dict[str, str] = {
 }
 
 # Submodules reachable as attributes after a plain ``import gamma`` (gamma.io.load_image, gamma.weights...).
-_SUBMODULES = frozenset({"analysis", "archs", "cli", "config", "data", "factory", "hub", "io", "metrics", "prompts",
-                         "pyiqa_plugin", "reference", "scorer", "teacher", "train", "weights"})
+_SUBMODULES = frozenset({"adapt", "analysis", "archs", "cli", "config", "data", "factory", "hub", "io", "metrics",
+                         "prompt_file", "prompts", "pyiqa_plugin", "reference", "scorer", "teacher", "train",
+                         "weights"})
 
 __all__ = [
     "ATTRIBUTES",

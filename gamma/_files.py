@@ -20,9 +20,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, _file_mode(path))  # mkstemp makes it private (0600); the file gets what open() would give it
     try:
         write(tmp)
+        # mkstemp makes the file private (0600), and some writers (safetensors) recreate it so: after writing, give it
+        # what open() would have given it
+        os.chmod(tmp, _file_mode(path))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

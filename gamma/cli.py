@@ -2,6 +2,10 @@
 
     gamma score photos/ --weights Gamma.pth --out scores.csv        # recursive; streaming; resumable
     gamma score 'shots/**/*.png' --weights Gamma-Prompt.pth --prompt sdp --scene underwater --out s.jsonl
+    gamma score photos/ --weights Gamma.pth --attributes --distribution --out s.csv    # + std, p_*, sharpness ...
+    gamma score photos/ --weights Gamma-Prompt.pth --prompt sdp --scene auto --out s.csv  # + scene, chosen per image
+    gamma score photos/ --model promptiqa --weights best_model.pth.tar --prompt-file isp.csv   # PromptIQA
+    gamma score photos/ --weights Gamma.pth --prompt-file isp.csv --out s.csv          # + adapted (to isp.csv's scale)
     gamma score --list files.txt --weights Gamma.pth --out scores.csv   # a list of paths, read lazily
     torchrun --nproc_per_node=8 -m gamma score --list files.txt --out scores.csv   # sharded over 8 processes/GPUs
     gamma convert Gamma.pth Gamma.safetensors                          # loads memory-mapped, in seconds
@@ -36,11 +40,12 @@ from tqdm.auto import tqdm
 from . import __version__
 from ._files import atomic_write
 from .archs.crops import CROP_MODES
+from .archs.precision import PRECISIONS
 from .data.meta import is_number
 from .data.registry import DATASETS
 from .hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights, weights_dir
 from .io import MAX_PIXELS, iter_image_files, iter_listed_files
-from .prompts import PROMPT_SETS, SCENES
+from .prompts import ATTRIBUTES, PROMPT_SETS, SCENES
 from .weights import STORED_DTYPES, CheckpointError
 
 # What a command runs — the model stack (open_clip and torchvision take seconds to import), scipy, the trainer, the
@@ -127,17 +132,12 @@ class RowWriter:
         self.columns = columns
         self.done: set[str] = set()
         self.path = Path(out) if out else None
-        self.format = "stdout" if out is None else OUTPUT_FORMATS.get(Path(out).suffix.lower())
-        if self.format is None:
-            raise UsageError(f"--out must end in one of {', '.join(OUTPUT_FORMATS)}, got {out}")
+        self.format = self.check_target(out, resume, overwrite)
         self._fh: TextIO | None = None
         self._replace = overwrite and not resume
         if self.path is None:
             return
         stream_path = self.partial_path if self.format == "json" else self.path
-        exists = self.path.exists() or stream_path.exists()
-        if exists and not (resume or overwrite):
-            raise UsageError(f"{self.path} exists: pass --resume to continue it, or --overwrite to replace it")
         if self.format == "json" and resume and self.path.exists() and not stream_path.exists():
             self._seed_partial_from_json()
         if stream_path.exists() and not self._replace:
@@ -145,6 +145,19 @@ class RowWriter:
                 self.done = _read_csv_names(stream_path, columns)
             else:
                 self.done = _read_jsonl_names(stream_path)
+
+    @staticmethod
+    def check_target(out: str | None, resume: bool, overwrite: bool) -> str:
+        """The output format of ``out`` (``stdout`` for None); a usage error for an unknown suffix, or an existing
+        output without --resume / --overwrite. Reads nothing: cheap enough to run before the model is built."""
+        fmt = "stdout" if out is None else OUTPUT_FORMATS.get(Path(out).suffix.lower())
+        if fmt is None:
+            raise UsageError(f"--out must end in one of {', '.join(OUTPUT_FORMATS)}, got {out}")
+        if out is not None and not (resume or overwrite):
+            path = Path(out)
+            if path.exists() or (fmt == "json" and path.with_name(f".{path.name}.partial.jsonl").exists()):
+                raise UsageError(f"{path} exists: pass --resume to continue it, or --overwrite to replace it")
+        return fmt
 
     def open(self) -> None:
         """Start writing (separate from the checks in ``__init__``, so a setup error leaves the output untouched)."""
@@ -255,12 +268,18 @@ class _Tally:
 
 def _score(args: argparse.Namespace) -> int:
     _resolve_score_options(args)
-    columns = ["name", "score"] + (["mos"] if args.mos_range else [])
     if _world_size() > 1 or (args.out is not None and _part_files(Path(args.out))):
-        return _score_sharded(args, columns)  # torchrun; or the parts a crashed torchrun run left
-    writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
+        return _score_sharded(args)  # torchrun; or the parts a crashed torchrun run left
+    RowWriter.check_target(args.out, args.resume, args.overwrite)  # before the model loads
     try:
         scorer = _make_scorer(args)
+    except KeyboardInterrupt:
+        print("gamma: interrupted", file=sys.stderr)
+        return 130
+    _announce(scorer)
+    # The columns depend on the model (PromptIQA, SDP prompts for the scene column): known once it is built.
+    writer = RowWriter(args.out, scorer.columns(), resume=args.resume, overwrite=args.overwrite)
+    try:
         writer.open()
         tally = _score_files(args, scorer, writer)
     except KeyboardInterrupt:
@@ -303,6 +322,17 @@ def _resolve_score_options(args: argparse.Namespace) -> None:
         raise UsageError("--mos-range needs two different numbers LO HI")
     if args.lower_better and args.mos_range is None:
         raise UsageError("--lower-better only applies together with --mos-range")
+    args.prompt_pairs = None
+    if args.prompt_file is not None:  # read (and every image checked to exist) before the model loads
+        from .prompt_file import PromptFileError, read_prompt_file
+
+        try:
+            args.prompt_pairs = read_prompt_file(args.prompt_file)
+        except PromptFileError as exc:
+            raise UsageError(str(exc)) from None
+    elif args.adapt_outputs is not None or args.prompt_flip:
+        raise UsageError(f"{'--adapt-outputs' if args.adapt_outputs else '--prompt-flip'} applies together with "
+                         "--prompt-file")
 
 
 def _iter_inputs(args: argparse.Namespace) -> Iterator[str]:
@@ -337,7 +367,7 @@ def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) ->
     try:
         for result in scorer.iter_file_scores(todo(), on_error="skip"):
             if result.ok:
-                writer.write({"name": result.name, "score": result.score, "mos": result.mos})
+                writer.write({"name": result.name, "score": result.score, "mos": result.mos, **result.values})
                 tally.scored += 1
             else:
                 tally.failed += 1
@@ -364,6 +394,8 @@ def _apply_dataset(args: argparse.Namespace) -> None:
 def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
     import torch
 
+    from .adapt import NotEnoughPairsError
+    from .prompt_file import PromptFileError
     from .scorer import Scorer
 
     device = args.device if device is None else device
@@ -376,6 +408,7 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             model=args.model,
             prompt_set=args.prompt,
             device=device,
+            precision=args.precision,
             batch_size=args.batch_size,
             crops=args.crops,
             num_crops=args.num_crops,
@@ -385,6 +418,10 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             max_pixels=args.max_pixels if args.max_pixels > 0 else None,
             num_workers=args.workers,
             allow_unsafe=args.allow_unsafe_pickle,
+            attributes=args.attributes,
+            distribution=args.distribution,
+            prompt_flip=args.prompt_flip,
+            backend=args.promptiqa_backend,
         )
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -392,6 +429,8 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
         if device is None:
             raise
         raise UsageError(f"cannot use device {str(device)!r}: {str(exc).splitlines()[0]}") from None
+    if scorer.is_promptiqa:
+        return _setup_promptiqa(scorer, args)
     if scorer.model.config.prompt_set == "sdp" and args.scene is None:
         raise UsageError(f"this model uses scene-based prompts (SDP): pass --scene, one of {', '.join(SCENES)}")
     if args.scene is not None and args.scene_explicit and scorer.model.config.prompt_set != "sdp":
@@ -403,7 +442,42 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         scorer.scene = args.scene
+    if args.prompt_pairs is not None:
+        try:
+            scorer.adapt(args.prompt_pairs, outputs=args.adapt_outputs or "score")
+        except (NotEnoughPairsError, PromptFileError) as exc:
+            raise UsageError(f"cannot adapt to --prompt-file: {exc}") from None
     return scorer
+
+
+def _setup_promptiqa(scorer: Scorer, args: argparse.Namespace) -> Scorer:
+    """A PromptIQA scorer: its prompt from --prompt-file; Gamma-only options refused."""
+    from .prompt_file import PromptFileError
+
+    if args.scene is not None and args.scene_explicit:
+        raise UsageError("--scene applies to Gamma models with scene-based prompts; PromptIQA takes its task from "
+                         "the prompt (--prompt-file)")
+    if args.adapt_outputs is not None:
+        raise UsageError("--adapt-outputs applies to Gamma models; PromptIQA scores against the prompt directly")
+    if args.prompt_pairs is None:
+        raise UsageError("PromptIQA scores images relative to a prompt: pass --prompt-file isp.csv, a CSV with the "
+                         "columns image,score (image paths relative to the CSV; scores in [0, 1], or on the scale "
+                         "of --mos-range / --dataset)")
+    try:
+        scorer.set_prompt(args.prompt_pairs)
+    except PromptFileError as exc:
+        raise UsageError(str(exc)) from None
+    return scorer
+
+
+def _announce(scorer: Scorer) -> None:
+    """Say on stderr what the extra columns rest on: the towers behind attribute scores, the adaptation's fit."""
+    meta = scorer.metadata
+    if "attributes_from" in meta:
+        print(f"gamma: attribute scores from {meta['attributes_from']}", file=sys.stderr)
+    if scorer.adaptation is not None:
+        print(f"gamma: adapted to {meta['adaptation']['prompt']} (column adapted): "
+              f"{scorer.adaptation.report.summary()}", file=sys.stderr)
 
 
 def _progress(total: int | None, disable: bool, desc: str = "scoring") -> Any:
@@ -419,7 +493,6 @@ def _progress(total: int | None, disable: bool, desc: str = "scoring") -> Any:
 # included) skips what they hold and merges them with the new records. Multi-node: --out must be on a filesystem that
 # every node sees.
 
-_PART_COLUMNS = ["index", "name", "score", "mos", "error"]
 _PART_NAME = re.compile(r"\.rank(\d+)-of-(\d+)\.jsonl$")
 _SHARD_TIMEOUT_S = 7 * 24 * 3600  # a process that finished its share waits for the slowest one at the merge
 
@@ -447,7 +520,7 @@ def _part_files(out: Path) -> list[Path]:
     return sorted(p for p in found if _PART_NAME.search(p.name[len(out.name) + 1:]))
 
 
-def _score_sharded(args: argparse.Namespace, columns: list[str]) -> int:
+def _score_sharded(args: argparse.Namespace) -> int:
     from .train import distributed  # the process group (gloo on CPU, NCCL on CUDA), as in training
 
     if args.out is None:
@@ -457,7 +530,7 @@ def _score_sharded(args: argparse.Namespace, columns: list[str]) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:
-        return _score_share(args, columns, info)
+        return _score_share(args, info)
     finally:
         distributed.cleanup(info)
 
@@ -471,31 +544,43 @@ def _collective_check(error: str | None, info: DistInfo) -> None:
         raise UsageError(first) if info.is_main else _PeerError(first)
 
 
-def _score_share(args: argparse.Namespace, columns: list[str], info: DistInfo) -> int:
+def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     from .train.distributed import all_gather_objects
 
     out = Path(args.out)
-    # 1. Rank 0 checks the output and the parts, and repairs rows half-written by a killed run, before anyone reads.
-    writer, error = None, None
-    if info.is_main:
-        try:
-            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
-            _prepare_parts(out, args)
-        except UsageError as exc:
-            error = str(exc)
-    _collective_check(error, info)
-    # 2. Everyone: what is done already (in --out, in any part), and the scorer on this process's device.
+    # 1. Rank 0 checks the output (cheaply), then everyone builds the scorer on its own device: the columns depend
+    #    on the model.
     error, scorer = None, None
     try:
-        done_out = writer.done if writer is not None else (
-            RowWriter(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
-        done_parts = _names_in_parts(out)
+        if info.is_main:
+            RowWriter.check_target(args.out, args.resume, args.overwrite)
         scorer = _make_scorer(args, device=info.device)
     except UsageError as exc:
         error = str(exc)
     _collective_check(error, info)
-    # 3. Score this process's share into its part.
-    part = RowWriter(str(_part_path(out, info.rank, info.world_size)), _PART_COLUMNS, resume=True, overwrite=False)
+    columns = scorer.columns()
+    part_columns = _part_columns(columns)
+    # 2. Rank 0 checks the output and the parts, and repairs rows half-written by a killed run, before anyone reads.
+    writer, error = None, None
+    if info.is_main:
+        _announce(scorer)
+        try:
+            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
+            _prepare_parts(out, args, part_columns)
+        except UsageError as exc:
+            error = str(exc)
+    _collective_check(error, info)
+    # 3. Everyone: what is done already (in --out, in any part).
+    error = None
+    try:
+        done_out = writer.done if writer is not None else (
+            RowWriter(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
+        done_parts = _names_in_parts(out)
+    except UsageError as exc:
+        error = str(exc)
+    _collective_check(error, info)
+    # 4. Score this process's share into its part.
+    part = RowWriter(str(_part_path(out, info.rank, info.world_size)), part_columns, resume=True, overwrite=False)
     part.open()
     try:
         mine = _score_part(args, scorer, part, info, done=(done_out, done_parts))
@@ -505,7 +590,7 @@ def _score_share(args: argparse.Namespace, columns: list[str], info: DistInfo) -
         return 130
     finally:
         part.close(complete=True)
-    # 4. Wait for every process, then rank 0 merges the parts into --out.
+    # 5. Wait for every process, then rank 0 merges the parts into --out.
     everyone = all_gather_objects(mine, info)
     if not info.is_main:
         return 0
@@ -516,15 +601,26 @@ def _score_share(args: argparse.Namespace, columns: list[str], info: DistInfo) -
     return 1 if tally.failed else 0
 
 
-def _prepare_parts(out: Path, args: argparse.Namespace) -> None:
-    """Parts of an earlier run: continued with --resume (a half-written last record dropped), deleted with
-    --overwrite, else an error."""
+def _part_columns(columns: list[str]) -> list[str]:
+    """The fields of a part record: index, the output's columns (``mos`` always), error."""
+    extra = [c for c in columns if c not in ("name", "score", "mos")]
+    return ["index", "name", "score", "mos", *extra, "error"]
+
+
+def _prepare_parts(out: Path, args: argparse.Namespace, part_columns: list[str]) -> None:
+    """Parts of an earlier run: continued with --resume (a half-written last record dropped; their fields must be
+    this run's), deleted with --overwrite, else an error."""
     parts = _part_files(out)
     if not parts:
         return
     if args.resume:
         for path in parts:
             _truncate_partial_line(path)
+            first = next(iter(_read_part(path)), None)
+            if first is not None and list(first) != part_columns:
+                raise UsageError(f"cannot resume from {path.name}: its records hold {list(first)[1:-1]}, this run "
+                                 f"writes {part_columns[1:-1]} (run with the options of the interrupted run, or "
+                                 "--overwrite)")
     elif args.overwrite:
         for path in parts:
             path.unlink()
@@ -580,7 +676,7 @@ def _score_part(args: argparse.Namespace, scorer: Scorer, part: RowWriter, info:
     try:
         for result in scorer.iter_file_scores(todo(), on_error="skip"):
             part.write({"index": indices.popleft(), "name": result.name, "score": result.score if result.ok else None,
-                        "mos": result.mos, "error": result.error})
+                        "mos": result.mos, **result.values, "error": result.error})
             tally.new += 1
             bar.update(1)
     finally:
@@ -620,7 +716,9 @@ def _merge_parts(out: Path, writer: RowWriter) -> _Tally:
                 print(f"gamma: cannot score {record['error']}", file=sys.stderr)
                 continue
             score = record["score"]
-            writer.write({"name": name, "score": math.nan if score is None else float(score), "mos": record["mos"]})
+            extra = {c: record[c] for c in writer.columns if c not in ("name", "score", "mos")}
+            writer.write({"name": name, "score": math.nan if score is None else float(score), "mos": record["mos"],
+                          **extra})
             tally.scored += 1
     except BaseException:
         writer.close(complete=False)  # the parts stay: --resume merges them again, skipping the rows written
@@ -662,6 +760,8 @@ def _list(args: argparse.Namespace) -> int:
     print("model variants (--model):", file=out)
     for name in list_models():
         print(f"  {name}", file=out)
+    for name in list_models("promptiqa"):
+        print(f"  {name}  (PromptIQA: needs --prompt-file)", file=out)
     print(f"weights (--weights NAME or a path; cache folder {weights_dir()}):", file=out)
     for name, entry in KNOWN_WEIGHTS.items():
         try:
@@ -755,12 +855,29 @@ def build_parser() -> argparse.ArgumentParser:
                    "CSV whose header names the path column (image, path, name, file); read lazily; repeatable")
     s.add_argument("--weights", "-w", help=f"weight file, or a known name ({release_names}); default: find the "
                    "release file (see `gamma list`)")
-    s.add_argument("--model", help=argparse.SUPPRESS)  # a variant name, random-init without --weights (tests)
+    s.add_argument("--model", help="a model variant (`gamma list`), e.g. promptiqa: the weights are loaded into it "
+                   "(default: read from the file; alone: random weights, for tests)")
     s.add_argument("--prompt", choices=PROMPT_SETS, help="prompts the weights expect "
                    "(the release files: naive for Gamma, sdp for Gamma-Prompt)")
-    s.add_argument("--scene", help=f"scene for SDP models: {', '.join(SCENES)}")
+    s.add_argument("--scene", help=f"scene for SDP models: {', '.join(SCENES)}, or auto (chosen per image; adds a "
+                   "scene column)")
+    s.add_argument("--attributes", action="store_true", help="add the zero-shot attribute scores (columns "
+                   f"{', '.join(ATTRIBUTES)}; higher is better)")
+    s.add_argument("--distribution", action="store_true", help="add std and the level probabilities p_bad ... "
+                   "p_perfect (with --scene auto also the scene probabilities)")
+    s.add_argument("--prompt-file", metavar="CSV", help="image-score pairs (CSV image,score; paths relative to it): "
+                   "the prompt of a PromptIQA model; a Gamma model is adapted to it (column adapted, on its scale)")
+    s.add_argument("--adapt-outputs", choices=["score", "distribution", "all"], help="Gamma with --prompt-file: "
+                   "the outputs mapped onto the prompt's scores (default score: a monotone map; the others: ridge)")
+    s.add_argument("--prompt-flip", action="store_true", help="PromptIQA: flip prompt images at random for every "
+                   "batch, as the official test code does (random scores; for exact reproduction only)")
+    s.add_argument("--promptiqa-backend", choices=["cv2", "pil"], help="PromptIQA: how images are decoded and "
+                   "resized (default cv2, the official preprocessing; pil needs no OpenCV)")
     s.add_argument("--batch-size", "-b", type=_positive_int, default=8, help="images per forward pass (default 8)")
     s.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    s.add_argument("--precision", choices=PRECISIONS, help="how the image tower computes: fp32 (exact), bf16, fp16, "
+                   "int8 (CPU), auto (the fastest this device runs well); default: as the weights are stored (fp32 "
+                   "for the release's files). Under torchrun each process applies it for its own device")
     s.add_argument("--crops", choices=CROP_MODES,
                    help="test-time crop protocol (default: random, the release's 10 seeded random crops)")
     s.add_argument("--num-crops", type=_positive_int, help="crops per image for random/grid (default 10)")
@@ -788,8 +905,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "X.safetensors instead of X.pth beside it while X.pth is unchanged.")
     c.add_argument("source", help=f"weight file, or a known name ({release_names})")
     c.add_argument("dest", help="the .safetensors file to write")
-    c.add_argument("--precision", choices=list(STORED_DTYPES), default="fp32", help="dtype the weights are stored "
-                   "in (default fp32: exact; bf16/fp16 halve the file and round the weights)")
+    c.add_argument("--precision", choices=list(STORED_DTYPES), default="fp32", help="store the model in this "
+                   "precision (default fp32: exact); bf16/fp16 store the image tower's matmul weights as "
+                   "to_precision does (a smaller file that loads as a bf16/fp16 model; scores as with --precision)")
     c.add_argument("--prompt", choices=PROMPT_SETS, help="prompts the weights expect (default: from a known name or "
                    "file name, else naive)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing DEST")

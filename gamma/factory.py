@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from .archs.attiqa import AttiqaModel
 from .archs.gamma import GammaModel
 from .archs.gamma_isp import GammaISP
+from .archs.precision import check_precision, resolve_precision
 from .archs.promptiqa import PromptIQA
 from .config import (
     ATTIQA_VARIANTS,
@@ -65,7 +66,8 @@ def create_model(
     *,
     strict: bool = True,
     allow_unsafe: bool = False,
-    precision: str = "fp32",
+    precision: str | None = None,
+    device: str | torch.device | None = None,
     **overrides: Any,
 ) -> GammaModel | AttiqaModel | PromptIQA | GammaISP:
     """Build a Gamma model (or an ATTIQA student, PromptIQA, or Gamma + ISP), optionally loading weights.
@@ -81,8 +83,13 @@ def create_model(
             given.
         strict: refuse a checkpoint whose keys or shapes do not match exactly (the error names them).
         allow_unsafe: allow a full unpickle for files that cannot be read with ``weights_only=True``.
-        precision: ``fp32`` (exact), ``bf16``, ``fp16``, ``int8`` or ``auto`` for scoring on the CPU; see
-            :meth:`GammaModel.to_precision` (for another device, move the model there, then call that method).
+        precision: ``fp32`` (exact), ``bf16``, ``fp16``, ``int8`` or ``auto`` (the fastest the device runs well;
+            the choice is logged): how the image tower computes when scoring (:meth:`GammaModel.to_precision`; an
+            unsupported combination is an error). ``None``: as the weights are stored, i.e. fp32, or for a file
+            written by ``gamma convert --precision bf16|fp16`` that precision, loaded without conversion; where
+            ``device`` runs it slower than fp32, the stored weights are computed in fp32 instead (logged).
+        device: the device the model is moved to before the precision is applied and ``auto`` resolved for it
+            (default: where it is built, the CPU unless a ``torch.device`` context says otherwise).
         **overrides: config fields (``prompt_set='sdp'``, ``moae_layers=4``, ``num_experts=5``, ``vision={...}`` ...).
             For a release file, ``prompt_set`` says which prompts its weights were trained with (default ``naive``).
             ATTIQA students (``attiqa_*`` variants, or our checkpoint of one) take their own fields
@@ -109,10 +116,10 @@ def create_model(
         pretrained = resolve_weights(path=pretrained)
         ckpt = read_checkpoint(pretrained, allow_unsafe=allow_unsafe)
     if name in ATTIQA_VARIANTS or (name is None and isinstance(ckpt.config, AttiqaConfig)):
-        if precision != "fp32":
-            raise ValueError(f"precision={precision!r} applies to Gamma models; ATTIQA students run in fp32")
-        return _create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
+        _fp32_only(precision, "ATTIQA students")
+        return _placed(_create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides), device)
     if name in PROMPTIQA_VARIANTS or (name is None and _is_promptiqa(ckpt)):
+        _fp32_only(precision, "PromptIQA models")
         vit_weights = overrides.pop("vit_weights", None) if overrides else None
         model = _create_promptiqa(name, ckpt, strict, overrides)
         if vit_weights is not None:
@@ -120,11 +127,10 @@ def create_model(
                 raise ValueError("pass either pretrained= (a whole PromptIQA model) or vit_weights= (ImageNet ViT "
                                  "weights to train from), not both")
             load_vit_weights(model, read_state_dict(vit_weights, allow_unsafe=allow_unsafe), str(vit_weights))
-        return model
+        return _placed(model, device)
     if name in GAMMA_ISP_VARIANTS or (name is None and isinstance(ckpt.config, GammaISPConfig)):
-        if precision != "fp32":
-            raise ValueError(f"precision={precision!r} applies to Gamma models; Gamma + ISP runs in fp32")
-        return _create_gamma_isp(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides)
+        _fp32_only(precision, "Gamma + ISP models")
+        return _placed(_create_gamma_isp(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides), device)
     if ckpt is not None and ckpt.kind == "promptiqa":
         raise CheckpointError(f"{ckpt.path} is an official PromptIQA checkpoint, not a {name} model")
     if name is not None:
@@ -139,8 +145,53 @@ def create_model(
     if ckpt is not None and ckpt.kind == "gamma" and name is not None:
         _check_same_architecture(ckpt.config, config, str(pretrained))
     if ckpt is None:
-        return GammaModel(config).eval().to_precision(precision)
-    return _build_loaded(lambda: GammaModel(config), ckpt, strict).eval().to_precision(precision)
+        return _placed(GammaModel(config), device).eval().to_precision(precision or "fp32")
+    stored, target = _stored_and_target(ckpt, precision, torch.device(device if device is not None else "cpu"))
+    if stored != "fp32" and target == stored:  # the file's dtypes as they are: memory-mapped, nothing converted
+        model = _build_loaded(lambda: GammaModel(config)._convert_tower(stored), ckpt, strict)
+        return _placed(model, device).eval()
+    return _placed(_build_loaded(lambda: GammaModel(config), ckpt, strict), device).eval().to_precision(target)
+
+
+def _placed(model: _M, device: str | torch.device | None) -> _M:
+    """``model`` moved to ``device``, or left where it was built (``None``)."""
+    return model.to(device) if device is not None else model
+
+
+def _fp32_only(precision: str | None, family: str) -> None:
+    if precision not in (None, "fp32"):
+        raise ValueError(f"precision={precision!r} applies to Gamma models; {family} run in fp32")
+
+
+def _stored_and_target(ckpt: Checkpoint, precision: str | None, device: torch.device) -> tuple[str, str]:
+    """The precision a checkpoint stores its image tower in, and the one the model will compute in on ``device``.
+
+    ``precision=None`` keeps the stored one, or falls back to fp32 (logged) where the device runs it slower than
+    fp32; an explicit precision is checked by :meth:`GammaModel.to_precision` as usual. Computing in another
+    precision than a bf16 / fp16 file stores starts from its rounded weights, which is said in the log.
+    """
+    stored = ckpt.extra.get("precision", "fp32") if ckpt.kind == "gamma" else "fp32"
+    if stored not in STORED_DTYPES:
+        raise CheckpointError(f"{ckpt.path}: unknown stored precision {stored!r} (expected one of "
+                              f"{', '.join(STORED_DTYPES)})")
+    target = resolve_precision(precision if precision is not None else stored, device)
+    if stored == "fp32":
+        return stored, target
+    if target == stored:
+        try:
+            check_precision(stored, device)
+        except ValueError as exc:
+            if precision is not None:
+                raise
+            why = str(exc).split(": ", 1)[-1].split(";")[0]  # e.g. "this CPU has none of amx_bf16, avx512_bf16"
+            logger.warning("%s stores its image tower's weights in %s, which would run slower than fp32 here (%s): "
+                           "computing in fp32 with those rounded weights instead", ckpt.path, stored, why)
+            return stored, "fp32"
+    else:
+        logger.warning("%s stores its image tower's weights rounded to %s: the %s scores are those of the rounded "
+                       "weights (convert the original file again for exact %s scores)", ckpt.path, stored, target,
+                       target)
+    return stored, target
 
 
 def _implied_prompt_set(pretrained: str | os.PathLike) -> str | None:
@@ -337,7 +388,10 @@ def convert_checkpoint(
     Args:
         source: the checkpoint file or a known name (``gamma``, ``gamma_sdp``).
         dest: the ``.safetensors`` file to write (atomically).
-        precision: ``fp32`` (exact), or ``bf16`` / ``fp16`` to store the weights rounded (half the size).
+        precision: ``fp32`` (exact), or ``bf16`` / ``fp16``: the model as :meth:`GammaModel.to_precision` makes it
+            (the image tower's matmul weights in that dtype, everything else fp32: a smaller file), recorded
+            so that loading the file gives the model in that precision, with the scores of an fp32 file converted
+            after loading. The file is written whatever this machine runs fast.
         prompt_set: the prompts a release file's weights expect; default: implied by a known weight name or file name
             (``Gamma-Prompt.pth``: ``sdp``), else ``naive``.
         allow_unsafe: allow a full unpickle of a source that needs it.
@@ -359,6 +413,10 @@ def convert_checkpoint(
     ckpt = read_checkpoint(path, allow_unsafe=allow_unsafe)
     if ckpt.kind == "clip":
         raise CheckpointError(f"{path} is a CLIP backbone, not a Gamma model: nothing to convert")
-    model = create_model(pretrained=path, allow_unsafe=allow_unsafe, **({"prompt_set": prompt_set} if prompt_set
-                                                                          else {}))
-    return save_safetensors(model, dest, precision=precision, source=source_identity(path, sha256sum(path)))
+    model = create_model(pretrained=path, allow_unsafe=allow_unsafe, precision="fp32",
+                         **({"prompt_set": prompt_set} if prompt_set else {}))
+    if not isinstance(model, GammaModel) and precision != "fp32":
+        raise ValueError(f"--precision {precision} applies to Gamma models; {path} holds a {type(model).__name__}")
+    if isinstance(model, GammaModel):
+        model._convert_tower(precision)  # storage only: no device check (the loading device is checked on load)
+    return save_safetensors(model, dest, source=source_identity(path, sha256sum(path)))

@@ -44,7 +44,8 @@ FORMAT_VERSION = 1
 
 PROMPTIQA_TELLTALE = "fusion_mal.channel_attention.c_q.weight"  # a key only PromptIQA state_dicts have
 
-#: Floating dtypes a converted file may store its weights in (``gamma convert --precision``).
+#: Precisions a converted file may store a Gamma model in (``gamma convert --precision``): the dtype of its image
+#: tower's matmul weights (:meth:`gamma.GammaModel.to_precision`); every other tensor is fp32.
 STORED_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _BLOCK = re.compile(r"^(visual\.transformer|transformer)\.resblocks\.(\d+)\.")
@@ -420,22 +421,22 @@ def save_checkpoint(model: torch.nn.Module, path: str | os.PathLike, **extra: An
     return atomic_write(path, lambda tmp: _torch_save(payload, tmp, path))
 
 
-def save_safetensors(model: torch.nn.Module, path: str | os.PathLike, *, precision: str = "fp32",
+def save_safetensors(model: torch.nn.Module, path: str | os.PathLike, *,
                      source: dict[str, Any] | None = None) -> Path:
-    """Write our format as safetensors, atomically: the weights, and in the metadata the model config, the precision
-    the floating weights are stored in, and (for a conversion) the identity of the source file.
+    """Write our format as safetensors, atomically: the weights as the model holds them, and in the metadata the model
+    config, the precision the weights are stored in, and (for a conversion) the identity of the source file.
+
+    A Gamma model converted with ``to_precision('bf16')`` (or ``'fp16'``) is stored as it is: its image tower's matmul
+    weights in that dtype, everything else fp32, and ``precision`` recorded, so that loading the file gives the same
+    model in that precision (:func:`gamma.create_model`). An int8 model keeps its float weights: stored as fp32.
 
     Args:
-        precision: ``fp32``, or ``bf16`` / ``fp16`` to store the floating tensors rounded to that dtype (half the file;
-            loading into an fp32 model converts them back, so the scores are those of the rounded weights).
         source: :func:`source_identity` of the file this one was converted from; lets the weight lookup prefer this
             file to that one while both are unchanged (:func:`gamma.hub.resolve_weights`).
     """
-    if precision not in STORED_DTYPES:
-        raise ValueError(f"precision must be one of {', '.join(STORED_DTYPES)}, got {precision!r}")
-    dtype = STORED_DTYPES[precision]
-    state = {k: v.detach().cpu().to(dtype if v.is_floating_point() else v.dtype).contiguous()
-             for k, v in model.state_dict().items()}
+    precision = getattr(model, "precision", "fp32")
+    precision = precision if precision in STORED_DTYPES else "fp32"  # int8: the float weights are what is stored
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT_NAME, "config": json.dumps(model.config.to_dict()), "precision": precision}
     if source is not None:
         meta["source"] = json.dumps(source)

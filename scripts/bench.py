@@ -15,9 +15,17 @@ Everything that is compared is measured in the same run, interleaved (A B C A B 
 It also measures the trade-off of cheaper deterministic test-time modes against the 10-crop protocol: cost per image,
 and agreement (SRCC) of their scores with the 10-crop scores on synthetic distorted pictures.
 
+With ``--precision fp32,bf16,int8`` (any of fp32, bf16, fp16, int8) it adds one row per precision
+(:meth:`gamma.GammaModel.to_precision`), all in the same interleaved rounds: images/s at each batch, and beside each the
+machine's matmul rate *in that precision* (``torch.mm`` in bf16 / fp16, ``torch._int_mm`` for int8): the ceiling of a
+model whose FLOPs are matmuls in that precision. Then the 10-crop protocol on one ``--precision-image`` picture per
+precision, and the agreement of each precision's scores with fp32 on the photo set of
+:func:`gamma.data.photos.distorted_photos` (max and mean |delta score|, SRCC, PLCC) with the same model.
+
     python scripts/bench.py                      # CPU, gamma_vitb16, about 5 minutes on 2 idle cores
     python scripts/bench.py --quick              # about 2 minutes
-    python scripts/bench.py --device cuda --amp bf16 --compile
+    python scripts/bench.py --precision fp32,bf16,int8 --batches 1,8 --skip scoring,protocol,train,agreement
+    python scripts/bench.py --device cuda --precision fp32,bf16,fp16 --batches 64 --compile
 
 The weights are random (nothing is downloaded), with the MoAE alphas, routers and experts perturbed so that every part
 of the model contributes to the score; speed does not depend on the values. Timings on a shared machine are noisy:
@@ -27,8 +35,10 @@ compare the ratios of one run, not absolute numbers across runs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
+import math
 import os
 import platform
 import resource
@@ -44,15 +54,17 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import gamma  # noqa: E402
+from gamma.archs import precision as prec  # noqa: E402
 from gamma.archs.clip import build_clip  # noqa: E402
 from gamma.config import GammaConfig  # noqa: E402
 from gamma.data import synthetic as syn  # noqa: E402
+from gamma.data.photos import distorted_photos  # noqa: E402
 from gamma.reference import ReleaseReference  # noqa: E402
 
 logger = logging.getLogger("bench")
@@ -128,17 +140,36 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def matmul_rate(device: torch.device, n: int, dtype: torch.dtype = torch.float32) -> Callable[[], float]:
-    """A function that multiplies two n x n matrices once and returns the rate in GFLOP/s."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
+class MatmulRate:
+    """Multiplies two n x n matrices in ``precision``, ``reps`` times per call; :attr:`gflop` is the work of one call.
 
-    def run() -> float:
-        seconds, _ = timed(lambda: torch.mm(a, b), device)
-        return 2 * n**3 / seconds / 1e9
+    fp32 / bf16 / fp16: ``torch.mm`` in that dtype; int8: ``torch._int_mm`` (int8 x int8 -> int32, the kernel of
+    :class:`gamma.archs.precision.Int8Linear`), counted as 2 operations per multiply-add like the float ones. One call
+    lasts at least ``min_seconds`` (``reps`` is set from a first timing), so that on a shared machine a sample of the
+    ceiling averages over the load as long as a sample of the model it is compared with.
+    """
 
-    return run
+    def __init__(self, device: torch.device, n: int, precision: str = "fp32", min_seconds: float = 0.5) -> None:
+        self.device, self.precision = device, precision
+        if precision == "int8":
+            self.a, self.b = (torch.randint(-127, 128, (n, n), dtype=torch.int8, device=device) for _ in range(2))
+            self.mm = torch._int_mm
+        else:
+            dtype = prec.FLOAT_DTYPES[precision]
+            self.a, self.b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+            self.mm = torch.mm
+        self.mm(self.a, self.b)  # warm-up
+        seconds, _ = timed(lambda: self.mm(self.a, self.b), device)
+        self.reps = max(1, math.ceil(min_seconds / max(seconds, 1e-6)))
+        self.gflop = self.reps * 2 * n**3 / 1e9
+
+    def __call__(self) -> None:
+        for _ in range(self.reps):
+            self.mm(self.a, self.b)
+
+    def rates(self, seconds: list[float]) -> list[float]:
+        """GFLOP/s of each timed call."""
+        return [self.gflop / t for t in seconds]
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -252,7 +283,8 @@ def counted_flops(fn: Callable[[], Any]) -> int:
 
 # ------------------------------------------------------------------------------------------------ models
 def perturb(model: gamma.GammaModel, seed: int = 0) -> None:
-    """Non-trivial MoAE values (alpha, routers, experts) and head, so that every part changes the score."""
+    """Non-trivial MoAE values (alpha, routers, experts) and head, so that every part changes the score, and OpenAI
+    CLIP's trained logit scale (100; random init has 14): the level softmax is as sharp as with trained weights."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.moae_modules():
@@ -264,6 +296,7 @@ def perturb(model: gamma.GammaModel, seed: int = 0) -> None:
                     p.add_(torch.randn(p.shape, generator=gen) * 0.3 * float(p.std().clamp_min(1e-3)))
         for p in model.adapter.parameters():
             p.normal_(0, 0.05, generator=gen)
+        model.clip_model.logit_scale.fill_(math.log(100.0))
 
 
 def plain_clip(cfg: GammaConfig) -> torch.nn.Module:
@@ -276,7 +309,12 @@ class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = torch.device(args.device)
+        # Autocast is for the training step only (fp32 master weights, as the trainer's amp=); scoring in reduced
+        # precision converts the weights once with to_precision (--precision): autocast casts the fp32 weights again
+        # on every call (its cache lasts one autocast region and holds only weights that require grad), which ran at
+        # 0.49x of fp32 on a CPU.
         self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+        self.precisions = precision_list(args.precision, self.device)
         self.results: dict[str, Any] = {"args": vars(args).copy()}
         self.rows: list[tuple[str, ...]] = []
 
@@ -287,14 +325,19 @@ class Bench:
         self.scene = args.scene if self.cfg.prompt_set == "sdp" else None
         self.reference = ReleaseReference(self.model.state_dict(), prompt_set=self.cfg.prompt_set).to(self.device)
         self.floor = plain_clip(self.cfg).to(self.device)
+        # Converted copies of the model for --precision (fp32: the model itself), made before anything is compiled: a
+        # copy of a compiled module would still call the original's forward. A precision this device runs slower than
+        # fp32 is measured anyway (allow_slow: its warning is logged and its rows marked).
+        self.precision_models = {p: self.model if p == "fp32" else
+                                 copy.deepcopy(self.model).to_precision(p, allow_slow=True) for p in self.precisions}
         if args.compile:
-            self.model.clip_model.visual.compile()
             self.floor.visual.compile()
+            for m in {id(m): m for m in (self.model, *self.precision_models.values())}.values():
+                m.clip_model.visual.compile()
         mean = torch.tensor(gamma.archs.OPENAI_CLIP_MEAN, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(gamma.archs.OPENAI_CLIP_STD, device=self.device).view(1, 3, 1, 1)
         self.normalise = lambda x: (x - mean) / std
-        self.mm = matmul_rate(self.device, args.matmul_size)
-        self.mm_amp = matmul_rate(self.device, args.matmul_size, self.amp_dtype) if self.amp_dtype else None
+        self.mm = MatmulRate(self.device, args.matmul_size)
 
         # Text FLOPs per call are for 5 prompts: the release encodes 5 per image with SDP (see `text_calls`).
         self.flops = flops_per_crop(self.cfg, prompts=5)
@@ -309,14 +352,17 @@ class Bench:
 
     # -- helpers
     def autocast(self):
+        """The training step's autocast (``--amp``)."""
         if self.amp_dtype is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def ours_crops(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def ours_crops(self, x: torch.Tensor, model: gamma.GammaModel | None = None) -> Callable[[], torch.Tensor]:
+        model = self.model if model is None else model
+
         def run() -> torch.Tensor:
-            with torch.inference_mode(), self.autocast():
-                return self.model.score_crops(x, scene=self.scene)
+            with torch.inference_mode():
+                return model.score_crops(x, scene=self.scene)
         return run
 
     def reference_crops(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -327,7 +373,7 @@ class Bench:
 
     def floor_crops(self, x: torch.Tensor) -> Callable[[], torch.Tensor]:
         def run() -> torch.Tensor:
-            with torch.inference_mode(), self.autocast():
+            with torch.inference_mode():
                 return self.floor.encode_image(self.normalise(x))
         return run
 
@@ -359,13 +405,9 @@ class Bench:
             if self.args.compile or self.device.type == "cuda":
                 ours(), floor()  # compile / autotune for this shape
             fns = {"matmul": self.mm, "ours": ours, "reference": ref, "floor": floor}
-            if self.mm_amp is not None:
-                fns["matmul_amp"] = self.mm_amp
             samples, outputs, mem = interleaved(fns, rounds.get(batch, 2), self.device, peak="ours")
             diff = float((outputs["ours"].float() - outputs["reference"]).abs().max())
-            flops_mm = 2 * self.args.matmul_size**3 / 1e9
-            rate = [flops_mm / s for s in samples.pop("matmul")]
-            rate_amp = [flops_mm / s for s in samples.pop("matmul_amp", [])]
+            rate = self.mm.rates(samples.pop("matmul"))
             t = {k: median(v) for k, v in samples.items()}
             ours_gflop = batch * self.flops["ours_image"] / 1e9
             ref_gflop = (batch * self.flops["release_image"]
@@ -389,9 +431,7 @@ class Bench:
                 "peak_mem_abs_mib": mem.peak_mib,
                 "peak_mem_method": mem.method,
             }
-            if rate_amp:  # ours runs in the autocast dtype: its ceiling is that dtype's matmul rate
-                row["matmul_amp_gflops"] = median(rate_amp)
-            row["ours_pct_of_matmul"] = 100 * row["ours_gflops"] / row.get("matmul_amp_gflops", row["matmul_gflops"])
+            row["ours_pct_of_matmul"] = 100 * row["ours_gflops"] / row["matmul_gflops"]
             row["reference_pct_of_matmul"] = 100 * row["reference_gflops"] / row["matmul_gflops"]
             row["floor_pct_of_matmul"] = 100 * row["floor_gflops"] / row["matmul_gflops"]
             out.append(row)
@@ -408,7 +448,7 @@ class Bench:
         offsets = default.offsets(height, width)
 
         def ours() -> torch.Tensor:
-            with torch.inference_mode(), self.autocast():
+            with torch.inference_mode():
                 return model(x, scene=self.scene)
 
         def ref() -> torch.Tensor:
@@ -480,9 +520,131 @@ class Bench:
     def agreement(self, count: int) -> None:
         self.results["agreement"] = mode_agreement(self.args, count)
 
+    # -- reduced precision (--precision)
+    def precision_info(self) -> dict[str, Any]:
+        flags = sorted(prec.cpu_flags() & {f for need in prec.CPU_FLAGS.values() for f in need})
+        fast = list(prec.fast_precisions(self.device))
+        return {"precisions": self.precisions, "fast_on_this_device": fast, "cpu_flags": flags,
+                "auto": prec.resolve_precision("auto", self.device), "rows": [], "protocol": None, "agreement": None}
+
+    def precision_scoring(self, batches: list[int], rounds: dict[int, int]) -> None:
+        """Each precision's scoring rate at each batch, beside the matmul rate of that precision, interleaved."""
+        info = self.results.setdefault("precision", self.precision_info())
+        size, n = self.cfg.vision.image_size, self.args.matmul_size
+        models = self.precision_models
+        mms = {p: MatmulRate(self.device, n, p) for p in self.precisions}
+        for batch in batches:
+            x = torch.rand(batch, 3, size, size, device=self.device, generator=None)
+            fns: dict[str, Callable[[], Any]] = {}
+            for p in self.precisions:
+                fns[f"matmul_{p}"] = mms[p]
+                fns[p] = self.ours_crops(x, models[p])
+                fns[p]()  # first call at this shape: caches (text features, stacked / int8 weights), kernel choice
+            samples, outputs, _ = interleaved(fns, rounds.get(batch, 2), self.device)
+            for p in self.precisions:
+                seconds = median(samples[p])
+                mm_rates = mms[p].rates(samples[f"matmul_{p}"])
+                mm = median(mm_rates)
+                gflops = batch * self.flops["ours_image"] / 1e9 / seconds
+                row = {
+                    "batch": batch, "precision": p, "seconds": seconds, "samples": samples[p],
+                    "images_per_s": batch / seconds, "matmul_gflops": mm, "matmul_gflops_samples": mm_rates,
+                    "model_gflops": gflops, "pct_of_matmul": 100 * gflops / mm,
+                    "fast_on_this_device": p in info["fast_on_this_device"],
+                    "speedup_vs_fp32": median(samples["fp32"]) / seconds,
+                    # Each round's fp32/p ratio: the two ran back to back under the same machine load.
+                    "speedup_per_round": [f / t for f, t in zip(samples["fp32"], samples[p], strict=True)],
+                    "max_abs_score_diff_vs_fp32": float((outputs[p].float() - outputs["fp32"].float()).abs().max()),
+                }
+                info["rows"].append(row)
+                logger.info("precision %s, batch %d: %.2f img/s (x%.2f vs fp32), %.0f GFLOP/s = %.0f%% of its matmul "
+                            "rate %.0f", p, batch, row["images_per_s"], row["speedup_vs_fp32"], gflops,
+                            row["pct_of_matmul"], mm)
+
+    def precision_protocol(self, height: int, width: int, images: int, rounds: int) -> None:
+        """The 10-crop test-time protocol on ``images`` full-resolution pictures per call, in each precision."""
+        info = self.results.setdefault("precision", self.precision_info())
+        x = torch.rand(images, 3, height, width, device=self.device)
+        fns = {}
+        for p in self.precisions:
+            model = self.precision_models[p]
+
+            def run(model: gamma.GammaModel = model) -> torch.Tensor:
+                with torch.inference_mode():
+                    return model(x, scene=self.scene)
+
+            run()  # warm-up at this shape
+            fns[p] = run
+        samples, _, _ = interleaved(fns, rounds, self.device)
+        per_image = {p: median(v) / images for p, v in samples.items()}
+        info["protocol"] = {
+            "image": f"{height}x{width}", "images_per_call": images, "crops": self.model.crop_protocol.num,
+            "seconds_per_image": per_image, "images_per_s": {p: 1 / v for p, v in per_image.items()},
+            "speedup_vs_fp32": {p: per_image["fp32"] / v for p, v in per_image.items()},
+            "samples": samples,
+        }
+        logger.info("precision protocol %dx%d: %s", height, width,
+                    ", ".join(f"{p} {v:.2f} s/image" for p, v in per_image.items()))
+
+    def precision_agreement(self, count: int) -> None:
+        """Each precision's scores against fp32's on ``count`` distorted photographs (max and mean |delta|, SRCC, PLCC).
+
+        The model is the benchmark's (every trainable part perturbed, full size by default), or ``--checkpoint``.
+        """
+        info = self.results.setdefault("precision", self.precision_info())
+        if self.args.checkpoint:
+            base = gamma.create_model(pretrained=self.args.checkpoint).to(self.device).eval()
+            source = str(self.args.checkpoint)
+
+            def at(p: str) -> gamma.GammaModel:
+                return base if p == "fp32" else copy.deepcopy(base).to_precision(p, allow_slow=True)
+        else:
+            base, at = self.model, self.precision_models.__getitem__
+            source = f"{self.args.variant}, random weights with perturbed MoAE, adapter and logit scale"
+        scene = self.args.scene if base.config.prompt_set == "sdp" else None
+        images, _ = distorted_photos(count, size=base.config.vision.image_size, seed=0)
+        images = images.to(self.device)
+
+        def scores(model: gamma.GammaModel) -> torch.Tensor:
+            with torch.inference_mode():
+                return torch.cat([model(images[i:i + 8], scene=scene) for i in range(0, count, 8)]).float().cpu()
+
+        start = time.perf_counter()
+        ref = scores(base)
+        out: dict[str, Any] = {"model": source, "images": count, "fp32_std": float(ref.std()),
+                               "fp32_range": [float(ref.min()), float(ref.max())],
+                               "fp32_seconds": time.perf_counter() - start}
+        for p in self.precisions:
+            if p == "fp32":
+                continue
+            start = time.perf_counter()
+            s = scores(at(p))
+            delta = (s - ref).abs()
+            out[p] = {"max_abs_delta": float(delta.max()), "mean_abs_delta": float(delta.mean()),
+                      "srcc": float(spearmanr(s.numpy(), ref.numpy())[0]),
+                      "plcc": float(pearsonr(s.numpy(), ref.numpy())[0]), "seconds": time.perf_counter() - start}
+            logger.info("agreement %s vs fp32 on %d photos: %s", p, count, out[p])
+        info["agreement"] = out
+
     def finish(self) -> dict[str, Any]:
         self.results["machine"]["load_average_end"] = _loadavg()
         return self.results
+
+
+def precision_list(spec: str | None, device: torch.device) -> list[str]:
+    """The precisions of ``--precision`` (fp32 first, always: it is the baseline), ``auto`` resolved for ``device``.
+
+    Raises:
+        ValueError: an unknown name, or one the device cannot run at all (int8 on CUDA). One it runs slower than fp32
+            is measured (with a logged warning).
+    """
+    out = ["fp32"]
+    for name in filter(None, (spec or "").split(",")):
+        p = prec.resolve_precision(name.strip(), device)
+        prec.check_precision(p, device, allow_slow=True)
+        if p not in out:
+            out.append(p)
+    return out if spec else []
 
 
 # ------------------------------------------------------------------------------------------------ agreement
@@ -591,12 +753,45 @@ def report(res: dict[str, Any]) -> str:
                          f"{agree.get(name, float('nan')):>15.3f} | {truth.get(name, float('nan')):>13.3f}")
         if "agreement" in res:
             lines.append(f"  agreement model: {res['agreement']['model']}; {res['agreement']['images']} images")
+    if "precision" in res:
+        lines.extend(["", *precision_report(res["precision"], m["gflop_per_crop"]["ours_image"])])
     if "train_step" in res:
         t = res["train_step"]
         lines.append("")
         lines.append(f"training step, batch {t['batch']}: {t['seconds']:.2f} s ({t['images_per_s']:.2f} img/s), "
                      f"peak {t['peak_mem_mib'] or 0:.0f} MiB")
     return "\n".join(lines)
+
+
+def precision_report(info: dict[str, Any], gflop_per_crop: float) -> list[str]:
+    """The --precision rows: images/s beside the same precision's matmul rate (the ceiling), protocol, agreement."""
+    lines = [f"reduced precision (to_precision), {gflop_per_crop:.1f} GFLOP per crop; fast on this device: "
+             f"{', '.join(info['fast_on_this_device'])} (CPU flags: {', '.join(info['cpu_flags']) or 'none'}); "
+             f"auto = {info['auto']}"]
+    if info["rows"]:
+        head = (f"{'batch':>5} | {'precision':>9} | {'img/s':>7} | {'vs fp32':>7} | {'per round':>9} | "
+                f"{'matmul GF/s':>11} | {'model GF/s':>10} | {'% of mm':>7} | {'max|diff|':>9}")
+        lines += [head, "-" * len(head)]
+        for r in info["rows"]:
+            slow = "" if r["fast_on_this_device"] else "  (slow on this device)"
+            lines.append(f"{r['batch']:>5} | {r['precision']:>9} | {r['images_per_s']:>7.2f} | "
+                         f"{r['speedup_vs_fp32']:>6.2f}x | {median(r['speedup_per_round']):>8.2f}x | "
+                         f"{r['matmul_gflops']:>11.1f} | {r['model_gflops']:>10.1f} | {r['pct_of_matmul']:>6.0f}% | "
+                         f"{r['max_abs_score_diff_vs_fp32']:>9.1e}{slow}")
+    if info["protocol"]:
+        p = info["protocol"]
+        lines.append(f"{p['crops']}-crop protocol, {p['image']} image: " + ", ".join(
+            f"{k} {v:.2f} s/image ({p['speedup_vs_fp32'][k]:.2f}x)" for k, v in p["seconds_per_image"].items()))
+    if info["agreement"]:
+        a = info["agreement"]
+        lines.append(f"agreement with fp32 on {a['images']} distorted photos ({a['model']}; fp32 scores: std "
+                     f"{a['fp32_std']:.3f}, range {a['fp32_range'][0]:.3f}..{a['fp32_range'][1]:.3f})")
+        for p in info["precisions"]:
+            if p in a:
+                r = a[p]
+                lines.append(f"{p:>9}: max|delta| {r['max_abs_delta']:.2e}, mean|delta| {r['mean_abs_delta']:.2e}, "
+                             f"SRCC {r['srcc']:.5f}, PLCC {r['plcc']:.5f}")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -609,13 +804,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", default=None, help="interleaved rounds per measurement: N, or per scoring batch "
                                                  "'1:3,8:3,32:1' (protocol and training then take the smallest)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast for ours (CUDA)")
+    p.add_argument("--precision", default=None, help="comma-separated precisions to compare, e.g. fp32,bf16,int8 "
+                                                     "(fp32, bf16, fp16, int8, auto; fp32 is always included)")
+    p.add_argument("--precision-image", default=None, help="HxW of the --precision protocol row's picture (default "
+                                                           "768x1024)")
+    p.add_argument("--photos", type=int, default=64, help="photos in the --precision agreement (default 64)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast for the training step "
+                   "(mixed-precision training, as the trainer's amp=); scoring precision is --precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the image towers (ours and plain CLIP)")
     p.add_argument("--scene", default="natural", help="scene for SDP variants")
     p.add_argument("--matmul-size", type=int, default=None, help="square matmul size (default 2048 CPU, 8192 CUDA)")
     p.add_argument("--checkpoint", default=None, help="trained weights for the mode-agreement section (default: "
                                                       "random tiny model)")
-    p.add_argument("--skip", default="", help="comma-separated sections to skip: scoring,protocol,train,agreement")
+    p.add_argument("--skip", default="", help="comma-separated sections to skip: scoring,protocol,train,agreement, "
+                   "and of --precision: precision_scoring,precision_protocol,precision_agreement")
     p.add_argument("--out", default=None, help="JSON file (default runs/bench-<device>.json)")
     args = p.parse_args(argv)
     if args.matmul_size is None:
@@ -624,6 +826,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batches = "1,8" if args.quick else "1,8,32"
     if args.out is None:
         args.out = f"runs/bench-{torch.device(args.device).type}{'-quick' if args.quick else ''}.json"
+    if args.amp == "fp16" and not args.device.startswith("cuda"):
+        p.error("--amp fp16 needs a CUDA device (as the trainer's amp=fp16)")
+    try:
+        height, width = (int(v) for v in (args.precision_image or "768x1024").lower().split("x"))
+    except ValueError:
+        p.error(f"--precision-image must be HxW, e.g. 768x1024, got {args.precision_image!r}")
+    args.precision_image = f"{height}x{width}"
     return args
 
 
@@ -663,6 +872,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bench.train_step(8, steps=few)
     if "agreement" not in skip:
         bench.agreement(count=16 if args.quick else 48)
+    if bench.precisions:
+        if "precision_scoring" not in skip:
+            bench.precision_scoring(batches, rounds)
+        if "precision_protocol" not in skip:
+            height, width = (int(v) for v in args.precision_image.split("x"))
+            bench.precision_protocol(height, width, images=8 if cuda else 1, rounds=few)
+        if "precision_agreement" not in skip:
+            bench.precision_agreement(args.photos)
     res = bench.finish()
     res["wall_seconds"] = time.perf_counter() - started
     text = report(res)

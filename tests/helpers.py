@@ -60,6 +60,25 @@ def perturb_moae(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> N
                     p.add_(torch.randn(p.shape, generator=gen) * scale * p.std().clamp_min(1e-3))
 
 
+def perturb_promptiqa(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Make a random-init model a sensitive one: open the self-attention gates (0 at init), give BatchNorm statistics,
+    and scale up the weight matrices after the visual encoder (at PyTorch's init scale the prompt barely matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for part in (model.i_p_fusion, model.mlp, model.prompt_fusion, model.blocks, model.score_block):
+            for p in part.parameters():
+                if p.dim() == 2:
+                    p.mul_(4.0)
+        for name, p in model.named_parameters():
+            if name.endswith(".gamma"):
+                p.uniform_(0.5, 1.5, generator=gen)
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+    return model
+
+
 # ------------------------------------------------------------------------------------------------ odd and bad images
 # The reliability battery's files: tests/test_reliability_inputs.py decodes and scores them,
 # tests/test_reliability_cli.py runs them through the `gamma score` command.

@@ -122,10 +122,22 @@ def test_bench_script_runs(tmp_path):
 
     out = tmp_path / "bench.json"
     bench.main(["--variant", "gamma_test", "--batches", "2", "--rounds", "1", "--skip", "train,agreement",
-                "--threads", "1", "--matmul-size", "256", "--out", str(out)])
+                "--threads", "1", "--matmul-size", "256", "--precision", "bf16,int8", "--photos", "8",
+                "--precision-image", "240x320", "--out", str(out)])
     res = json.loads(out.read_text())
     # The script reports the largest absolute difference; scores lie within the score levels (~0.2 to ~1), where an
     # absolute 1e-5 is at least as loose as a relative 1e-5.
     assert res["scoring"][0]["max_abs_score_diff_vs_reference"] <= 1e-5
     assert res["protocol"]["max_abs_score_diff_vs_reference"] <= 1e-5
     assert "table" in res and res["machine"]["nproc"] >= 1
+    # --precision: one row per precision (fp32 always first), each beside its own matmul rate; protocol; agreement.
+    precision = res["precision"]
+    assert [(r["batch"], r["precision"]) for r in precision["rows"]] == [(2, "fp32"), (2, "bf16"), (2, "int8")]
+    assert all(r["matmul_gflops"] > 0 and r["images_per_s"] > 0 for r in precision["rows"])
+    assert precision["rows"][0]["max_abs_score_diff_vs_fp32"] == 0
+    assert 0 < precision["rows"][2]["max_abs_score_diff_vs_fp32"] < 0.05  # int8 computed, and close
+    assert set(precision["protocol"]["seconds_per_image"]) == {"fp32", "bf16", "int8"}
+    agreement = precision["agreement"]
+    assert agreement["images"] == 8 and {"bf16", "int8"} <= agreement.keys()
+    assert all(0 < agreement[p]["max_abs_delta"] < 0.05 for p in ("bf16", "int8"))
+    assert "reduced precision" in res["table"]

@@ -2,7 +2,7 @@
 
 Agreement is measured on 64 distorted crops of scikit-image's photographs with a tiny model whose every trainable part
 matters; tolerances are relative to the spread of the fp32 scores. The full-size figures come from
-scripts/bench_precision.py, not from here; no timing is asserted.
+scripts/bench.py --precision, not from here; no timing is asserted.
 """
 
 import logging

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import perturb_promptiqa as perturb
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -28,25 +29,6 @@ from gamma.weights import CheckpointError, promptiqa_official_checkpoint, save_c
 
 OFFICIAL_KEYS = Path(__file__).parent / "data" / "promptiqa_official_keys.tsv"
 RTOL, ATOL = 1e-5, 1e-6  # scores are in (0, 1); float32 reorderings move them by ~1e-7
-
-
-def perturb(model: PromptIQA, seed: int = 1) -> PromptIQA:
-    """Make a random-init model a sensitive one: open the self-attention gates (0 at init), give BatchNorm statistics,
-    and scale up the weight matrices after the visual encoder (at PyTorch's init scale the prompt barely matters)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for part in (model.i_p_fusion, model.mlp, model.prompt_fusion, model.blocks, model.score_block):
-            for p in part.parameters():
-                if p.dim() == 2:
-                    p.mul_(4.0)
-        for name, p in model.named_parameters():
-            if name.endswith(".gamma"):
-                p.uniform_(0.5, 1.5, generator=gen)
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-    return model
 
 
 @pytest.fixture

@@ -31,7 +31,8 @@ pyiqa = pytest.importorskip("pyiqa")
 
 ROOT = Path(__file__).resolve().parents[1]
 PTH_NAME = "gamma-pyiqa.pth"
-PTH_LINE = "import _gamma_pyiqa_hook; _gamma_pyiqa_hook.install()"
+PTH_LINE = ("import importlib.util as _gamma_util; "
+            "_gamma_util.find_spec('_gamma_pyiqa_hook') and __import__('_gamma_pyiqa_hook').install()")
 
 pytestmark = pytest.mark.slow  # builds two wheels; the subprocesses import torch and pyiqa
 
@@ -72,6 +73,15 @@ def _python(site_dir: Path, code: str, tmp_path: Path, **env: str) -> subprocess
     environ.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
     return subprocess.run([sys.executable, "-S", "-c", prelude + code], cwd=tmp_path, env=environ,
                           capture_output=True, text=True, timeout=600)
+
+
+def test_a_start_up_hook_whose_module_is_gone_is_silent(wheels, tmp_path):
+    """An editable install whose checkout moved: the .pth line stays, the module is gone; Python must start quietly."""
+    with zipfile.ZipFile(wheels["regular"]) as zf:
+        zf.extract(PTH_NAME, tmp_path / "site")
+    done = _python(tmp_path / "site", "import sys; print('RegisterAfterPyiqa' in str(sys.meta_path))", tmp_path)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.strip() == "False"
 
 
 def test_both_installs_put_the_start_up_hook_into_site_packages(wheels):

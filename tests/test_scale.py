@@ -21,6 +21,7 @@ from PIL import Image
 
 import gamma
 from gamma import factory
+from gamma.archs import precision as prec
 from gamma.cli import main
 from gamma.hub import prefer_converted, resolve_weights
 from gamma.weights import converted_from, read_checkpoint, release_state_dict
@@ -239,23 +240,33 @@ def test_convert_round_trips_to_identical_fp32_scores(release_file, tmp_path, ca
     assert "--overwrite" in capsys.readouterr().err
 
 
-def test_convert_bf16_stores_rounded_weights(release_file, tmp_path):
+def test_convert_bf16_stores_what_to_precision_keeps_and_loads_as_bf16(release_file, tmp_path, monkeypatch):
+    """`gamma convert --precision bf16` stores the model as to_precision('bf16') holds it (the image tower's matmul
+    weights in bf16, the rest fp32); loading the file gives that model, with the scores of an fp32 file converted
+    after loading."""
+    monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # bf16 allowed on any x86 CPU
     path, original = release_file
     dest = tmp_path / "half.safetensors"
     assert main(["convert", str(path), str(dest), "--precision", "bf16"]) == 0
     ckpt = read_checkpoint(dest)
     assert ckpt.extra["precision"] == "bf16"
-    floats = [v for v in ckpt.state_dict.values() if v.is_floating_point()]
-    assert floats and all(v.dtype == torch.bfloat16 for v in floats)
     fp32 = tmp_path / "full.safetensors"
     main(["convert", str(path), str(fp32)])
-    assert dest.stat().st_size < 0.6 * fp32.stat().st_size
-    model = gamma.create_model(pretrained=dest)  # loaded into fp32: the rounded weights
+    expected = gamma.create_model(pretrained=fp32, precision="bf16")
+    want = expected.state_dict()
+    assert ckpt.state_dict.keys() == want.keys()
+    assert all(ckpt.state_dict[k].dtype == v.dtype and torch.equal(ckpt.state_dict[k], v) for k, v in want.items())
+    dtypes = {v.dtype for v in ckpt.state_dict.values() if v.is_floating_point()}
+    assert dtypes == {torch.bfloat16, torch.float32}  # not every tensor rounded: LayerNorms, head, text tower stay
+    assert ckpt.state_dict["clip_model.visual.ln_post.weight"].dtype == torch.float32
+    assert dest.stat().st_size < fp32.stat().st_size
+    model = gamma.create_model(pretrained=dest)
+    assert model.precision == "bf16" and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
     images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    reference = _scores(original, images)
     got = _scores(model, images)
-    assert not torch.equal(got, reference)
-    assert torch.allclose(got, reference, rtol=0, atol=0.02)
+    assert torch.equal(got, _scores(expected, images))  # the same weights, the same ops
+    assert not torch.equal(got, _scores(original, images))  # it did compute in bf16
 
 
 def test_convert_refuses_a_clip_backbone(tmp_path, capsys):

@@ -115,6 +115,15 @@ def test_our_checkpoint_is_weights_only_and_carries_config(tmp_path, tiny_sdp_mo
     assert torch.equal(_scores(loaded, images, "face"), _scores(tiny_sdp_model, images, "face"))
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_written_checkpoints_get_ordinary_file_permissions(tmp_path, trained, suffix):
+    """Atomic writes go through a private temporary file; the result must still be readable as open() would make it."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    path = save_checkpoint(trained, tmp_path / f"ours{suffix}")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
 def test_safetensors_round_trip(tmp_path, trained, images):
     path = tmp_path / "ours.safetensors"
     save_checkpoint(trained, path)

@@ -76,6 +76,8 @@ class Assessment:
         levels: (5,) the learned level values the distribution is over.
         scenes: the scene each image was scored with (named or chosen by ``"auto"``); None for single-set prompts.
         attributes: attribute name -> (B,) zero-shot attribute score in (0, 1), when asked for.
+        scene_probabilities: (B, K) probabilities of the K scenes of ``auto_scenes`` (in that order), when the scene
+            was chosen automatically (``scene="auto"`` on an SDP model); None otherwise.
     """
 
     score: torch.Tensor
@@ -84,6 +86,7 @@ class Assessment:
     levels: torch.Tensor
     scenes: list[str] | None = None
     attributes: dict[str, torch.Tensor] | None = None
+    scene_probabilities: torch.Tensor | None = None
 
     def level_columns(self) -> dict[str, torch.Tensor]:
         """``{'p_bad': (B,), ..., 'p_perfect': (B,)}``: the distribution as one column per level."""
@@ -209,10 +212,17 @@ class GammaModel(nn.Module):
         """
         device = self.score_level.device
         target = resolve_precision(precision, device)
+        if target == self.precision:
+            return self
+        check_precision(target, device, allow_slow=allow_slow)
+        return self._convert_tower(target)
+
+    def _convert_tower(self, target: str) -> GammaModel:
+        """:meth:`to_precision` after its device checks (also used to build a model for a file stored in ``target``,
+        before the weights and the device are known)."""
         current = self.precision
         if target == current:
             return self
-        check_precision(target, device, allow_slow=allow_slow)
         if current not in ("fp32", "int8"):
             raise ValueError(
                 f"the image tower's weights were rounded to {current} and its fp32 weights are gone: create or load "
@@ -349,7 +359,7 @@ class GammaModel(nn.Module):
         if _asks_auto(scene) and scene_index is not None:  # each crop is its own image here
             with torch.no_grad():  # a discrete choice: no gradient flows through it
                 feats = self.backbone_features(crops)[None]  # (1, B, E)
-                scene_index = self._resolve_auto(scene_index, feats, torch.ones(1, dtype=torch.float64))
+                scene_index, _ = self._resolve_auto(scene_index, feats, torch.ones(1, dtype=torch.float64))
         return self._score(crops, scene_index)
 
     def _score(self, crops: torch.Tensor, scene_index: torch.Tensor | None) -> torch.Tensor:
@@ -381,8 +391,9 @@ class GammaModel(nn.Module):
         batch = images.shape[0]
         scene_index = self.scene_index(scene, batch, images.device)
         feats, weights = self._crop_features(images)  # (U, B, E), (U,)
+        scene_probs = None
         if _asks_auto(scene) and scene_index is not None:
-            scene_index = self._resolve_auto(scene_index, feats, weights)
+            scene_index, scene_probs = self._resolve_auto(scene_index, feats, weights)
         num_crops = len(weights)
         flat = feats.reshape(num_crops * batch, -1)  # crop-major, as the crops were cut
         crop_scene = scene_index.repeat(num_crops) if scene_index is not None else None
@@ -395,7 +406,7 @@ class GammaModel(nn.Module):
         scenes = [SCENES[i] for i in scene_index.tolist()] if scene_index is not None else None
         attrs = self._attribute_scores(feats, weights) if attributes else None
         return Assessment(score=score, distribution=distribution, std=std, levels=levels, scenes=scenes,
-                          attributes=attrs)
+                          attributes=attrs, scene_probabilities=scene_probs)
 
     def distribution(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
         """Level probabilities (B, 5) of full-resolution images, averaged over the test-time crops.
@@ -478,12 +489,14 @@ class GammaModel(nn.Module):
         scale = self.clip_model.logit_scale.exp().to(image.dtype)
         return _crop_mean((scale * image @ text.t()).softmax(dim=-1), weights)  # (U, B, K) -> (B, K)
 
-    def _resolve_auto(self, scene_index: torch.Tensor, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``scene_index`` (B,) with every -1 ("auto") replaced by the most likely of :attr:`auto_scenes`."""
+    def _resolve_auto(self, scene_index: torch.Tensor, feats: torch.Tensor,
+                      weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``scene_index`` (B,) with every -1 ("auto") replaced by the most likely of :attr:`auto_scenes`, and the
+        probabilities (B, K) of those scenes."""
         rows = self._candidate_rows(None)
         probs = self._scene_probs(feats, weights, rows)  # (B, K)
         chosen = torch.tensor(rows, device=scene_index.device)[probs.argmax(dim=-1)]
-        return torch.where(scene_index < 0, chosen, scene_index)
+        return torch.where(scene_index < 0, chosen, scene_index), probs
 
     # ---------------------------------------------------------------------------------------------- checks
     def scene_index(self, scene: str | Sequence[str] | None, batch: int, device: torch.device) -> torch.Tensor | None:

@@ -1,8 +1,8 @@
 """Real photographs, distorted at known strengths, from the pictures that ship with scikit-image (nothing downloaded).
 
 :func:`distorted_photos` builds the set on which reduced-precision scores are compared with fp32 ones (tests and
-``scripts/bench_precision.py``): crops of a dozen photographs, each blurred, noised, JPEG-compressed or dimmed at one of
-several strengths, so that the scores spread the way quality does.
+``scripts/bench.py --precision``): crops of a dozen photographs, each blurred, noised, JPEG-compressed or dimmed at one
+of several strengths, so that the scores spread the way quality does.
 """
 
 from __future__ import annotations

@@ -106,6 +106,10 @@ class EvalCfg:
     # 'train_holdout' = on a seeded holdout carved from each training part (those images are then not trained on).
     select_on: Literal["test", "train_holdout"] = "test"
     holdout_fraction: float = 0.1  # share of each training part held out for select_on: train_holdout
+    # How the image tower computes when scoring the held-out sets: fp32 (exact) | bf16 | fp16 | int8 (CPU) | auto. Not
+    # fp32: a copy of the model converted with to_precision is scored (no autocast) and dropped; the trained weights
+    # stay fp32. Checked against the run's device before training starts.
+    precision: Literal["fp32", "bf16", "fp16", "int8", "auto"] = "fp32"
 
 
 @dataclass

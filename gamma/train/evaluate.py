@@ -8,7 +8,9 @@ correlations are computed, which makes a 2-process evaluation equal to a 1-proce
 
 from __future__ import annotations
 
+import copy
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -101,7 +103,8 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
     Args:
         model: the bare model (not a DDP wrapper); it is put in eval mode and its crop protocol set from ``eval_cfg``.
         datasets: name -> held-out dataset (``IQADataset``: items with ``img``/``scene``, attribute ``labels``).
-        eval_cfg: :class:`gamma.train.config.EvalCfg` (crop protocol, batch size, experts kept, prompt sets).
+        eval_cfg: :class:`gamma.train.config.EvalCfg` (crop protocol, batch size, experts kept, prompt sets,
+            precision: not fp32 scores a copy of the model converted with ``to_precision``).
         headline_only: score with the headline prompt set alone (choosing the best epoch needs no other).
 
     Returns:
@@ -109,6 +112,14 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
         'predictions': {name: [score, ...]}}``, with prompt sets also ``'prompt_sets': {set: {'datasets', 'mean'}}``;
         the same on every process.
     """
+    precision = getattr(eval_cfg, "precision", "fp32")
+    if precision != "fp32":
+        # The trained weights stay fp32 and the model untouched: a converted copy is scored, then dropped. Autocast
+        # (amp) would also cast what to_precision keeps in fp32, so the copy runs without it.
+        scored = copy.deepcopy(model).to_precision(precision)
+        return evaluate(scored, datasets, device, eval_cfg=dataclasses.replace(eval_cfg, precision="fp32"),
+                        amp="none", workers=workers, dist_info=dist_info, progress=progress,
+                        headline_only=headline_only)
     was_training = model.training
     own = model.config.prompt_set
     sets = list(eval_cfg.prompt_sets or [own])

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..archs import GammaModel
+from ..archs.precision import check_precision, resolve_precision
 from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
 from ..hub import resolve_weights
@@ -229,6 +230,11 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     model = build_model(cfg).to(dist.device)
     if objective is not None and objective.configure_model is not None:
         objective.configure_model(model)
+    if cfg.eval.precision != "fp32":  # fail now, not after the first epoch
+        try:
+            check_precision(resolve_precision(cfg.eval.precision, dist.device), dist.device)
+        except ValueError as exc:
+            raise ConfigError(f"eval.precision: {exc}") from None
     params = model.trainable_parameters()
     if not params:
         raise ConfigError("the model has no trainable parameters")

@@ -326,3 +326,92 @@ def get_promptiqa_variant(name: str) -> PromptIQAConfig:
     if name not in PROMPTIQA_VARIANTS:
         raise ValueError(f"unknown PromptIQA model {name!r}; available: {', '.join(sorted(PROMPTIQA_VARIANTS))}")
     return PromptIQAConfig.from_dict(PROMPTIQA_VARIANTS[name].to_dict())
+
+
+# ------------------------------------------------------------------------------------------------ Gamma + ISP
+GAMMA_ISP_FEATURES: tuple[str, ...] = ("backbone", "adapted")
+
+
+@dataclass
+class GammaISPConfig:
+    """Gamma + ISP (docs/promptiqa.md#gamma_isp): PromptIQA's prompt path on the image features of a frozen Gamma.
+
+    The prompt path has PromptIQA's structure (the same modules); its widths default to the official ones.
+    """
+
+    family = "gamma_isp"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
+
+    gamma: GammaConfig = field(default_factory=GammaConfig)  # the frozen Gamma's architecture (read from its weights)
+    feature: str = "backbone"  # Gamma's image-tower output ('backbone') or the adapter-refined, normalised 'adapted'
+    dim: int = 128  # prompt-path width (Gamma's feature is projected to it)
+    heads: int = 4  # heads of every prompt-path block
+    prompt_blocks: int = 3  # prompt encoder (image-score pair fusion) blocks
+    ispp_blocks: int = 3  # ISPP fusion blocks
+    fusion_blocks: int = 8  # image-prompt fusion blocks
+    drop: float = 0.1  # dropout in the score head
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gamma, dict):
+            self.gamma = GammaConfig.from_dict(self.gamma)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        if not isinstance(self.gamma, GammaConfig):
+            raise ValueError(f"gamma must be a Gamma model config, got {type(self.gamma).__name__}")
+        if self.feature not in GAMMA_ISP_FEATURES:
+            raise ValueError(f"feature must be one of {', '.join(GAMMA_ISP_FEATURES)}, got {self.feature!r}")
+        if self.heads < 1 or self.dim % self.heads or self.dim < 2:
+            raise ValueError(f"dim ({self.dim}) must be at least 2 and divisible by heads ({self.heads})")
+        for name in ("prompt_blocks", "ispp_blocks", "fusion_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.drop < 1.0:
+            raise ValueError(f"drop must be in [0, 1), got {self.drop}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                "gamma": self.gamma.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GammaISPConfig:
+        d = dict(d)
+        family = d.pop("family", cls.family)
+        if family != cls.family:
+            raise ValueError(f"not a Gamma + ISP config (family {family!r})")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) in Gamma + ISP config: {', '.join(unknown)}; known keys: "
+                             f"{', '.join(sorted(known))}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> GammaISPConfig:
+        """A copy with ``overrides`` applied; ``gamma`` accepts a dict of Gamma config fields (or a whole config)."""
+        d = self.to_dict()
+        unknown = sorted(set(overrides) - set(d) | ({"family"} & set(overrides)))
+        if unknown:
+            raise ValueError(f"unknown Gamma + ISP option(s) {', '.join(map(repr, unknown))}; known options: "
+                             f"{', '.join(sorted(set(d) - {'family'}))}")
+        gamma = overrides.get("gamma")
+        if isinstance(gamma, GammaConfig):
+            overrides = {**overrides, "gamma": gamma.to_dict()}
+        elif isinstance(gamma, dict):
+            overrides = {**overrides, "gamma": self.gamma.replace(**gamma).to_dict()}
+        return GammaISPConfig.from_dict({**d, **overrides})
+
+
+#: Named Gamma + ISP variants. ``gamma_isp`` puts the official prompt-path widths on the paper's Gamma (ViT-B/16);
+#: ``gamma_isp_test`` the same structure at toy widths on ``gamma_test``. With ``gamma_weights=`` (create_model) the
+#: Gamma architecture is read from the weights file instead.
+GAMMA_ISP_VARIANTS: dict[str, GammaISPConfig] = {
+    "gamma_isp": GammaISPConfig(gamma=VARIANTS["gamma_vitb16"]),
+    "gamma_isp_test": GammaISPConfig(gamma=VARIANTS["gamma_test"], dim=16, heads=2),
+}
+
+
+def get_gamma_isp_variant(name: str) -> GammaISPConfig:
+    """A fresh copy of a named Gamma + ISP variant's config."""
+    if name not in GAMMA_ISP_VARIANTS:
+        raise ValueError(f"unknown Gamma + ISP model {name!r}; available: {', '.join(sorted(GAMMA_ISP_VARIANTS))}")
+    return GammaISPConfig.from_dict(GAMMA_ISP_VARIANTS[name].to_dict())

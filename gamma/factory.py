@@ -14,16 +14,20 @@ from torch.overrides import TorchFunctionMode
 
 from .archs.attiqa import AttiqaModel
 from .archs.gamma import GammaModel
+from .archs.gamma_isp import GammaISP
 from .archs.precision import check_precision, resolve_precision
 from .archs.promptiqa import PromptIQA
 from .config import (
     ATTIQA_VARIANTS,
+    GAMMA_ISP_VARIANTS,
     PROMPTIQA_VARIANTS,
     VARIANTS,
     AttiqaConfig,
     GammaConfig,
+    GammaISPConfig,
     PromptIQAConfig,
     get_attiqa_variant,
+    get_gamma_isp_variant,
     get_promptiqa_variant,
     get_variant,
 )
@@ -45,8 +49,10 @@ logger = logging.getLogger(__name__)
 
 def list_models(family: str = "gamma") -> list[str]:
     """Names of the registered variants of a model family: ``gamma`` (what the scorer, CLI and trainer take),
-    ``attiqa`` (ATTIQA students, docs/attiqa.md), ``promptiqa`` (docs/promptiqa.md) or ``all``."""
-    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS, "promptiqa": PROMPTIQA_VARIANTS}
+    ``attiqa`` (ATTIQA students, docs/attiqa.md), ``promptiqa`` (docs/promptiqa.md), ``gamma_isp`` (Gamma + ISP,
+    docs/promptiqa.md#gamma_isp) or ``all``."""
+    tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS, "promptiqa": PROMPTIQA_VARIANTS,
+              "gamma_isp": GAMMA_ISP_VARIANTS}
     if family == "all":
         return sorted(name for table in tables.values() for name in table)
     if family not in tables:
@@ -63,8 +69,8 @@ def create_model(
     precision: str | None = None,
     device: str | torch.device | None = None,
     **overrides: Any,
-) -> GammaModel | AttiqaModel | PromptIQA:
-    """Build a Gamma model (or an ATTIQA student, or PromptIQA), optionally loading weights.
+) -> GammaModel | AttiqaModel | PromptIQA | GammaISP:
+    """Build a Gamma model (or an ATTIQA student, PromptIQA, or Gamma + ISP), optionally loading weights.
 
     Args:
         name: a variant from :func:`list_models`. Without it, ``pretrained`` is required and the architecture is
@@ -88,6 +94,10 @@ def create_model(
             For a release file, ``prompt_set`` says which prompts its weights were trained with (default ``naive``).
             ATTIQA students (``attiqa_*`` variants, or our checkpoint of one) take their own fields
             (``head_hidden=...``) and ``backbone=`` a torchvision ImageNet ResNet weight file, loaded strictly.
+            Gamma + ISP (``gamma_isp*`` variants) takes its own fields (``dim=...``, ``feature=...``) and
+            ``gamma_weights=`` a Gamma checkpoint (a file or a known name) to put its prompt path on, whose
+            architecture replaces the variant's. PromptIQA takes ``vit_weights=`` a timm ``vit_base_patch8_224``
+            state_dict file for its backbone (where official training starts; :func:`load_vit_weights`).
 
     Returns:
         the model in eval mode.
@@ -110,7 +120,17 @@ def create_model(
         return _placed(_create_attiqa(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides), device)
     if name in PROMPTIQA_VARIANTS or (name is None and _is_promptiqa(ckpt)):
         _fp32_only(precision, "PromptIQA models")
-        return _placed(_create_promptiqa(name, ckpt, strict, overrides), device)
+        vit_weights = overrides.pop("vit_weights", None) if overrides else None
+        model = _create_promptiqa(name, ckpt, strict, overrides)
+        if vit_weights is not None:
+            if ckpt is not None:
+                raise ValueError("pass either pretrained= (a whole PromptIQA model) or vit_weights= (ImageNet ViT "
+                                 "weights to train from), not both")
+            load_vit_weights(model, read_state_dict(vit_weights, allow_unsafe=allow_unsafe), str(vit_weights))
+        return _placed(model, device)
+    if name in GAMMA_ISP_VARIANTS or (name is None and isinstance(ckpt.config, GammaISPConfig)):
+        _fp32_only(precision, "Gamma + ISP models")
+        return _placed(_create_gamma_isp(name, ckpt, strict=strict, allow_unsafe=allow_unsafe, **overrides), device)
     if ckpt is not None and ckpt.kind == "promptiqa":
         raise CheckpointError(f"{ckpt.path} is an official PromptIQA checkpoint, not a {name} model")
     if name is not None:
@@ -234,8 +254,52 @@ def _create_promptiqa(name: str | None, ckpt: Checkpoint | None, strict: bool, o
     return model.eval()
 
 
-def _check_same_architecture(saved: GammaConfig | AttiqaConfig | PromptIQAConfig,
-                             wanted: GammaConfig | AttiqaConfig | PromptIQAConfig, where: str) -> None:
+def load_vit_weights(model: PromptIQA, state_dict: dict[str, torch.Tensor], where: str = "ViT weights") -> None:
+    """Load a timm ViT state_dict (``vit_base_patch8_224``'s keys: ``cls_token``, ``pos_embed``, ``patch_embed.*``,
+    ``blocks.i.*``) into PromptIQA's backbone, strictly; its final norm and classifier are dropped (PromptIQA has
+    neither), as the official model replaces them with identities. This is where official training starts."""
+    unused = ("norm.", "fc_norm.", "head.", "head_drop.", "pre_logits.")
+    sd = {k: v for k, v in state_dict.items() if not k.startswith(unused)}
+    own = model.vit.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k}: {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own
+                  and sd[k].shape != own[k].shape]
+    problems = [f"{len(v)} {what} key(s): {', '.join(v[:5])}" for what, v in
+                (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if v]
+    if problems:
+        raise CheckpointError(f"{where} does not fit PromptIQA's ViT ({'; '.join(problems)}); it needs timm's "
+                              "vit_base_patch8_224 layout")
+    model.vit.load_state_dict(sd, strict=True)
+
+
+def _create_gamma_isp(name: str | None, ckpt: Checkpoint | None, *, strict: bool, allow_unsafe: bool,
+                      gamma_weights: str | os.PathLike | None = None, **overrides: Any) -> GammaISP:
+    """Gamma + ISP (docs/promptiqa.md#gamma_isp): a variant and/or our checkpoint of one; ``gamma_weights`` names the
+    Gamma checkpoint whose frozen features the prompt path reads (its architecture replaces the variant's)."""
+    if ckpt is not None and not isinstance(ckpt.config, GammaISPConfig):
+        raise CheckpointError(f"{ckpt.path} is a {getattr(ckpt.config, 'family', ckpt.kind)} checkpoint, not a "
+                              "Gamma + ISP model")
+    config = get_gamma_isp_variant(name) if name is not None else ckpt.config
+    config = config.replace(**overrides) if overrides else config
+    if ckpt is not None:
+        if gamma_weights is not None:
+            raise ValueError("pass either pretrained= (a whole Gamma + ISP model) or gamma_weights= (a Gamma to "
+                             "start from), not both")
+        _check_same_architecture(ckpt.config, config, str(ckpt.path))
+        return _build_loaded(lambda: GammaISP(config), ckpt, strict).eval()
+    if gamma_weights is None:
+        logger.warning("Gamma + ISP without gamma_weights: its Gamma features come from random weights")
+        return GammaISP(config).eval()
+    gamma = create_model(pretrained=gamma_weights, allow_unsafe=allow_unsafe)
+    if not isinstance(gamma, GammaModel):
+        raise CheckpointError(f"gamma_weights={gamma_weights}: not a Gamma model ({type(gamma).__name__})")
+    return GammaISP(config.replace(gamma=gamma.config), gamma=gamma).eval()
+
+
+def _check_same_architecture(saved: GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig,
+                             wanted: GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig,
+                             where: str) -> None:
     if type(saved) is not type(wanted):
         raise CheckpointError(f"{where} holds a {getattr(saved, 'family', 'gamma')} model, not a "
                               f"{getattr(wanted, 'family', 'gamma')} model")

@@ -35,7 +35,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ._files import atomic_write
-from .config import AttiqaConfig, GammaConfig, PromptIQAConfig, TextCfg, VisionCfg
+from .config import AttiqaConfig, GammaConfig, GammaISPConfig, PromptIQAConfig, TextCfg, VisionCfg
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Checkpoint:
 
     kind: str  # "release" | "clip" | "gamma" | "promptiqa" (the official PromptIQA layout)
     state_dict: dict[str, torch.Tensor]
-    config: GammaConfig | AttiqaConfig | PromptIQAConfig | None = None  # ours only
+    config: GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig | None = None  # ours only
     extra: dict[str, Any] = field(default_factory=dict)  # training state etc. (ours only)
     path: str | None = None
 
@@ -209,12 +209,14 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
     )
 
 
-def _config_from_dict(d: Any) -> GammaConfig | AttiqaConfig | PromptIQAConfig:
+def _config_from_dict(d: Any) -> GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig:
     """The model config a checkpoint of ours records; its ``family`` entry picks the class (none: Gamma)."""
     if isinstance(d, dict) and d.get("family") == AttiqaConfig.family:
         return AttiqaConfig.from_dict(d)
     if isinstance(d, dict) and d.get("family") == PromptIQAConfig.family:
         return PromptIQAConfig.from_dict(d)
+    if isinstance(d, dict) and d.get("family") == GammaISPConfig.family:
+        return GammaISPConfig.from_dict(d)
     return GammaConfig.from_dict(d)
 
 

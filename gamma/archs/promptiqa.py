@@ -212,102 +212,55 @@ class MAL(nn.Module):
         return ((feature + channel) / 2).view(b, n, c, h * w).mean(dim=1)  # (b, C, P)
 
 
-# -------------------------------------------------------------------------------------------------- the model
-class PromptIQA(nn.Module):
-    """The PromptIQA model.
+# ------------------------------------------------------------------------------------------- the prompt path
+class PromptedIQA(nn.Module):
+    """What PromptIQA does with visual features, whatever produces them: the prompt encoder, the ISPP fusion, the
+    image-prompt fusion and the regression head, with the scoring API built on them.
+
+    A subclass builds its visual encoder, then calls :meth:`build_prompt_path`, and implements :meth:`preprocess`
+    (images as given -> the encoder's input) and :meth:`image_features` (that input -> visual features (B, dim)).
+    :class:`PromptIQA` is the official model; :class:`gamma.archs.gamma_isp.GammaISP` puts the same prompt path on
+    frozen Gamma features. The modules keep the official names (``i_p_fusion``, ``mlp``, ``prompt_fusion``,
+    ``blocks``, ``norm``, ``score_block``), so the official checkpoint's keys are unchanged.
 
     Call it as ``model(images, prompt=(prompt_images, prompt_scores))`` with RGB images in [0, 1]: a (B, 3, H, W)
-    tensor or a list of (3, H, W) tensors of any sizes (each is resized to ``image_size`` squared, the whole picture,
-    aspect ratio not kept, as the official code does). Prompt scores are in [0, 1], one per prompt image; the result
+    tensor or a list of (3, H, W) tensors of any sizes. Prompt scores are in [0, 1], one per prompt image; the result
     (B,) is on the prompt's scale, in (0, 1). In eval mode the encoded prompt is cached by content (and by the
     weights), so scoring many images against one ISPP encodes it once; scores do not depend on the order of the ISPs
     or on which other images share the batch.
 
     For training, :meth:`score_leave_one_out` scores each image of a batch from the other ones (the official scheme).
-
-    State dict keys are the official ones (``vit.*``, ``MALs.i.*``, ``fusion_mal.*``, ``block.*``, ``cnn.*``,
-    ``i_p_fusion.*``, ``mlp.*``, ``prompt_fusion.*``, ``blocks.*``, ``norm.*``, ``score_block.*``).
     """
 
     lower_better = False
     score_range = (0.0, 1.0)
 
-    def __init__(self, config: PromptIQAConfig | None = None) -> None:
-        super().__init__()
-        cfg = config if config is not None else PromptIQAConfig()
-        self.config = cfg
-        width, dim, grid = cfg.vit_width, cfg.dim, cfg.grid
-
-        # Visual encoder (the official code calls it MoNet).
-        self.vit = ViT(cfg)
-        self.MALs = nn.ModuleList(MAL(width, len(cfg.taps), grid, cfg.drop) for _ in range(cfg.num_mals))
-        self.fusion_mal = MAL(width, cfg.num_mals, grid, cfg.drop)
-        self.block = Block(width, cfg.vit_heads, qkv_bias=False, eps=1e-5)
-        channels = (width, *cfg.cnn_channels, dim)
-        cnn: list[nn.Module] = []
-        for i, (kernel, pool) in enumerate(zip(cfg.cnn_kernels, cfg.cnn_pools, strict=True)):
-            cnn += [nn.Conv2d(channels[i], channels[i + 1], kernel), nn.BatchNorm2d(channels[i + 1]),
-                    nn.ReLU(inplace=True), nn.AvgPool2d(pool)]
-        self.cnn = nn.Sequential(*cnn)  # (b, D, g, g) -> (b, dim, 1, 1)
-
+    def build_prompt_path(self, dim: int, heads: int, prompt_blocks: int, ispp_blocks: int, fusion_blocks: int,
+                          drop: float) -> None:
+        """Create the prompt path's modules (after the visual encoder's, so that the state_dict keeps its order)."""
         # Prompt encoder: each (image, score) pair as two tokens, then mean -> MLP.
-        self.i_p_fusion = nn.Sequential(*(Block(dim, cfg.heads, qkv_bias=False, eps=1e-5)
-                                          for _ in range(cfg.prompt_blocks)))
+        self.i_p_fusion = nn.Sequential(*(Block(dim, heads, qkv_bias=False, eps=1e-5) for _ in range(prompt_blocks)))
         self.mlp = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim))
         # ISPP fusion, image-prompt fusion, regression.
-        self.prompt_fusion = nn.Sequential(*(Block(dim, cfg.heads, qkv_bias=False, eps=1e-5)
-                                             for _ in range(cfg.ispp_blocks)))
-        self.blocks = nn.Sequential(*(Block(dim, cfg.heads, qkv_bias=True, eps=1e-6)
-                                      for _ in range(cfg.fusion_blocks)))
+        self.prompt_fusion = nn.Sequential(*(Block(dim, heads, qkv_bias=False, eps=1e-5) for _ in range(ispp_blocks)))
+        self.blocks = nn.Sequential(*(Block(dim, heads, qkv_bias=True, eps=1e-6) for _ in range(fusion_blocks)))
         self.norm = nn.LayerNorm(dim)
-        self.score_block = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Dropout(cfg.drop),
+        self.score_block = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Dropout(drop),
                                          nn.Linear(dim // 2, 1), nn.Sigmoid())
-
+        self.prompt_dim = dim
         self.check_input_range = True
         self._prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, bool]] = OrderedDict()
 
-    # ----------------------------------------------------------------------------------------------- inputs
-    @property
-    def _dtype(self) -> torch.dtype:
-        return self.norm.weight.dtype
+    # ------------------------------------------------------------------------------------- for subclasses
+    def preprocess(self, images: Images) -> object:
+        """Images as the caller gives them -> the input of :meth:`image_features` (checked)."""
+        raise NotImplementedError
 
-    def preprocess(self, images: Images) -> torch.Tensor:
-        """RGB in [0, 1] -> the network's input (B, 3, S, S): resized to S = ``image_size`` if needed, (x - .5) / .5.
+    def image_features(self, pixels: object) -> torch.Tensor:
+        """Visual features (B, dim) of what :meth:`preprocess` returned."""
+        raise NotImplementedError
 
-        Images already S x S are used as they are (the file loader :func:`gamma.io.load_promptiqa_image` resizes
-        exactly like the official demo); others are resized with :func:`resize_like_cv2`.
-        """
-        size = self.config.image_size
-        if isinstance(images, torch.Tensor):
-            batch = check_images(images, self.check_input_range)
-            if batch.shape[-2:] != (size, size):
-                batch = resize_like_cv2(batch, size)
-        else:
-            if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or not images:
-                raise ValueError("images must be a (B, 3, H, W) tensor or a non-empty list of (3, H, W) tensors")
-            items = []
-            for i, img in enumerate(images):
-                if not isinstance(img, torch.Tensor) or img.dim() != 3:
-                    shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
-                    raise ValueError(f"image {i} of the list must be a (3, H, W) tensor, got {shape}")
-                one = check_images(img.unsqueeze(0), self.check_input_range)
-                items.append(one if one.shape[-2:] == (size, size) else resize_like_cv2(one, size))
-            batch = torch.cat(items)
-        device = self.norm.weight.device
-        batch = batch.to(device=device, dtype=torch.float32)
-        return ((batch - PIXEL_MEAN) / PIXEL_STD).to(self._dtype)  # (B, 3, S, S) in [-1, 1]
-
-    # --------------------------------------------------------------------------------------------- features
-    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Visual features (B, dim) of normalised pixels (B, 3, S, S): the official MoNet path."""
-        b, g, d = pixels.shape[0], self.config.grid, self.config.vit_width
-        tokens = torch.cat([t[:, 1:] for t in self.vit(pixels)], dim=2)  # (B, P, taps*D), CLS dropped, layer-major
-        views = tokens.transpose(1, 2).reshape(b, len(self.config.taps), d, g, g).transpose(0, 1)  # (taps, B, D, g, g)
-        dof = torch.stack([mal(views) for mal in self.MALs]).view(-1, b, d, g, g)  # (num_mals, B, D, g, g)
-        x = self.fusion_mal(dof).transpose(1, 2)  # (B, P, D)
-        x = self.block(x).transpose(1, 2).reshape(b, d, g, g)  # (B, D, g, g)
-        return self.cnn(x).flatten(1)  # (B, dim), >= 0 (ReLU then average pooling)
-
+    # ------------------------------------------------------------------------------------------ prompt path
     def isp_features(self, features: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Prompt encoder: visual features (n, dim) and scores (n,) -> ISP features (n, dim).
 
@@ -372,8 +325,8 @@ class PromptIQA(nn.Module):
         """
         if isinstance(prompt, torch.Tensor):
             isp = prompt
-            if isp.dim() != 2 or isp.shape[1] != self.config.dim or isp.shape[0] < 1:
-                raise ValueError(f"an encoded prompt must have shape (n, {self.config.dim}), got {tuple(isp.shape)}; "
+            if isp.dim() != 2 or isp.shape[1] != self.prompt_dim or isp.shape[0] < 1:
+                raise ValueError(f"an encoded prompt must have shape (n, {self.prompt_dim}), got {tuple(isp.shape)}; "
                                  "to prompt with images pass prompt=(prompt_images, prompt_scores)")
         elif isinstance(prompt, (tuple, list)) and len(prompt) == 2:
             isp = self.encode_prompt(prompt[0], prompt[1])
@@ -400,8 +353,77 @@ class PromptIQA(nn.Module):
         isp = self.isp_features(features, scores_t.to(features.device))  # (b, dim)
         return self.fuse(features, isp[leave_one_out_index(b, isp.device)])  # prompts (b, b-1, dim)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimiser updates (every one for PromptIQA, which freezes nothing)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+# -------------------------------------------------------------------------------------------------- the model
+class PromptIQA(PromptedIQA):
+    """The PromptIQA model: the official visual encoder (ViT-B/8, MALs, CNN head) under :class:`PromptedIQA`.
+
+    Every image (target or prompt) is resized to ``image_size`` squared, the whole picture, aspect ratio not kept, as
+    the official code does.
+
+    State dict keys are the official ones (``vit.*``, ``MALs.i.*``, ``fusion_mal.*``, ``block.*``, ``cnn.*``,
+    ``i_p_fusion.*``, ``mlp.*``, ``prompt_fusion.*``, ``blocks.*``, ``norm.*``, ``score_block.*``).
+    """
+
+    def __init__(self, config: PromptIQAConfig | None = None) -> None:
+        super().__init__()
+        cfg = config if config is not None else PromptIQAConfig()
+        self.config = cfg
+        width, dim, grid = cfg.vit_width, cfg.dim, cfg.grid
+
+        # Visual encoder (the official code calls it MoNet).
+        self.vit = ViT(cfg)
+        self.MALs = nn.ModuleList(MAL(width, len(cfg.taps), grid, cfg.drop) for _ in range(cfg.num_mals))
+        self.fusion_mal = MAL(width, cfg.num_mals, grid, cfg.drop)
+        self.block = Block(width, cfg.vit_heads, qkv_bias=False, eps=1e-5)
+        channels = (width, *cfg.cnn_channels, dim)
+        cnn: list[nn.Module] = []
+        for i, (kernel, pool) in enumerate(zip(cfg.cnn_kernels, cfg.cnn_pools, strict=True)):
+            cnn += [nn.Conv2d(channels[i], channels[i + 1], kernel), nn.BatchNorm2d(channels[i + 1]),
+                    nn.ReLU(inplace=True), nn.AvgPool2d(pool)]
+        self.cnn = nn.Sequential(*cnn)  # (b, D, g, g) -> (b, dim, 1, 1)
+        self.build_prompt_path(dim, cfg.heads, cfg.prompt_blocks, cfg.ispp_blocks, cfg.fusion_blocks, cfg.drop)
+
+    # ----------------------------------------------------------------------------------------------- inputs
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def preprocess(self, images: Images) -> torch.Tensor:
+        """RGB in [0, 1] -> the network's input (B, 3, S, S): resized to S = ``image_size`` if needed, (x - .5) / .5.
+
+        Images already S x S are used as they are (the file loader :func:`gamma.io.load_promptiqa_image` resizes
+        exactly like the official demo); others are resized with :func:`resize_like_cv2`.
+        """
+        size = self.config.image_size
+        if isinstance(images, torch.Tensor):
+            batch = check_images(images, self.check_input_range)
+            if batch.shape[-2:] != (size, size):
+                batch = resize_like_cv2(batch, size)
+        else:
+            batch = torch.cat([img if img.shape[-2:] == (size, size) else resize_like_cv2(img, size)
+                               for img in image_list(images, self.check_input_range)])
+        device = self.norm.weight.device
+        batch = batch.to(device=device, dtype=torch.float32)
+        return ((batch - PIXEL_MEAN) / PIXEL_STD).to(self._dtype)  # (B, 3, S, S) in [-1, 1]
+
+    # --------------------------------------------------------------------------------------------- features
+    def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Visual features (B, dim) of normalised pixels (B, 3, S, S): the official MoNet path."""
+        b, g, d = pixels.shape[0], self.config.grid, self.config.vit_width
+        tokens = torch.cat([t[:, 1:] for t in self.vit(pixels)], dim=2)  # (B, P, taps*D), CLS dropped, layer-major
+        views = tokens.transpose(1, 2).reshape(b, len(self.config.taps), d, g, g).transpose(0, 1)  # (taps, B, D, g, g)
+        dof = torch.stack([mal(views) for mal in self.MALs]).view(-1, b, d, g, g)  # (num_mals, B, D, g, g)
+        x = self.fusion_mal(dof).transpose(1, 2)  # (B, P, D)
+        x = self.block(x).transpose(1, 2).reshape(b, d, g, g)  # (B, D, g, g)
+        return self.cnn(x).flatten(1)  # (B, dim), >= 0 (ReLU then average pooling)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -446,6 +468,24 @@ def check_images(images: torch.Tensor, check_range: bool = True) -> torch.Tensor
             raise ValueError(f"pixel values must be RGB in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
                              + ("; do not normalise: the model does it" if lo < 0 else "; divide 0-255 images by 255"))
     return images
+
+
+
+def image_list(images: Sequence[torch.Tensor], check_range: bool = True) -> list[torch.Tensor]:
+    """A non-empty list of (3, H, W) tensors as checked batches of one, (1, 3, H, W) each.
+
+    Raises:
+        ValueError: not a list of (3, H, W) tensors, or an image fails :func:`check_images`.
+    """
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or not images:
+        raise ValueError("images must be a (B, 3, H, W) tensor or a non-empty list of (3, H, W) tensors")
+    items = []
+    for i, img in enumerate(images):
+        if not isinstance(img, torch.Tensor) or img.dim() != 3:
+            shape = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+            raise ValueError(f"image {i} of the list must be a (3, H, W) tensor, got {shape}")
+        items.append(check_images(img.unsqueeze(0), check_range))
+    return items
 
 
 def check_scores(scores: object, count: int) -> torch.Tensor:

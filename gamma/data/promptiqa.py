@@ -1,5 +1,6 @@
-"""PromptIQA's data-side rules as pure functions: label augmentation (the paper's Eq. 4 as the official code does it)
-and the official random vertical flip. See docs/promptiqa.md.
+"""PromptIQA's data-side rules as pure functions: label augmentation (the paper's Eq. 4 as the official code does it),
+the official random vertical flip, and the choice of a test ISPP from a training split (:func:`sample_ispp`). See
+docs/promptiqa.md.
 
 Label augmentation acts on one training batch of labels S in [0, 1] at once. In the official scheme every image of the
 batch is both a target and a prompt for the others (:meth:`gamma.archs.promptiqa.PromptIQA.score_leave_one_out`), so
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 #: The official training's probabilities (``--random_scale_rate 0.5 --random_flipping_rate 0.1``).
@@ -28,6 +30,8 @@ SCALE_P = 0.5
 FLIP_P = 0.1
 #: The official probability of flipping an image upside down (training images, and the ISPP images at test time).
 VFLIP_P = 0.5
+#: How a test ISPP is drawn from a training split: the official 'fix' (interval) and 'random' strategies.
+ISPP_SAMPLING: tuple[str, ...] = ("interval", "random")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,56 @@ def random_vertical_flip(
         raise ValueError(f"images must be a (B, 3, H, W) tensor, got {getattr(images, 'shape', type(images))}")
     flip = torch.rand(images.shape[0], generator=generator) < p  # (B,)
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-2), images)
+
+
+def interval_positions(length: int, n: int) -> list[int]:
+    """Positions, in a list of ``length`` items, of the official picker's ``n`` choices.
+
+    The official picker (``get_prompt``) takes position 0, then every ``step = (length - 2) // (n - 2)``-th position
+    until it holds n - 1 items, then the last one: on a list sorted by label, the minimum, n - 2 evenly spaced items
+    and the maximum. Those are the positions for every n >= 3.
+
+    For n = 2 the official code returns one item (position 0) instead of two; here n = 2 gives the minimum and the
+    maximum, which is what the rule means, and n = 1 the minimum.
+
+    Raises:
+        ValueError: ``n < 1`` or ``length < n`` (the official code fails on both).
+    """
+    if n < 1:
+        raise ValueError(f"an ISPP needs at least one pair, got n = {n}")
+    if length < n:
+        raise ValueError(f"cannot choose {n} ISPs from {length} image(s)")
+    if n <= 2:
+        return [0, length - 1][:n]
+    step = (length - 2) // (n - 2)
+    return [0, *range(step, step * (n - 1), step), length - 1]  # (n - 2) * step <= length - 2 < length - 1
+
+
+def sample_ispp(labels: np.ndarray | torch.Tensor, n: int = 10, strategy: str = "interval",
+                generator: np.random.Generator | None = None) -> np.ndarray:
+    """Indices (n,) into ``labels`` of a test ISPP drawn from a training split, as the official test does.
+
+    ``interval`` (the official 'fix', the paper's interval sampling): the items sorted by label (a stable sort, so
+    ties keep their order), then :func:`interval_positions`: the minimum, n - 2 evenly spaced items, the maximum.
+    ``random``: the same picker on a random permutation instead of the sorted order (the official code seeds it from
+    the operating system; pass a seeded ``generator`` for reproducible draws).
+
+    Returns:
+        indices in the order picked (ascending label for ``interval``).
+
+    Raises:
+        ValueError: unknown strategy, ``labels`` not 1-D or not finite, fewer than n items, n < 1.
+    """
+    values = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.float64)
+    if values.ndim != 1 or not np.isfinite(values).all():
+        raise ValueError(f"labels must be a 1-D array of finite values, got shape {values.shape}")
+    if strategy == "interval":
+        order = np.argsort(values, kind="stable")
+    elif strategy == "random":
+        order = (generator if generator is not None else np.random.default_rng()).permutation(len(values))
+    else:
+        raise ValueError(f"strategy must be one of {', '.join(ISPP_SAMPLING)}, got {strategy!r}")
+    return order[interval_positions(len(values), n)]
 
 
 def _uniform(generator: torch.Generator | None) -> float:

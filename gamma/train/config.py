@@ -31,8 +31,9 @@ import yaml
 from .._dataclass_dict import ConfigError, from_dict, show, suggest
 from .._dataclass_dict import to_dict as config_to_dict
 from .._files import atomic_write
-from ..config import AttiqaConfig, GammaConfig, TextCfg, VisionCfg
+from ..config import AttiqaConfig, GammaConfig, TextCfg, VisionCfg, get_gamma_isp_variant, get_promptiqa_variant
 from ..data import DatasetEntry
+from ..data.requirements import RequirementCfg
 from ..data.synthetic import SyntheticCfg
 from ..factory import list_models
 from ..prompts import PROMPT_SETS
@@ -47,6 +48,7 @@ __all__ = [
     "ModelCfg",
     "OptimCfg",
     "PretrainCfg",
+    "PromptIQACfg",
     "TrainConfig",
     "apply_overrides",
     "config_to_dict",
@@ -138,6 +140,40 @@ class DDPCfg:
     timeout_s: int = 1800
 
 
+@dataclass
+class PromptIQACfg:
+    """The ``promptiqa:`` section: stage ``promptiqa`` (:mod:`gamma.train.promptiqa`, docs/promptiqa.md#training).
+
+    Defaults are the official code's recipe. ``batch_size`` counts images per optimiser step over all processes: it
+    is a whole number of chunks (the official 44 = 4 chunks of 11, one per GPU).
+    """
+
+    chunk: int = 11  # images per leave-one-out chunk, all from one dataset; each is scored from the other chunk - 1
+    scale_p: float = 0.5  # random scaling: all labels of a chunk divided by c ~ U(max S, 1)
+    flip_p: float = 0.1  # random flipping: S -> 1 - S (drawn after the scaling, independently)
+    vflip_p: float = 0.5  # each training image flipped upside down (the official "RandHorizontalFlip" flips H)
+    cosine_period: int | None = None  # epochs per cosine cycle, restarting after each; None: one half cosine per run
+    decode: Literal["cv2", "pil"] = "cv2"  # PromptIQA's image loader: the official OpenCV path, or PIL
+    vit_weights: str | None = None  # timm vit_base_patch8_224 state_dict the backbone starts from (no model.pretrained)
+    isp_count: int | None = None  # ISPs in a test prompt; None: chunk - 1 (the official 10)
+    isp_sampling: Literal["interval", "random"] = "interval"  # how the test ISPP is drawn from the training part
+    isp_draws: int = 1  # random sampling: prompts drawn per dataset and evaluation (mean and std reported)
+    isp_seed: int = 0  # seed of random sampling and of the ISPP flips
+    ispp_flip: bool = False  # the official test quirk: ISPP images flipped upside down (p = 0.5) for every test batch
+    inverted_isps: bool = False  # also score with every ISP score inverted (1 - s): the adaptation table's second half
+    # Models without a prompt input (a Gamma model, eval_only): 'none' scores as they are, 'fit' maps them with a
+    # mapping fit from the model's scores of the ISP images to the ISP scores.
+    mapping: Literal["none", "fit"] = "none"
+    # The Gamma that a gamma_isp model puts its prompt path on (when model.overrides has no gamma_weights) and that
+    # `baselines` evaluates: a weights file, a known weight name, or the name of a finished run in output_dir (its
+    # final weights, same split).
+    gamma: str | None = None
+    baselines: bool = False  # also report `gamma` as it is and with the fitted mapping, in the adaptation table
+    compare_runs: list[str] = field(default_factory=list)  # finished stage-promptiqa runs (names in output_dir) whose
+    #                                                        adaptation rows join this run's table
+    requirements: list[RequirementCfg] = field(default_factory=list)  # new requirements, evaluated like eval_data
+
+
 CAPTION_COLUMN = "caption"
 
 
@@ -196,7 +232,8 @@ class TrainConfig:
     """One training run (or a 10-split series of them). Defaults are the paper's unified training recipe."""
 
     name: str = "gamma"  # run name: results go to <output_dir>/<name>/split_<k>/
-    stage: Literal["gamma", "pretrain_clip", "attiqa_pretrain", "attiqa_finetune"] = "gamma"  # gamma.train.stages
+    # what runs: a name of gamma.train.stages.STAGES
+    stage: Literal["gamma", "pretrain_clip", "attiqa_pretrain", "attiqa_finetune", "promptiqa"] = "gamma"
     output_dir: str = "experiments"
     seed: int = 123
     epochs: int = 10
@@ -224,6 +261,7 @@ class TrainConfig:
     ddp: DDPCfg = field(default_factory=DDPCfg)
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)  # stage pretrain_clip
     attiqa: AttiqaCfg = field(default_factory=AttiqaCfg)  # stages attiqa_pretrain / attiqa_finetune
+    promptiqa: PromptIQACfg = field(default_factory=PromptIQACfg)  # stage promptiqa
 
     def validate(self) -> None:
         """Cross-field checks; each error names its key."""
@@ -247,13 +285,16 @@ class TrainConfig:
             raise ConfigError(f"max_steps_per_epoch must be >= 1 or null, got {self.max_steps_per_epoch}")
         if self.model.name is None and not self.model.pretrained:
             raise ConfigError("model.name or model.pretrained must be set")
-        trainable = list_models("gamma") + list_models("attiqa")  # the families the trainer's stages train
+        # the families the trainer's stages train (PromptIQA and Gamma + ISP: stage promptiqa)
+        trainable = list_models("gamma") + list_models("attiqa") + list_models("promptiqa") + list_models("gamma_isp")
         if self.model.name is not None and self.model.name not in trainable:
             hint = suggest(self.model.name, trainable)
             raise ConfigError(f"model.name: unknown model {self.model.name!r}{hint}; "
                               f"available: {', '.join(trainable)}")
         if self.model.name in list_models("attiqa"):
             _check_attiqa_overrides(self.model.overrides)
+        elif self.model.name in list_models("promptiqa") + list_models("gamma_isp"):
+            _check_prompted_model(self.model.name, self.model.overrides, self.stage)
         else:
             _check_model_overrides(self.model.overrides)
         names = [e.name for e in (*self.data, *self.eval_data)]
@@ -295,6 +336,24 @@ def _check_attiqa_overrides(overrides: dict[str, Any]) -> None:
                               f"known: {', '.join(known)}, backbone")
     try:
         AttiqaConfig().replace(**{k: v for k, v in overrides.items() if k != "backbone"})
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from exc
+
+
+def _check_prompted_model(name: str, overrides: dict[str, Any], stage: str) -> None:
+    """A PromptIQA or Gamma + ISP model: trained by stage promptiqa; its overrides are its config's fields (and
+    ``vit_weights`` for PromptIQA, ``gamma_weights`` for Gamma + ISP: see gamma.create_model)."""
+    if stage != "promptiqa":
+        raise ConfigError(f"model.name: {name} is scored with a prompt; train or evaluate it with stage: promptiqa")
+    own = {k: v for k, v in overrides.items() if k not in ("gamma_weights", "vit_weights")}
+    if "gamma_weights" in overrides and name not in list_models("gamma_isp"):
+        raise ConfigError("model.overrides.gamma_weights: only Gamma + ISP models "
+                          f"({', '.join(list_models('gamma_isp'))}) take a Gamma")
+    if "vit_weights" in overrides and name not in list_models("promptiqa"):
+        raise ConfigError("model.overrides.vit_weights: only PromptIQA models take ViT weights")
+    config = get_promptiqa_variant(name) if name in list_models("promptiqa") else get_gamma_isp_variant(name)
+    try:
+        config.replace(**own)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model.overrides: {exc}") from exc
 

@@ -7,7 +7,9 @@ Every stage name maps to a :class:`Stage` in :data:`STAGES`:
 - ``pretrain_clip``: contrastive pretraining of the CLIP backbone on captioned images
   (:func:`gamma.train.pretrain.run`);
 - ``attiqa_pretrain``: ATTIQA's attribute-aware pretraining of a student on teacher labels
-  (:func:`gamma.train.attiqa.pretrain`); ``attiqa_finetune``: MOS training of a student, as ``gamma``.
+  (:func:`gamma.train.attiqa.pretrain`); ``attiqa_finetune``: MOS training of a student, as ``gamma``;
+- ``promptiqa``: PromptIQA's recipe and test protocol, for PromptIQA and Gamma + ISP
+  (:func:`gamma.train.promptiqa.run`).
 
 Adding a stage (PromptIQA training, ATTIQA pretraining or fine-tuning ...) takes a function from the resolved
 configuration to the stage's results, one row in :data:`STAGES`, its name in ``TrainConfig.stage`` and, when it has
@@ -38,6 +40,7 @@ from .config import TrainConfig, config_to_dict, load_config, resolve_entries
 from .distributed import DistInfo, cleanup, setup
 from .evaluate import median_table, write_table
 from .loop import train
+from .promptiqa import run as train_promptiqa
 from .run_folder import run_dir_of
 
 logger = logging.getLogger(__name__)
@@ -85,6 +88,7 @@ STAGES: dict[str, Stage] = {
     "pretrain_clip": Stage(pretrain_clip, follow_ups=lambda cfg: cfg.pretrain.then),
     "attiqa_pretrain": Stage(attiqa.pretrain, follow_ups=lambda cfg: cfg.attiqa.then),
     "attiqa_finetune": Stage(attiqa_finetune),
+    "promptiqa": Stage(train_promptiqa),
 }
 
 

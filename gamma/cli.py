@@ -785,6 +785,7 @@ def _analyze(args: argparse.Namespace) -> int:
         write_routing,
         write_rows,
     )
+    from .archs.gamma import GammaModel
     from .scorer import Scorer
 
     try:
@@ -793,6 +794,9 @@ def _analyze(args: argparse.Namespace) -> int:
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     model = scorer.model
+    if not isinstance(model, GammaModel):
+        raise UsageError(f"gamma analyze reads Gamma's MoAE routers and experts; {args.weights or args.model} holds a "
+                         f"{type(model).__name__}, which has none")
     try:
         if args.analysis == "routing":
             groups, scenes = _parse_groups(args.groups)

@@ -334,7 +334,7 @@ GAMMA_ISP_FEATURES: tuple[str, ...] = ("backbone", "adapted")
 
 @dataclass
 class GammaISPConfig:
-    """Gamma + ISP (docs/promptiqa.md#gamma_isp): PromptIQA's prompt path on the image features of a frozen Gamma.
+    """Gamma + ISP (docs/promptiqa.md#gamma--isp): PromptIQA's prompt path on the image features of a frozen Gamma.
 
     The prompt path has PromptIQA's structure (the same modules); its widths default to the official ones.
     """

@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 def list_models(family: str = "gamma") -> list[str]:
     """Names of the registered variants of a model family: ``gamma`` (what the scorer, CLI and trainer take),
     ``attiqa`` (ATTIQA students, docs/attiqa.md), ``promptiqa`` (docs/promptiqa.md), ``gamma_isp`` (Gamma + ISP,
-    docs/promptiqa.md#gamma_isp) or ``all``."""
+    docs/promptiqa.md#gamma--isp) or ``all``."""
     tables = {"gamma": VARIANTS, "attiqa": ATTIQA_VARIANTS, "promptiqa": PROMPTIQA_VARIANTS,
               "gamma_isp": GAMMA_ISP_VARIANTS}
     if family == "all":
@@ -275,7 +275,7 @@ def load_vit_weights(model: PromptIQA, state_dict: dict[str, torch.Tensor], wher
 
 def _create_gamma_isp(name: str | None, ckpt: Checkpoint | None, *, strict: bool, allow_unsafe: bool,
                       gamma_weights: str | os.PathLike | None = None, **overrides: Any) -> GammaISP:
-    """Gamma + ISP (docs/promptiqa.md#gamma_isp): a variant and/or our checkpoint of one; ``gamma_weights`` names the
+    """Gamma + ISP (docs/promptiqa.md#gamma--isp): a variant and/or our checkpoint of one; ``gamma_weights`` names the
     Gamma checkpoint whose frozen features the prompt path reads (its architecture replaces the variant's)."""
     if ckpt is not None and not isinstance(ckpt.config, GammaISPConfig):
         raise CheckpointError(f"{ckpt.path} is a {getattr(ckpt.config, 'family', ckpt.kind)} checkpoint, not a "

@@ -119,3 +119,13 @@ def test_analyze_command(groups, tmp_path, capsys):
     assert "only expert 2" in capsys.readouterr().out
     assert (out / "single_expert.csv").read_text().startswith("setting,experts,srcc,plcc,images")
     assert main(["analyze", "routing", "no_equals_sign", "--model", "gamma_test"]) == 2
+
+
+@pytest.mark.parametrize(("variant", "says"), [("attiqa_test", "AttiqaModel"), ("promptiqa_test", "MoAE")])
+def test_analyze_refuses_models_without_experts(groups, tmp_path, capsys, variant, says):
+    argv = ["analyze", "routing", f"koniq10k={groups['koniq10k']}", "--model", variant,
+            "--out-dir", str(tmp_path / "analysis")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "gamma: error:" in err and says in err, err
+    assert not (tmp_path / "analysis").exists()

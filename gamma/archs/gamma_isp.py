@@ -1,4 +1,4 @@
-"""Gamma + ISP: PromptIQA's prompt path on frozen Gamma image features (docs/promptiqa.md#gamma_isp).
+"""Gamma + ISP: PromptIQA's prompt path on frozen Gamma image features (docs/promptiqa.md#gamma--isp).
 
 Gamma scores an image on one fixed scale. To follow a new assessment requirement from ~10 image-score pairs, this
 model keeps Gamma frozen and puts PromptIQA's prompt encoder, ISPP fusion, image-prompt fusion and regression head

@@ -1,4 +1,4 @@
-"""Stage ``promptiqa``: PromptIQA's training recipe and test protocol (docs/promptiqa.md#training).
+"""Stage ``promptiqa``: PromptIQA's training recipe and test protocol (docs/promptiqa.md#training-stage-promptiqa).
 
 Training, as the official code does it (``train.py`` of chencn2020/PromptIQA):
 
@@ -583,7 +583,7 @@ def fit_score_mapping(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np
 
 class Evaluator:
     """Scores held-out sets the stage's way for one evaluation: prompted models against ISPPs drawn from each set's
-    training part, Gamma models as they are or mapped (docs/promptiqa.md#evaluation)."""
+    training part, Gamma models as they are or mapped (docs/promptiqa.md#the-test-protocol)."""
 
     def __init__(self, run: Run) -> None:
         self.run, self.cfg, self.dist = run, run.cfg, run.dist

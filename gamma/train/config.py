@@ -142,7 +142,8 @@ class DDPCfg:
 
 @dataclass
 class PromptIQACfg:
-    """The ``promptiqa:`` section: stage ``promptiqa`` (:mod:`gamma.train.promptiqa`, docs/promptiqa.md#training-stage-promptiqa).
+    """The ``promptiqa:`` section: stage ``promptiqa`` (:mod:`gamma.train.promptiqa`,
+    docs/promptiqa.md#training-stage-promptiqa).
 
     Defaults are the official code's recipe. ``batch_size`` counts images per optimiser step over all processes: it
     is a whole number of chunks (the official 44 = 4 chunks of 11, one per GPU).

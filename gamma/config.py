@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 from ._dataclass_dict import from_dict, to_dict
 from .prompts import PROMPT_SETS
@@ -135,13 +135,48 @@ def get_variant(name: str) -> GammaConfig:
     return GammaConfig.from_dict(VARIANTS[name].to_dict())
 
 
+# ------------------------------------------------------------------------------------------------ other families
+F = TypeVar("F", bound="_FamilyConfig")
+
+
+class _FamilyConfig:
+    """``to_dict`` / ``from_dict`` / ``replace`` of the config dataclasses of the model families other than Gamma.
+
+    Their mapping form records the family (``{"family": "attiqa", ...}``), so a checkpoint's config picks its class;
+    ``from_dict`` checks it. An unknown key is an error that names it (the shared loader of
+    :mod:`gamma._dataclass_dict`).
+    """
+
+    family: ClassVar[str]  # the ``family`` entry of the mapping form
+    title: ClassVar[str]  # the family in messages ("ATTIQA")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **to_dict(self)}
+
+    @classmethod
+    def from_dict(cls: type[F], d: dict[str, Any]) -> F:
+        """The config of a mapping (``to_dict``'s form); a wrong family or an unknown key is an error naming it."""
+        d = dict(d)
+        family = d.pop("family", cls.family)
+        if family != cls.family:
+            article = "an" if cls.title[0] in "AEIOU" else "a"
+            raise ValueError(f"not {article} {cls.title} config (family {family!r})")
+        return from_dict(cls, d, typed=False, noun=f"{cls.title} config key")
+
+    def replace(self: F, **overrides: Any) -> F:
+        """A copy with ``overrides`` applied (an unknown name is an error that lists the known ones)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return from_dict(type(self), to_dict({**fields, **overrides}), typed=False, noun=f"{self.title} option")
+
+
 # ------------------------------------------------------------------------------------------------ ATTIQA student
 @dataclass
-class AttiqaConfig:
+class AttiqaConfig(_FamilyConfig):
     """An ATTIQA student (docs/attiqa.md): a torchvision ResNet with Bottleneck blocks, five attribute heads and a MOS
     regressor over the heads' hidden features. The defaults are ResNet-50."""
 
     family = "attiqa"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
+    title = "ATTIQA"
     prompt_set = None  # class attribute: a student has no prompts (for code that asks any model for its prompt set)
 
     layers: tuple[int, ...] = (3, 4, 6, 3)  # Bottleneck blocks per stage (ResNet-50); the feature is 2048 wide
@@ -165,32 +200,6 @@ class AttiqaConfig:
         if self.resize and self.resize < self.crop_size:
             raise ValueError(f"resize ({self.resize}) must be 0 or at least crop_size ({self.crop_size})")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, **asdict(self), "layers": list(self.layers)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AttiqaConfig:
-        d = dict(d)
-        family = d.pop("family", cls.family)
-        if family != cls.family:
-            raise ValueError(f"not an ATTIQA config (family {family!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) in ATTIQA config: {', '.join(unknown)}; known keys: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**d)
-
-    def replace(self, **overrides: Any) -> AttiqaConfig:
-        """A copy with ``overrides`` applied (unknown names are an error that lists the known ones)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown ATTIQA option(s) {', '.join(map(repr, unknown))}; known options: "
-                             f"{', '.join(sorted(known))}")
-        return AttiqaConfig.from_dict({**self.to_dict(), **overrides})
-
-
 #: Named ATTIQA students. ``attiqa_resnet50`` is the paper's; ``attiqa_test`` keeps its structure (Bottleneck blocks,
 #: a 2048-wide feature, five heads, the regressor) with one block per stage, narrow blocks and small heads.
 ATTIQA_VARIANTS: dict[str, AttiqaConfig] = {
@@ -207,7 +216,7 @@ def get_attiqa_variant(name: str) -> AttiqaConfig:
     return AttiqaConfig.from_dict(ATTIQA_VARIANTS[name].to_dict())
 # ------------------------------------------------------------------------------------------------ PromptIQA
 @dataclass
-class PromptIQAConfig:
+class PromptIQAConfig(_FamilyConfig):
     """Everything needed to build a PromptIQA model (docs/promptiqa.md).
 
     The defaults are the official model (ViT-B/8 at 224, 128-d features); the fixed parts of its structure (LayerNorm
@@ -215,6 +224,7 @@ class PromptIQAConfig:
     """
 
     family = "promptiqa"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
+    title = "PromptIQA"
 
     image_size: int = 224  # every image (target and prompt) is resized to image_size x image_size
     patch_size: int = 8  # ViT patch; grid = image_size // patch_size tokens per side (28)
@@ -281,35 +291,6 @@ class PromptIQAConfig:
         if not 0.0 <= self.drop < 1.0:
             raise ValueError(f"drop must be in [0, 1), got {self.drop}")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = {"family": self.family, **asdict(self)}
-        for key in ("taps", "cnn_channels", "cnn_kernels", "cnn_pools"):
-            d[key] = list(d[key])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PromptIQAConfig:
-        d = dict(d)
-        family = d.pop("family", cls.family)
-        if family != cls.family:
-            raise ValueError(f"not a PromptIQA config (family {family!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) in PromptIQA config: {', '.join(unknown)}; known keys: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**d)
-
-    def replace(self, **overrides: Any) -> PromptIQAConfig:
-        """A copy with ``overrides`` applied (unknown names are an error that lists the known ones)."""
-        d = self.to_dict()
-        unknown = sorted(set(overrides) - set(d) | ({"family"} & set(overrides)))
-        if unknown:
-            raise ValueError(f"unknown PromptIQA option(s) {', '.join(map(repr, unknown))}; known options: "
-                             f"{', '.join(sorted(set(d) - {'family'}))}")
-        return PromptIQAConfig.from_dict({**d, **overrides})
-
-
 #: Named PromptIQA variants. ``promptiqa`` is the official model (318,159,200 parameters); ``promptiqa_test`` has the
 #: same structure at toy widths (a 6 x 6 token grid, so its CNN head uses smaller kernels and pools).
 PROMPTIQA_VARIANTS: dict[str, PromptIQAConfig] = {
@@ -333,13 +314,14 @@ GAMMA_ISP_FEATURES: tuple[str, ...] = ("backbone", "adapted")
 
 
 @dataclass
-class GammaISPConfig:
+class GammaISPConfig(_FamilyConfig):
     """Gamma + ISP (docs/promptiqa.md#gamma--isp): PromptIQA's prompt path on the image features of a frozen Gamma.
 
     The prompt path has PromptIQA's structure (the same modules); its widths default to the official ones.
     """
 
     family = "gamma_isp"  # not annotated: a class attribute, not a field (recorded by to_dict, checked by from_dict)
+    title = "Gamma + ISP"
 
     gamma: GammaConfig = field(default_factory=GammaConfig)  # the frozen Gamma's architecture (read from its weights)
     feature: str = "backbone"  # Gamma's image-tower output ('backbone') or the adapter-refined, normalised 'adapted'
@@ -369,36 +351,12 @@ class GammaISPConfig:
         if not 0.0 <= self.drop < 1.0:
             raise ValueError(f"drop must be in [0, 1), got {self.drop}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
-                "gamma": self.gamma.to_dict()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> GammaISPConfig:
-        d = dict(d)
-        family = d.pop("family", cls.family)
-        if family != cls.family:
-            raise ValueError(f"not a Gamma + ISP config (family {family!r})")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown key(s) in Gamma + ISP config: {', '.join(unknown)}; known keys: "
-                             f"{', '.join(sorted(known))}")
-        return cls(**d)
-
     def replace(self, **overrides: Any) -> GammaISPConfig:
         """A copy with ``overrides`` applied; ``gamma`` accepts a dict of Gamma config fields (or a whole config)."""
-        d = self.to_dict()
-        unknown = sorted(set(overrides) - set(d) | ({"family"} & set(overrides)))
-        if unknown:
-            raise ValueError(f"unknown Gamma + ISP option(s) {', '.join(map(repr, unknown))}; known options: "
-                             f"{', '.join(sorted(set(d) - {'family'}))}")
         gamma = overrides.get("gamma")
-        if isinstance(gamma, GammaConfig):
-            overrides = {**overrides, "gamma": gamma.to_dict()}
-        elif isinstance(gamma, dict):
-            overrides = {**overrides, "gamma": self.gamma.replace(**gamma).to_dict()}
-        return GammaISPConfig.from_dict({**d, **overrides})
+        if isinstance(gamma, dict):
+            overrides = {**overrides, "gamma": self.gamma.replace(**gamma)}
+        return super().replace(**overrides)
 
 
 #: Named Gamma + ISP variants. ``gamma_isp`` puts the official prompt-path widths on the paper's Gamma (ViT-B/16);

@@ -6,15 +6,27 @@ pyproject.toml's pytest section). conftest.py only sets the suite up (environmen
 
 from __future__ import annotations
 
+import csv
 import io
+import multiprocessing as mp
+import os
+import signal
+import socket
 import struct
+import traceback
 import zlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
+
+import gamma
+from gamma.data import make_splits, save_splits
+from gamma.train import loop
+from gamma.train.main import main
 
 
 # ------------------------------------------------------------------------------------------------ comparisons
@@ -35,6 +47,12 @@ def assert_close(actual: Any, expected: Any, *, rtol: float, atol: float, msg: s
     torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=(lambda m: f"{msg}: {m}") if msg else None)
 
 
+def read_rows(path: Path) -> list[list[str]]:
+    """The rows of a CSV file (header included), as strings."""
+    with open(path, newline="") as fh:
+        return list(csv.reader(fh))
+
+
 def max_abs(x: Any) -> float:
     """The largest magnitude in ``x``: the scale for an ``atol`` that follows a tensor's largest values."""
     return float(_float64(x).abs().max())
@@ -47,6 +65,21 @@ def _float64(x: Any) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ models
+def perturbed_gamma(name: str = "gamma_test", seed: int = 0, logit_scale: float = 4.0) -> gamma.GammaModel:
+    """A tiny model whose every trainable part matters: MoAE (alphas, routers, experts), adapter, levels, and a logit
+    scale of ``logit_scale``."""
+    torch.manual_seed(seed)
+    model = gamma.create_model(name)
+    perturb_moae(model, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.adapter.parameters():
+            p.normal_(0, 0.2, generator=gen)
+        model.score_level.copy_(torch.tensor([0.1, 0.35, 0.5, 0.8, 1.1]))
+        model.clip_model.logit_scale.fill_(logit_scale)
+    return model
+
+
 def perturb_moae(model: torch.nn.Module, seed: int = 0, scale: float = 0.5) -> None:
     """Give a model's MoAE blocks non-trivial values (alphas, routers, experts) so that they change the output."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,6 +110,77 @@ def perturb_promptiqa(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
                 m.running_mean.normal_(0, 0.1, generator=gen)
                 m.running_var.uniform_(0.5, 2.0, generator=gen)
     return model
+
+
+# ------------------------------------------------------------------------------------------------ training
+def write_noise_dataset(root: Path, name: str, n: int, lo: float, hi: float, seed: int,
+                        size: tuple[int, int]) -> None:
+    """``root/name``: n small pictures (H, W = ``size``) whose noise level sets the MOS (``lo`` .. ``hi``), an NR CSV
+    meta file and a 10-split pickle."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    (folder / "img").mkdir(parents=True)
+    rows = []
+    h, w = size
+    for i in range(n):
+        ramp = np.linspace(0, 1, w)[None, :, None] * np.linspace(0.3, 1, h)[:, None, None] * rng.uniform(0.3, 1, 3)
+        quality = i / (n - 1)
+        img = np.clip(ramp + rng.normal(0, 0.4 * (1 - quality), (h, w, 3)), 0, 1)
+        Image.fromarray((img * 255).astype(np.uint8)).save(folder / "img" / f"{i:03d}.png")
+        rows.append((f"{i:03d}.png", f"{lo + quality * (hi - lo):.4f}"))
+    with open(folder / "meta.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["image", "mos"])
+        writer.writerows(rows)
+    save_splits(make_splits(n, seed=seed), folder / "split.pkl")
+
+
+def interrupt_at(monkeypatch, step: int) -> None:
+    """Deliver a real SIGINT while step ``step`` is being logged (the trainer stops after the next step)."""
+    write = loop.MetricsLog.write
+
+    def wrapped(self, record):
+        write(self, record)
+        if record["kind"] == "train" and record["step"] == step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop.MetricsLog, "write", wrapped)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, ports: list[int], argvs: list[list[str]]) -> None:
+    """One process of a CPU process group, as torchrun would start it: each argv is one main() call."""
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        os.environ.update({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(world), "RANK": str(rank),
+                           "LOCAL_RANK": str(rank)})
+        for port, argv in zip(ports, argvs, strict=True):
+            os.environ["MASTER_PORT"] = str(port)
+            main(argv)
+    except BaseException:  # noqa: BLE001 - reported through the exit code and stderr
+        traceback.print_exc()
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def launch_ddp(world: int, argvs: list[list[str]]) -> None:
+    """Run the trainer's ``main(argv)`` for each argv in turn in ``world`` forked CPU processes (gloo), each call on its
+    own port; every process must exit with 0."""
+    ctx = mp.get_context("fork")  # torch is already imported here: children start at once
+    ports = [free_port() for _ in argvs]
+    procs = [ctx.Process(target=_ddp_rank, args=(r, world, ports, argvs)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * world
 
 
 # ------------------------------------------------------------------------------------------------ odd and bad images

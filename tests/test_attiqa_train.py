@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import interrupt_at, launch_ddp
 from PIL import Image, ImageEnhance, ImageFilter
 from skimage import data as skdata
-from test_train import _interrupt_at, _launch  # the trainer tests' SIGINT and DDP helpers
 
 import gamma
 from gamma.archs import AttiqaModel, attribute_ranking_loss
@@ -111,7 +111,7 @@ def test_pretraining_resumes_exactly_and_reuses_the_cached_labels(chain, workspa
     parts = [workspace / "exp" / "teacher_labels" / n / "part-00000.csv" for n in SYNTH]
     stamps = [os.stat(p).st_mtime_ns for p in parts]
     with monkeypatch.context() as m:
-        _interrupt_at(m, 4)  # a SIGINT while step 4 is logged: the run saves after step 5 and stops
+        interrupt_at(m, 4)  # a SIGINT while step 4 is logged: the run saves after step 5 and stops
         with pytest.raises(loop.TrainingInterrupted):
             run(workspace, "name=resume", "attiqa.then=[]", "log.every_steps=1")
     resumed = run(workspace, "name=resume", "attiqa.then=[]", "log.every_steps=1", resume=True)
@@ -129,7 +129,7 @@ def test_two_processes_match_one_process_with_accumulation(chain, workspace):
     base = ["-opt", "options/demo_attiqa.yml", f"data_root={workspace / 'data'}", f"output_dir={workspace / 'exp'}",
             *TINY, "attiqa.then=[]", "epochs=1"]
     accum = main([*base, "name=accum", "grad_accum=2"])
-    _launch(2, [[*base, "name=ddp"]])
+    launch_ddp(2, [[*base, "name=ddp"]])
     got = json.loads((workspace / "exp" / "ddp" / "split_1" / "results.json").read_text())
     np.testing.assert_allclose(got["step_losses"], accum["step_losses"], rtol=1e-4, atol=1e-6)
     cfg = load_config(REPO / "options" / "demo_attiqa.yml", base[2:])

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import read_rows
 from PIL import Image
 
 import gamma
@@ -43,17 +44,12 @@ def image_dir(tmp_path_factory) -> Path:
 FAST = ["--model", "gamma_test", "--crops", "center", "--no-progress", "--workers", "1"]
 
 
-def read_csv(path: Path) -> list[list[str]]:
-    with open(path, newline="") as fh:
-        return list(csv.reader(fh))
-
-
 def test_score_folder_to_csv(image_dir, tmp_path, capsys):
     out = tmp_path / "scores.csv"
     assert main(["score", str(image_dir), *FAST, "--out", str(out)]) == 1  # one unreadable file
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "scored 8 image(s)" in err and "1 could not be read" in err
-    rows = read_csv(out)
+    rows = read_rows(out)
     assert rows[0] == ["name", "score"] and len(rows) == 9
     names = [r[0] for r in rows[1:]]
     assert len(set(names)) == 8 and not any("broken" in n for n in names)
@@ -69,7 +65,7 @@ def test_all_readable_exits_zero_and_stdout_default(image_dir, capsys):
 def test_resume_drops_a_half_written_row_and_never_duplicates(image_dir, tmp_path, capsys):
     out = tmp_path / "s.csv"
     main(["score", str(image_dir), *FAST, "--out", str(out)])
-    full = read_csv(out)
+    full = read_rows(out)
     # As if the run had been killed: keep three rows and half of the fourth.
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:4]) + lines[4][: len(lines[4]) // 2])
@@ -77,10 +73,10 @@ def test_resume_drops_a_half_written_row_and_never_duplicates(image_dir, tmp_pat
     assert main(["score", str(image_dir), *FAST, "--out", str(out), "--resume"]) == 1
     err = capsys.readouterr().err
     assert "skipped 3 already in" in err and "scored 5 image(s)" in err
-    resumed = read_csv(out)
+    resumed = read_rows(out)
     assert sorted(resumed[1:]) == sorted(full[1:])  # same rows, none twice, the half row gone
     assert main(["score", str(image_dir), *FAST, "--out", str(out), "--resume"]) == 1  # broken file still fails
-    assert read_csv(out) == resumed
+    assert read_rows(out) == resumed
 
 
 def test_existing_output_is_not_overwritten_by_accident(image_dir, tmp_path, capsys):
@@ -89,7 +85,7 @@ def test_existing_output_is_not_overwritten_by_accident(image_dir, tmp_path, cap
     assert main(["score", str(image_dir / "coffee.jpg"), *FAST, "--out", str(out)]) == 2
     assert "exists: pass --resume" in capsys.readouterr().err
     assert main(["score", str(image_dir / "coffee.jpg"), *FAST, "--out", str(out), "--overwrite"]) == 0
-    assert [r[0] for r in read_csv(out)] == ["name", str(image_dir / "coffee.jpg")]
+    assert [r[0] for r in read_rows(out)] == ["name", str(image_dir / "coffee.jpg")]
 
 
 def test_jsonl_output(image_dir, tmp_path):
@@ -201,7 +197,7 @@ def test_subprocess_killed_mid_run_then_resumed(image_dir, tmp_path, capsys):
     assert main(["score", str(many), "--model", "gamma_test", "--num-crops", "10", "--out", str(out), "--resume",
                  "--no-progress"]) == 1
     assert "zero.jpg: empty file" in capsys.readouterr().err
-    rows = read_csv(out)
+    rows = read_rows(out)
     names = [r[0] for r in rows[1:]]
     assert len(names) == 24 and len(set(names)) == 24
     assert rows[: len(before)] == before  # the killed run's complete rows are kept as they were

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close, perturb_moae, perturb_promptiqa
+from helpers import assert_close, perturb_moae, perturb_promptiqa, read_rows
 from PIL import Image
 
 import gamma
@@ -104,11 +104,6 @@ def piqa_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     return save_checkpoint(perturb_promptiqa(gamma.create_model("promptiqa_test")),
                            tmp_path_factory.mktemp("w") / "piqa.pth")
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as fh:
-        return list(csv.reader(fh))
 
 
 def assert_same_table(a: list[list[str]], b: list[list[str]]) -> None:

@@ -9,26 +9,12 @@ import logging
 
 import pytest
 import torch
-from helpers import perturb_moae
+from helpers import perturbed_gamma
 from scipy.stats import spearmanr
 
 import gamma
 from gamma.archs import precision as prec
 from gamma.data.photos import distorted_photos
-
-
-def _model(name: str = "gamma_test", seed: int = 0) -> gamma.GammaModel:
-    """A tiny model whose experts, alphas, routers, adapter, levels and logit scale all matter."""
-    torch.manual_seed(seed)
-    model = gamma.create_model(name)
-    perturb_moae(model, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.adapter.parameters():
-            p.normal_(0, 0.2, generator=gen)
-        model.score_level.copy_(torch.tensor([0.1, 0.35, 0.5, 0.8, 1.1]))
-        model.clip_model.logit_scale.fill_(4.0)
-    return model
 
 
 def _scores(model: gamma.GammaModel, images: torch.Tensor, scene: str | None = None) -> torch.Tensor:
@@ -56,11 +42,11 @@ def test_photo_set_is_reproducible_and_varied():
 
 @pytest.fixture(scope="module")
 def fp32_scores(photos) -> torch.Tensor:
-    return _scores(_model(), photos)
+    return _scores(perturbed_gamma(), photos)
 
 
 def test_the_experts_matter_and_the_scores_spread(photos, fp32_scores):
-    plain = _model()
+    plain = perturbed_gamma()
     with torch.no_grad():
         for m in plain.moae_modules():
             m.scale.zero_()
@@ -75,7 +61,7 @@ def test_the_experts_matter_and_the_scores_spread(photos, fp32_scores):
 ])
 def test_agreement_with_fp32(photos, fp32_scores, precision, max_rel, min_srcc):
     # allow_slow: bf16 and fp16 math runs on every CPU, only more slowly without AVX512-BF16/-FP16 or AMX.
-    model = _model().to_precision(precision, allow_slow=True)
+    model = perturbed_gamma().to_precision(precision, allow_slow=True)
     assert model.precision == precision
     scores = _scores(model, photos)
     assert scores.dtype == torch.float32
@@ -86,7 +72,7 @@ def test_agreement_with_fp32(photos, fp32_scores, precision, max_rel, min_srcc):
 
 
 def test_sdp_scenes_and_crop_protocol_are_unchanged(photos):
-    model = _model("gamma_test_sdp")
+    model = perturbed_gamma("gamma_test_sdp")
     images = photos[:6, :, :200]  # not square: the 10 random crops
     scenes = ["natural", "face", "aigc", "aesthetics", "underwater", "natural"]
     with torch.inference_mode():
@@ -99,7 +85,7 @@ def test_sdp_scenes_and_crop_protocol_are_unchanged(photos):
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_assessment_attributes_and_auto_scene_agree(photos, precision):
-    model = _model("gamma_test_sdp")
+    model = perturbed_gamma("gamma_test_sdp")
     images = photos[:8]
     with torch.inference_mode():
         fp32 = model.assess(images, scene="auto", attributes=True)
@@ -115,7 +101,7 @@ def test_assessment_attributes_and_auto_scene_agree(photos, precision):
 
 
 def test_fp32_is_exact_and_int8_goes_back_exactly(photos, fp32_scores):
-    model = _model()
+    model = perturbed_gamma()
     assert model.precision == "fp32"
     assert torch.equal(_scores(model.to_precision("fp32"), photos), fp32_scores)  # a no-op
     keys = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,13 +111,14 @@ def test_fp32_is_exact_and_int8_goes_back_exactly(photos, fp32_scores):
     assert not any(p.requires_grad for p in model.parameters())
     model.to_precision("fp32")
     assert torch.equal(_scores(model, photos), fp32_scores)
-    assert {n for n, _ in model.named_trainable_parameters()} == {n for n, _ in _model().named_trainable_parameters()}
+    fresh = perturbed_gamma()
+    assert {n for n, _ in model.named_trainable_parameters()} == {n for n, _ in fresh.named_trainable_parameters()}
     model.train()  # allowed again
 
 
 def test_bf16_keeps_the_layout_and_refuses_training_and_going_back():
-    model = _model().to_precision("bf16", allow_slow=True)
-    assert model.state_dict().keys() == _model().state_dict().keys()
+    model = perturbed_gamma().to_precision("bf16", allow_slow=True)
+    assert model.state_dict().keys() == perturbed_gamma().state_dict().keys()
     blocks = model.clip_model.visual.transformer.resblocks
     assert blocks[0].attn.in_proj_weight.dtype == torch.bfloat16
     assert blocks[-1].mlp.experts.expert_0.c_fc.weight.dtype == torch.bfloat16
@@ -147,7 +134,7 @@ def test_bf16_keeps_the_layout_and_refuses_training_and_going_back():
 
 
 def test_text_features_are_fp32_and_cached_across_precisions():
-    model = _model()
+    model = perturbed_gamma()
     with torch.inference_mode():
         text = model.text_features()
     for precision in ("int8", "fp32", "bf16"):
@@ -161,7 +148,7 @@ def test_text_features_are_fp32_and_cached_across_precisions():
 
 
 def test_int8_follows_weight_updates_and_expert_masks(photos):
-    model = _model().to_precision("int8")
+    model = perturbed_gamma().to_precision("int8")
     x = photos[:4]
     with torch.no_grad():
         before = model.score_crops(x)
@@ -172,7 +159,7 @@ def test_int8_follows_weight_updates_and_expert_masks(photos):
             m.experts.expert_1.c_fc.weight.mul_(1.5)  # in place: the int8 copies must be made again
             m.useful_experts.c_proj.weight.mul_(1.1)
         after = model.score_crops(x)
-        float_model = _model()
+        float_model = perturbed_gamma()
         for m in float_model.moae_modules():
             m.experts.expert_1.c_fc.weight.mul_(1.5)
             m.useful_experts.c_proj.weight.mul_(1.1)
@@ -182,7 +169,7 @@ def test_int8_follows_weight_updates_and_expert_masks(photos):
 
 
 def test_routing_hooks_work_in_reduced_precision():
-    model = _model().to_precision("bf16", allow_slow=True)
+    model = perturbed_gamma().to_precision("bf16", allow_slow=True)
     seen = {}
     with torch.no_grad(), model.watch_routing(seen.__setitem__):
         model.score_crops(torch.rand(2, 3, 224, 224))
@@ -193,7 +180,7 @@ def test_routing_hooks_work_in_reduced_precision():
 
 # ------------------------------------------------------------------------------------------ device rules
 def test_auto_picks_a_fast_precision_and_says_so(caplog):
-    model = _model()
+    model = perturbed_gamma()
     with caplog.at_level(logging.INFO, logger="gamma.archs.precision"):
         model.to_precision("auto")
     assert model.precision in prec.fast_precisions("cpu")
@@ -223,8 +210,8 @@ def test_slow_or_impossible_combinations_are_refused(monkeypatch, caplog):
     with pytest.raises(ValueError, match="int8 is dynamic quantization for CPUs"):
         prec.check_precision("int8", "cuda")
     with pytest.raises(ValueError, match="unknown precision 'fp8'"):
-        _model().to_precision("fp8")
-    model = _model()
+        perturbed_gamma().to_precision("fp8")
+    model = perturbed_gamma()
     with pytest.raises(ValueError, match="slower than fp32"):
         model.to_precision("fp16")
     assert model.precision == "fp32"  # nothing was converted

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import assert_close
+from helpers import assert_close, launch_ddp
 
 import gamma
 from gamma.archs.promptiqa import PromptedIQA
@@ -391,42 +391,13 @@ def test_fr_labels_script_writes_ssim_labels(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ DDP
-def _ddp_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
-    """One process of a CPU process group, as torchrun would start it."""
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-                           "RANK": str(rank), "LOCAL_RANK": str(rank)})
-        main(argv)
-    except BaseException:  # noqa: BLE001 - reported through the exit code and stderr
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    finally:
-        os._exit(code)
-
-
 @pytest.mark.slow
 def test_two_process_ddp_trains_what_one_process_trains(workspace):
     """Two gloo processes, one chunk each per step, follow the one-process run with two chunks per step: the same
     chunks and augmentation, each chunk its own forward (BatchNorm over one chunk), gradients averaged."""
-    import multiprocessing as mp
-    import socket
-
     args = ["-opt", str(workspace / "base.yml"), "max_steps_per_epoch=4", "model.overrides.drop=0.0"]
     one = main([*args, "name=one_proc"])
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, [*args, "name=two_proc"])) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    launch_ddp(2, [[*args, "name=two_proc"]])
     two = json.loads((workspace / "exp" / "two_proc" / "split_1" / "results.json").read_text())
     assert_close(two["step_losses"], one["step_losses"], rtol=1e-4, atol=1e-6)
     assert set(two["final"]["datasets"]) == set(NAMES)

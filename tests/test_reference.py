@@ -5,7 +5,7 @@ import inspect
 
 import pytest
 import torch
-from helpers import assert_close, perturb_moae
+from helpers import assert_close, perturbed_gamma
 
 import gamma
 import gamma.reference
@@ -17,24 +17,10 @@ from gamma.reference import ReleaseReference, release_forward, release_offsets
 SCORE_TOL = {"rtol": 1e-5, "atol": 5e-6}
 
 
-def _perturbed(name: str, seed: int = 0) -> gamma.GammaModel:
-    """A tiny model whose every trainable part matters: MoAE (alphas, routers, experts), adapter, levels, scale."""
-    torch.manual_seed(seed)
-    model = gamma.create_model(name)
-    perturb_moae(model, seed=seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.adapter.parameters():
-            p.normal_(0, 0.2, generator=gen)
-        model.score_level.copy_(torch.tensor([0.1, 0.35, 0.5, 0.8, 1.1]))
-        model.clip_model.logit_scale.fill_(3.5)
-    return model
-
-
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: _perturbed(name) for name in ("gamma_test", "gamma_test_sdp")}
+    return {name: perturbed_gamma(name, logit_scale=3.5) for name in ("gamma_test", "gamma_test_sdp")}
 
 
 @pytest.mark.parametrize("name, scene", [("gamma_test", None), ("gamma_test_sdp", "underwater")])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_rows
 from PIL import Image
 
 import gamma
@@ -28,11 +29,6 @@ from gamma.weights import converted_from, read_checkpoint, release_state_dict
 
 FAST = ["--model", "gamma_test", "--crops", "center", "--no-progress", "--workers", "1"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def read_rows(path: Path) -> list[list[str]]:
-    with open(path, newline="") as fh:
-        return list(csv.reader(fh))
 
 
 def assert_same_rows(a: list[list[str]], b: list[list[str]]) -> None:

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import assert_close
+from helpers import assert_close, interrupt_at, launch_ddp, write_noise_dataset
 from PIL import Image
 
-from gamma.data import make_splits, save_splits
 from gamma.train import loop
 from gamma.train.checkpoint import RunLock, RunLockedError, load_training_state
 from gamma.train.config import ConfigError, load_config
@@ -33,32 +31,12 @@ from gamma.weights import read_checkpoint
 BATCH = 4
 
 
-def _write_dataset(root: Path, name: str, n: int, lo: float, hi: float, seed: int, size: tuple[int, int]) -> None:
-    """n small pictures whose noise level sets the MOS (NR CSV meta, 10-split pickle)."""
-    rng = np.random.default_rng(seed)
-    folder = root / name
-    (folder / "img").mkdir(parents=True)
-    rows = []
-    h, w = size
-    for i in range(n):
-        ramp = np.linspace(0, 1, w)[None, :, None] * np.linspace(0.3, 1, h)[:, None, None] * rng.uniform(0.3, 1, 3)
-        quality = i / (n - 1)
-        img = np.clip(ramp + rng.normal(0, 0.4 * (1 - quality), (h, w, 3)), 0, 1)
-        Image.fromarray((img * 255).astype(np.uint8)).save(folder / "img" / f"{i:03d}.png")
-        rows.append((f"{i:03d}.png", f"{lo + quality * (hi - lo):.4f}"))
-    with open(folder / "meta.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "mos"])
-        writer.writerows(rows)
-    save_splits(make_splits(n, seed=seed), folder / "split.pkl")
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Two datasets with different MOS scales and scenes, and a base option file for the tiny model."""
     root = tmp_path_factory.mktemp("trainer")
-    _write_dataset(root / "data", "alpha", 20, 0, 100, seed=1, size=(72, 96))
-    _write_dataset(root / "data", "beta", 15, 1, 5, seed=2, size=(96, 64))
+    write_noise_dataset(root / "data", "alpha", 20, 0, 100, seed=1, size=(72, 96))
+    write_noise_dataset(root / "data", "beta", 15, 1, 5, seed=2, size=(96, 64))
     options = {
         "name": "tiny", "output_dir": str(root / "runs"), "epochs": 2, "batch_size": BATCH, "workers": 0,
         "device": "cpu", "model": {"name": "gamma_test_sdp"}, "optim": {"lr": 1e-3},
@@ -142,22 +120,10 @@ def test_best_is_chosen_by_mean_srcc_not_one_dataset():
 
 
 # ----------------------------------------------------------------------------------------------------- resume
-def _interrupt_at(monkeypatch, step: int) -> None:
-    """Deliver a real SIGINT while step ``step`` is being logged (the trainer stops after the next step)."""
-    write = loop.MetricsLog.write
-
-    def wrapped(self, record):
-        write(self, record)
-        if record["kind"] == "train" and record["step"] == step:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(loop.MetricsLog, "write", wrapped)
-
-
 @pytest.mark.slow
 def test_resume_from_epoch_boundary_is_exact(workspace, reference, monkeypatch):
     with monkeypatch.context() as m:
-        _interrupt_at(m, 6)  # stops after step 7 = the end of epoch 1
+        interrupt_at(m, 6)  # stops after step 7 = the end of epoch 1
         with pytest.raises(loop.TrainingInterrupted, match="resumable checkpoint"):
             run(workspace, "name=resume_epoch")
     out = folder(workspace, "resume_epoch")
@@ -189,7 +155,7 @@ def test_resume_mid_epoch_with_workers_is_exact(workspace, reference, monkeypatc
         return path
 
     with monkeypatch.context() as m:
-        _interrupt_at(m, 9)  # stops after step 10: 3 steps into epoch 2
+        interrupt_at(m, 9)  # stops after step 10: 3 steps into epoch 2
         m.setattr(loop, "save_state", snapshot)
         with pytest.raises(loop.TrainingInterrupted):
             run(workspace, "name=resume_mid", "workers=1", "checkpoint.every_steps=4")
@@ -215,50 +181,12 @@ def test_gradient_accumulation_matches_one_big_batch(workspace, reference):
 
 
 # -------------------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_rank(rank: int, world: int, ports: list[int], argvs: list[list[str]]) -> None:
-    """One process of a CPU process group, as torchrun would start it: each argv is one main() call."""
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": str(world), "RANK": str(rank),
-                           "LOCAL_RANK": str(rank)})
-        for port, argv in zip(ports, argvs, strict=True):
-            os.environ["MASTER_PORT"] = str(port)
-            main(argv)
-    except BaseException:  # noqa: BLE001 - reported through the exit code and stderr
-        import traceback
-
-        traceback.print_exc()
-        code = 1
-    finally:
-        os._exit(code)
-
-
-def _launch(world: int, argvs: list[list[str]]) -> None:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork")  # torch is already imported here: children start at once
-    ports = [_free_port() for _ in argvs]
-    procs = [ctx.Process(target=_ddp_rank, args=(r, world, ports, argvs)) for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-    assert [p.exitcode for p in procs] == [0] * world
-
-
 @pytest.mark.slow
 def test_two_process_gloo_ddp_matches_one_process(workspace, reference):
     """2 CPU processes (gloo): training sees the same global batches, so the same losses and metrics; evaluation
     alone gives each image the 1-process score (scores are gathered by index), so the same metrics."""
     base = ["-opt", str(workspace / "base.yml")]
-    _launch(2, [[*base, "name=ddp"], [*base, "name=ddp_eval", "eval_only=true", "eval.batch_size=3"]])
+    launch_ddp(2, [[*base, "name=ddp"], [*base, "name=ddp_eval", "eval_only=true", "eval.batch_size=3"]])
     got = json.loads((folder(workspace, "ddp") / "results.json").read_text())
     np.testing.assert_allclose(got["step_losses"], reference["step_losses"], rtol=1e-4, atol=1e-6)
     for h_ddp, h_one in zip(got["history"], reference["history"], strict=True):

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import perturb_moae
+from helpers import perturb_moae, write_noise_dataset
 from PIL import Image, ImageFile
 
 import gamma
-from gamma.data import DatasetEntry, build_dataset, make_splits, read_meta, save_splits
+from gamma.data import DatasetEntry, build_dataset, read_meta
 from gamma.io import ImageDecodeError, load_image, load_image_release
 from gamma.train.config import ConfigError, load_config
 from gamma.train.evaluate import median_table, table_csv, table_markdown
@@ -30,26 +30,6 @@ from gamma.weights import save_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _write_dataset(root: Path, name: str, n: int, lo: float, hi: float, seed: int, size: tuple[int, int]) -> None:
-    """n small pictures whose noise level sets the MOS (custom CSV meta, 10-split pickle)."""
-    rng = np.random.default_rng(seed)
-    folder = root / name
-    (folder / "img").mkdir(parents=True)
-    h, w = size
-    rows = []
-    for i in range(n):
-        ramp = np.linspace(0, 1, w)[None, :, None] * np.linspace(0.3, 1, h)[:, None, None] * rng.uniform(0.3, 1, 3)
-        quality = i / (n - 1)
-        img = np.clip(ramp + rng.normal(0, 0.4 * (1 - quality), (h, w, 3)), 0, 1)
-        Image.fromarray((img * 255).astype(np.uint8)).save(folder / "img" / f"{i:03d}.png")
-        rows.append((f"{i:03d}.png", f"{lo + quality * (hi - lo):.4f}"))
-    with open(folder / "meta.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["image", "mos"])
-        writer.writerows(rows)
-    save_splits(make_splits(n, seed=seed), folder / "split.pkl")
-
-
 def _entry(name: str, folder: str, lo: float, hi: float, **more) -> dict:
     return {"name": name, "root": f"{folder}/img", "meta_file": f"{folder}/meta.csv",
             "split_file": f"{folder}/split.pkl", "mos_range": [lo, hi], **more}
@@ -59,8 +39,8 @@ def _entry(name: str, folder: str, lo: float, hi: float, **more) -> dict:
 def workspace(tmp_path_factory) -> Path:
     """Two datasets (60 pictures on 0-100, 30 on 1-5 of another scene) and a base option file for the tiny model."""
     root = tmp_path_factory.mktemp("protocols")
-    _write_dataset(root / "data", "alpha", 60, 0, 100, seed=3, size=(40, 48))
-    _write_dataset(root / "data", "beta", 30, 1, 5, seed=4, size=(48, 40))
+    write_noise_dataset(root / "data", "alpha", 60, 0, 100, seed=3, size=(40, 48))
+    write_noise_dataset(root / "data", "beta", 30, 1, 5, seed=4, size=(48, 40))
     options = {
         "name": "tiny", "output_dir": str(root / "runs"), "epochs": 2, "batch_size": 8, "workers": 0,
         "device": "cpu", "model": {"name": "gamma_test_sdp"}, "optim": {"lr": 3e-3, "scheduler": "constant"},

@@ -10,7 +10,7 @@ choices the paper leaves open are listed, with reasons, in docs/attiqa.md.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from ..config import AttiqaConfig
 from ..prompts import ATTRIBUTES
 from .crops import CropProtocol, prepare, unique_crops
+from .trainable import TrainableModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,7 +42,7 @@ class AttributeHead(nn.Module):
         return h, self.out(h).squeeze(-1)
 
 
-class AttiqaModel(nn.Module):
+class AttiqaModel(TrainableModule):
     """ATTIQA student.
 
     Call it with RGB images in [0, 1] (B, 3, H, W). In training mode it returns what the stage trains, per input crop:
@@ -94,15 +95,6 @@ class AttiqaModel(nn.Module):
         else:
             for head in self.heads.values():
                 head.out.requires_grad_(False)
-
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_trainable_parameters()]
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load ImageNet weights of a torchvision ResNet of the same depth into the backbone, strictly.

@@ -37,6 +37,7 @@ from .clip import (
 from .crops import CropProtocol, prepare, unique_crops
 from .moae import MoAE
 from .precision import check_precision, resolve_precision
+from .trainable import TrainableModule
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class Assessment:
         return {f"p_{level}": self.distribution[:, k] for k, level in enumerate(LEVELS)}
 
 
-class GammaModel(nn.Module):
+class GammaModel(TrainableModule):
     """Gamma image assessor.
 
     Call it with RGB images in [0, 1] of shape (B, 3, H, W); it returns one score per image (B,) on the normalised MOS
@@ -168,15 +169,6 @@ class GammaModel(nn.Module):
                    "create or load it again without precision= (use the trainer's amp= for mixed precision)")
             )
         return super().train(mode)
-
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for _, p in self.named_trainable_parameters()]
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     # ---------------------------------------------------------------------------------------------- precision
     @property

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PromptIQAConfig
+from .trainable import TrainableModule
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ class MAL(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- the prompt path
-class PromptedIQA(nn.Module):
+class PromptedIQA(TrainableModule):
     """What PromptIQA does with visual features, whatever produces them: the prompt encoder, the ISPP fusion, the
     image-prompt fusion and the regression head, with the scoring API built on them.
 
@@ -352,13 +353,6 @@ class PromptedIQA(nn.Module):
         features = self.image_features(self.preprocess(images))  # (b, dim)
         isp = self.isp_features(features, scores_t.to(features.device))  # (b, dim)
         return self.fuse(features, isp[leave_one_out_index(b, isp.device)])  # prompts (b, b-1, dim)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters an optimiser updates (every one for PromptIQA, which freezes nothing)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
 # -------------------------------------------------------------------------------------------------- the model

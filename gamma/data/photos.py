@@ -1,24 +1,26 @@
 """Real photographs, distorted at known strengths, from the pictures that ship with scikit-image (nothing downloaded).
 
 :func:`distorted_photos` builds the set on which reduced-precision scores are compared with fp32 ones (tests and
-``scripts/bench.py --precision``): crops of a dozen photographs, each blurred, noised, JPEG-compressed or dimmed at one
-of several strengths, so that the scores spread the way quality does.
+``scripts/bench.py --precision``): crops of a dozen photographs, each blurred, noised, JPEG-compressed or lowered in
+contrast at one of several strengths (the distortions of the synthetic datasets, :func:`gamma.data.synthetic.distort`),
+so that the scores spread the way quality does.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance, ImageFilter
+from PIL import Image
+
+from .synthetic import distort
 
 # Colour photographs, then grayscale ones (expanded to RGB), all bundled with scikit-image.
 COLOUR_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                  "stereo_motorcycle")
 GRAY_PHOTOS = ("camera", "moon", "clock", "coins", "grass", "gravel", "brick")
-DISTORTIONS = ("blur", "noise", "jpeg", "dim")
+DISTORTIONS = ("blur", "noise", "jpeg", "contrast")  # of gamma.data.synthetic.distort
 STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)  # 0 = the undistorted crop
 
 
@@ -51,26 +53,6 @@ def photographs() -> dict[str, np.ndarray]:
             img = np.repeat(img[..., None], 3, axis=-1)
         out[name] = np.ascontiguousarray(img[..., :3])
     return out
-
-
-def distort(img: Image.Image, kind: str, strength: float, rng: np.random.Generator) -> Image.Image:
-    """``img`` with one distortion of ``kind`` (:data:`DISTORTIONS`) at ``strength`` in [0, 1] (0: unchanged)."""
-    if strength <= 0:
-        return img
-    if kind == "blur":
-        return img.filter(ImageFilter.GaussianBlur(radius=0.3 + 3.7 * strength))
-    if kind == "noise":
-        arr = np.asarray(img, dtype=np.float32) / 255
-        arr = arr + rng.normal(0, 0.01 + 0.19 * strength, arr.shape).astype(np.float32)
-        return Image.fromarray((np.clip(arr, 0, 1) * 255).round().astype(np.uint8))
-    if kind == "jpeg":
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=max(2, round(90 - 88 * strength)))
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    if kind == "dim":
-        return ImageEnhance.Contrast(ImageEnhance.Brightness(img).enhance(1 - 0.7 * strength)).enhance(
-            1 - 0.6 * strength)
-    raise ValueError(f"unknown distortion {kind!r}; choose one of {', '.join(DISTORTIONS)}")
 
 
 def distorted_photos(count: int = 64, size: int | tuple[int, int] = 224,

@@ -48,11 +48,11 @@ from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
 from ..hub import resolve_weights
 from ..weights import load_into
-from .checkpoint import LAST, RunLock, load_training_state, save_best, save_training_state, set_rng_state, write_json
-from .config import ConfigError, TrainConfig, config_to_dict, save_config
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers, broadcast_object
+from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
+from .config import ConfigError, TrainConfig, config_to_dict
+from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
 from .evaluate import METRICS, autocast, evaluate, headline_prompt_set, median_table, write_table
-from .run_folder import MetricsLog, attach_file_log, detach_file_log, flatten, prepare_folder, run_dir_of
+from .run_folder import MetricsLog, flatten, open_run
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
 from .selection import best_per_dataset, block, carve_holdout, selection_view
 
@@ -552,27 +552,7 @@ def _finish_epoch_eval(run: Run, epoch: int) -> None:
 def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False, objective: Objective | None = None) -> dict[str, Any]:
     """Run one training (one split): returns its results (also written to ``results.json``). ``objective``
     replaces Gamma's data, loss and evaluation (:class:`Objective`)."""
-    run_dir = run_dir_of(cfg)
-    lock = RunLock(run_dir) if dist.is_main else None
-    error: BaseException | None = None
-    if lock is not None:
-        try:
-            lock.acquire()
-            prepare_folder(cfg, run_dir, resume)
-        except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
-            error = exc
-    error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
-    if error is not None:
-        lock.release()
-        raise error
-    if error_text is not None:
-        raise RuntimeError(f"rank 0 failed to set up {run_dir}: {error_text}")
-    handler = attach_file_log(run_dir) if dist.is_main else None
-    log = None
-    try:
-        if dist.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            log = MetricsLog(run_dir, cfg.log.tensorboard)
+    with open_run(cfg, dist, resume) as (run_dir, log):
         run = prepare(cfg, dist, run_dir, log, objective)
         if resume and (run_dir / LAST).exists():
             restore(run, run_dir / LAST)
@@ -596,13 +576,6 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False, objective: Obj
                 write_table(median_table([results]), run_dir, cfg.name)
             _log_summary(results)
         return results
-    finally:
-        if log is not None:
-            log.close()
-        if handler is not None:
-            detach_file_log(handler)
-        if lock is not None:
-            lock.release()
 
 
 def _results(run: Run, seconds: float) -> dict[str, Any]:

@@ -68,8 +68,8 @@ from ..hub import WeightsNotFoundError, resolve_weights
 from ..io import load_promptiqa_image
 from ..metrics import evaluate_scores
 from ..weights import load_into
-from .checkpoint import LAST, RunLock, load_training_state, save_best, save_training_state, set_rng_state, write_json
-from .config import ConfigError, TrainConfig, config_to_dict, resolve_entries, save_config
+from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
+from .config import ConfigError, TrainConfig, config_to_dict
 from .distributed import (
     DistInfo,
     all_gather_objects,
@@ -82,7 +82,7 @@ from .distributed import (
 )
 from .evaluate import METRICS, mean_metrics, median_table, predict, write_table
 from .loop import NonFiniteLossError
-from .run_folder import MetricsLog, attach_file_log, detach_file_log, prepare_folder, run_dir_of
+from .run_folder import MetricsLog, finished_results, open_run, split_config
 from .sampling import SeededView, Slot
 from .selection import best_per_dataset, block, carve_holdout, selection_view
 
@@ -774,27 +774,7 @@ def compared_rows(cfg: TrainConfig) -> dict[str, dict[str, dict[str, Any]]]:
 def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
     """Train (or with ``eval_only`` evaluate) one split; returns the results (also in ``results.json``)."""
     check_config(cfg)
-    run_dir = run_dir_of(cfg)
-    lock = RunLock(run_dir) if dist.is_main else None
-    error = None
-    if lock is not None:
-        try:
-            lock.acquire()
-            prepare_folder(cfg, run_dir, resume)
-        except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
-            error = exc
-    text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
-    if error is not None:
-        lock.release()
-        raise error
-    if text is not None:
-        raise RuntimeError(f"rank 0 failed to set up {run_dir}: {text}")
-    handler = attach_file_log(run_dir) if dist.is_main else None
-    log = None
-    try:
-        if dist.is_main:
-            save_config(cfg, run_dir / "config.yaml")
-            log = MetricsLog(run_dir, cfg.log.tensorboard)
+    with open_run(cfg, dist, resume) as (run_dir, log):
         run = prepare(cfg, dist, run_dir, log)
         if resume and not cfg.eval_only and (run_dir / LAST).exists():
             restore(run, run_dir / LAST)
@@ -818,13 +798,6 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, A
                 for line in md.strip().splitlines():
                     logger.info("%s", line)
         return results
-    finally:
-        if log is not None:
-            log.close()
-        if handler is not None:
-            detach_file_log(handler)
-        if lock is not None:
-            lock.release()
 
 
 def fit(run: Run) -> None:
@@ -904,19 +877,11 @@ def run(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dic
             return train(cfg, dist, resume=resume)
         results = []
         for k in cfg.splits:
-            cfg_k = copy.deepcopy(cfg)
-            cfg_k.split_index = k
-            cfg_k = resolve_entries(cfg_k)
-            done = run_dir_of(cfg_k) / "results.json"
-            if resume and done.is_file():
-                try:
-                    previous = json.loads(done.read_text(encoding="utf-8"))
-                except (OSError, ValueError):
-                    previous = {}
-                if previous.get("finished"):
-                    logger.info("split %d: finished earlier (%s), not run again", k, done)
-                    results.append(previous)
-                    continue
+            cfg_k = split_config(cfg, k)
+            previous = finished_results(cfg_k) if resume else None
+            if previous is not None:
+                results.append(previous)
+                continue
             results.append(train(cfg_k, dist, resume=resume))
         out: dict[str, Any] = {"splits": results, "table": median_table(results)}
         if dist.is_main:

@@ -6,17 +6,21 @@ Checkpoints and the folder's lock are in :mod:`gamma.train.checkpoint`.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
 import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from .._files import atomic_write
-from .checkpoint import LAST, json_safe
-from .config import ConfigError, TrainConfig
+from .checkpoint import LAST, RunLock, json_safe
+from .config import ConfigError, TrainConfig, resolve_entries, save_config
+from .distributed import DistInfo, broadcast_object
 
 try:  # optional: metrics also go to TensorBoard when it is installed
     from torch.utils.tensorboard import SummaryWriter
@@ -31,6 +35,30 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 def run_dir_of(cfg: TrainConfig) -> Path:
     """``<output_dir>/<name>/split_<k>``."""
     return Path(cfg.output_dir) / cfg.name / f"split_{cfg.split_index}"
+
+
+def split_config(cfg: TrainConfig, split_index: int) -> TrainConfig:
+    """A copy of ``cfg`` for split ``split_index`` of a run over all splits (its dataset entries resolved)."""
+    cfg_k = copy.deepcopy(cfg)
+    cfg_k.split_index = split_index
+    return resolve_entries(cfg_k)
+
+
+def finished_results(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The results of the run of ``cfg`` when its ``results.json`` says it finished (a resumed run over all splits
+    does not run it again), else None; a damaged file is logged and counts as unfinished."""
+    done = run_dir_of(cfg) / "results.json"
+    if not done.is_file():
+        return None
+    try:
+        previous = json.loads(done.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # damaged: the split's checkpoint decides what is left to do
+        logger.warning("%s is unreadable (%s); resuming split %d from its checkpoint", done, exc, cfg.split_index)
+        return None
+    if not previous.get("finished"):
+        return None
+    logger.info("split %d: finished earlier (%s), not run again", cfg.split_index, done)
+    return previous
 
 
 def prepare_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
@@ -49,6 +77,46 @@ def prepare_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
         for stale in ("metrics.jsonl", "metrics.csv", "results.json", LAST, "best.pth", "best.safetensors", "table.md",
                       "table.csv", "table.json"):
             (run_dir / stale).unlink(missing_ok=True)
+
+
+@contextmanager
+def open_run(cfg: TrainConfig, dist: DistInfo, resume: bool) -> Iterator[tuple[Path, MetricsLog | None]]:
+    """The run folder of ``cfg``, held for one run: yields ``(run_dir, log)`` (``log`` on rank 0 only).
+
+    Rank 0 takes the folder's lock, makes the folder ready (:func:`prepare_folder`), copies the log into
+    ``train.log`` and writes ``config.yaml``; a failure there reaches every rank (the others raise a RuntimeError
+    naming it) before anyone blocks. On leaving, the metrics log is closed, ``train.log`` detached and the lock
+    released.
+    """
+    run_dir = run_dir_of(cfg)
+    lock = RunLock(run_dir) if dist.is_main else None
+    error: BaseException | None = None
+    if lock is not None:
+        try:
+            lock.acquire()
+            prepare_folder(cfg, run_dir, resume)
+        except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
+            error = exc
+    error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
+    if error is not None:
+        lock.release()
+        raise error
+    if error_text is not None:
+        raise RuntimeError(f"rank 0 failed to set up {run_dir}: {error_text}")
+    handler = attach_file_log(run_dir) if dist.is_main else None
+    log = None
+    try:
+        if dist.is_main:
+            save_config(cfg, run_dir / "config.yaml")
+            log = MetricsLog(run_dir, cfg.log.tensorboard)
+        yield run_dir, log
+    finally:
+        if log is not None:
+            log.close()
+        if handler is not None:
+            detach_file_log(handler)
+        if lock is not None:
+            lock.release()
 
 
 def attach_file_log(run_dir: Path) -> logging.Handler:

@@ -23,7 +23,6 @@ side by side in the first stage's run folder (``summary.md`` / ``summary.json``)
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import shlex
@@ -36,12 +35,12 @@ from typing import Any
 from .._files import atomic_write
 from . import attiqa, pretrain
 from .checkpoint import write_json
-from .config import TrainConfig, config_to_dict, load_config, resolve_entries
+from .config import TrainConfig, config_to_dict, load_config
 from .distributed import DistInfo, cleanup, setup
 from .evaluate import median_table, write_table
 from .loop import train
 from .promptiqa import run as train_promptiqa
-from .run_folder import run_dir_of
+from .run_folder import finished_results, run_dir_of, split_config
 
 logger = logging.getLogger(__name__)
 
@@ -167,20 +166,11 @@ def run_all_splits(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> di
     """
     results = []
     for k in cfg.splits:
-        cfg_k = copy.deepcopy(cfg)
-        cfg_k.split_index = k
-        cfg_k = resolve_entries(cfg_k)
-        done = run_dir_of(cfg_k) / "results.json"
-        if resume and done.is_file():
-            try:
-                previous = json.loads(done.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:  # damaged: the split's checkpoint decides what is left to do
-                logger.warning("%s is unreadable (%s); resuming split %d from its checkpoint", done, exc, k)
-                previous = {}
-            if previous.get("finished"):
-                logger.info("split %d: finished earlier (%s), not run again", k, done)
-                results.append(previous)
-                continue
+        cfg_k = split_config(cfg, k)
+        previous = finished_results(cfg_k) if resume else None
+        if previous is not None:
+            results.append(previous)
+            continue
         logger.info("split %d of %s", k, cfg.splits)
         results.append(train(cfg_k, dist, resume=resume and (run_dir_of(cfg_k) / "last.pth").exists()))
     out: dict[str, Any] = {"splits": results}

@@ -162,7 +162,7 @@ def test_imagenet_backbone_file_loads_strictly(tmp_path):
 def test_variants_are_listed_per_family():
     assert gamma.list_models("attiqa") == ["attiqa_resnet50", "attiqa_test"]
     assert not set(gamma.list_models()) & set(gamma.list_models("attiqa"))  # scorer/CLI/trainer take Gamma variants
-    families = ("gamma", "attiqa", "promptiqa")
+    families = ("gamma", "attiqa", "promptiqa", "gamma_isp")
     assert set(gamma.list_models("all")) == {name for family in families for name in gamma.list_models(family)}
     with pytest.raises(ValueError, match="unknown model family"):
         gamma.list_models("vgg")

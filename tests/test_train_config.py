@@ -148,6 +148,7 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 def test_shipped_options_all_load_without_absolute_paths(monkeypatch):
     monkeypatch.setenv("GAMMA_DATA_ROOT", "/datasets")
+    monkeypatch.setenv("PROMPTIQA_WEIGHTS", "experiments/promptiqa_paper_12/split_1/best.pth")  # Table 3/4 evaluations
     files = sorted(p for p in OPTIONS.rglob("*.yml") if not p.name.startswith("demo"))
     assert len(files) >= 40
     for f in files:
@@ -156,8 +157,10 @@ def test_shipped_options_all_load_without_absolute_paths(monkeypatch):
             value = line.split(":", 1)[-1].strip()
             assert not value.startswith("/"), f"{f}: absolute path in {line!r}"
         cfg = load_config(f)
-        # (ATTIQA pretraining may read unlabelled folders instead; a shared base file has no data of its own)
-        assert isinstance(cfg, TrainConfig) and (cfg.data or cfg.attiqa.folders or f.stem.endswith("base")), f
+        # (ATTIQA pretraining may read unlabelled folders instead; a shared base file has no data of its own, or only
+        # evaluation sets)
+        assert isinstance(cfg, TrainConfig), f
+        assert cfg.data or cfg.attiqa.folders or cfg.eval_data or f.stem.endswith("base"), f
     unified = load_config(OPTIONS / "unified.yml")
     assert len(unified.data) == 12 and unified.data_root == "/datasets" and unified.model.pretrained == "uniqa"
     assert load_config(OPTIONS / "unified_sdp.yml").model.overrides == {"prompt_set": "sdp"}

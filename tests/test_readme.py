@@ -129,6 +129,11 @@ def captured():
     root = logging.getLogger()
     saved, level = root.handlers[:], root.level
     root.handlers = []  # logging.lastResort / the CLI's basicConfig then write to the redirected stderr
+    # as in a fresh interpreter: gamma's loggers inherit the root's level (an earlier test may have set their own)
+    ours = {name: logging.getLogger(name).level for name in logging.root.manager.loggerDict
+            if name == "gamma" or name.startswith("gamma.")}
+    for name in ours:
+        logging.getLogger(name).setLevel(logging.NOTSET)
     try:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             yield buf
@@ -137,6 +142,8 @@ def captured():
             if handler not in saved:
                 handler.close()
         root.handlers, root.level = saved, level
+        for name, lvl in ours.items():
+            logging.getLogger(name).setLevel(lvl)
 
 
 def run_example(example: Example, workdir: Path) -> str:

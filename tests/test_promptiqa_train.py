@@ -336,6 +336,25 @@ def test_eval_only_gamma_with_a_fitted_mapping(workspace, gamma_file, mapping, l
                                                                             rel=1e-12)
 
 
+def test_a_constant_prompt_gives_no_map_and_the_run_finishes(workspace, gamma_file, caplog):
+    """ISP scores that are all equal (a requirement no picture fails) have no scale to map onto: each map gives every
+    image the prompt's mean (SRCC undefined, '-' in the table) with a warning, and the run goes on."""
+    flat = "promptiqa.requirements=[{name: req_flat, source: synth_natural, weights: {blur: 0.0}}]"
+    r = run_stage(workspace, "gmap_flat", "eval_only=true", "model.name=null", f"model.pretrained={gamma_file}",
+                  "promptiqa.mapping=fit_all", "promptiqa.baselines=true", f"promptiqa.gamma={gamma_file}", flat)
+    rows = r["final"]["adaptation"]
+    for label in (stage.GAMMA_MAPPED, stage.GAMMA_MAPPED_ALL, f"{stage.GAMMA_MAPPED_ALL} (gmap_flat)"):
+        assert np.isnan(rows[label]["isps"]["req_flat"]["srcc"])
+        assert np.isfinite(rows[label]["isps"]["synth_natural"]["srcc"])
+    with open(Path(r["run_dir"]) / "predictions_final" / "req_flat.csv") as fh:
+        assert {float(row["pred"]) for row in csv.DictReader(fh)} == {1.0}
+    assert "every image gets the ISP scores' mean" in caplog.text
+    table = (Path(r["run_dir"]) / "adaptation.md").read_text().splitlines()
+    assert table[4] == "| method | synth_natural | synth_underwater | synth_aigc | req_flat |"
+    mapped = [line for line in table if line.startswith(f"| {stage.GAMMA_MAPPED}")]
+    assert len(mapped) == 6 and all(line.endswith(" | - |") for line in mapped)
+
+
 def test_assessed_outputs_stack_gammas_outputs_for_predict(workspace, gamma_file):
     """predict() over AssessedOutputs gives (N, 11) rows in ADAPT_OUTPUTS['all'] order with the test-time crop
     protocol; its score column is predict()'s scores of the model itself, bit for bit (the same computation)."""

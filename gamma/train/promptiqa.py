@@ -621,9 +621,9 @@ class Evaluator:
         except adapt.NotEnoughPairsError:
             raise  # (check_config refuses too few ISPs before anything runs)
         except ValueError as exc:  # constant ISP scores or outputs: no map, no ranking (nan SRCC, '-' in the table)
-            logger.warning("%s, ISP draw %d: no %s map of Gamma's %s fits the ISPs (%s); its scores are NaN",
-                           s.name, draw, method, outputs, exc)
-            return np.full(len(s.test), np.nan)
+            logger.warning("%s, ISP draw %d: no %s map of Gamma's %s fits the ISPs (%s); every image gets the ISP "
+                           "scores' mean", s.name, draw, method, outputs, exc)
+            return np.full(len(s.test), float(isp_scores.mean()))
         return fitted.predict(test_x)
 
     def gamma_scores(self, model: GammaModel, ds: Dataset, name: str, part: str) -> np.ndarray:

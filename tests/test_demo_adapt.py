@@ -44,7 +44,7 @@ def test_adaptation_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert set(result["stages"]) == {"demo_adapt_gamma", "demo_adapt_promptiqa", "demo_adapt_isp"}
     isp = result["stages"]["demo_adapt_isp"]
     rows = isp["final"]["adaptation"]
-    assert set(rows) == {"Gamma + ISP (demo_adapt_isp)", stage.GAMMA_AS_IS, stage.GAMMA_MAPPED}
+    assert set(rows) == {"Gamma + ISP (demo_adapt_isp)", stage.GAMMA_AS_IS, stage.GAMMA_MAPPED, stage.GAMMA_MAPPED_ALL}
     sets = {"synth_natural", "synth_underwater", "synth_aigc", "req_inverted", "req_only_blur", "req_noise_ok"}
     for row in rows.values():
         assert set(row["isps"]) == set(row["inverted_isps"]) == sets
@@ -54,5 +54,5 @@ def test_adaptation_demo_runs_end_to_end(tmp_path, monkeypatch):
     assert as_is["req_inverted"]["srcc"] == pytest.approx(-as_is["synth_natural"]["srcc"], abs=1e-3)
     table = (Path(isp["run_dir"]) / "adaptation.md").read_text()
     for label in ("PromptIQA (demo_adapt_promptiqa)", "Gamma + ISP (demo_adapt_isp)", stage.GAMMA_AS_IS,
-                  stage.GAMMA_MAPPED):
+                  stage.GAMMA_MAPPED, stage.GAMMA_MAPPED_ALL):
         assert table.count(f"| {label} |") == 2

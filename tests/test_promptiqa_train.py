@@ -18,14 +18,17 @@ import yaml
 from helpers import assert_close, launch_ddp
 
 import gamma
+from gamma.adapt import MIN_PAIRS
 from gamma.archs.promptiqa import PromptedIQA
 from gamma.data import build_dataset
 from gamma.data.promptiqa import draw_label_augment, interval_positions, sample_ispp
 from gamma.data.requirements import RequirementCfg, distortions_of, requirement_labels, write_requirement
 from gamma.data.synthetic import generate
 from gamma.factory import list_models, load_vit_weights
+from gamma.scorer import ADAPT_OUTPUTS
 from gamma.train import promptiqa as stage
 from gamma.train.config import ConfigError, load_config
+from gamma.train.evaluate import predict
 from gamma.train.main import main
 from gamma.weights import CheckpointError, read_checkpoint, save_checkpoint
 
@@ -246,6 +249,19 @@ def test_stage_refuses_bad_settings(workspace):
         run_stage(workspace, "bad", "model.name=gamma_isp_test")
 
 
+@pytest.mark.parametrize("setting", [["promptiqa.mapping=fit"], ["promptiqa.mapping=fit_all"],
+                                     ["promptiqa.baselines=true", "promptiqa.gamma=nowhere.pth"]])
+def test_too_few_isps_for_a_mapping_are_refused_before_anything_runs(workspace, setting):
+    """A map fitted on fewer than gamma.adapt.MIN_PAIRS ISPs is refused when the options are checked: no run folder
+    is made, nothing is trained or scored (the Gamma named is not even looked up)."""
+    few = f"promptiqa.isp_count={MIN_PAIRS - 1}"
+    with pytest.raises(ConfigError, match=f"promptiqa.isp_count: .*at least {MIN_PAIRS}.* has {MIN_PAIRS - 1}"):
+        run_stage(workspace, "too_few_isps", few, *setting)
+    assert not (workspace / "exp" / "too_few_isps").exists()
+    stage.check_config(load_config(workspace / "base.yml", [f"promptiqa.isp_count={MIN_PAIRS}", *setting]))
+    stage.check_config(load_config(workspace / "base.yml", [few]))  # PromptIQA alone takes any prompt size
+
+
 # ------------------------------------------------------------------------------------------------ Gamma + ISP
 @pytest.fixture(scope="module")
 def gamma_file(workspace) -> Path:
@@ -272,34 +288,89 @@ def test_gamma_isp_trains_with_the_stage_and_keeps_gamma(workspace, gamma_file):
     r = run_stage(workspace, "isp", "model.name=gamma_isp_test", f"promptiqa.gamma={gamma_file}",
                   "promptiqa.baselines=true", "promptiqa.vflip_p=0", reqs)
     rows = r["final"]["adaptation"]
-    assert set(rows) == {"Gamma + ISP (isp)", stage.GAMMA_AS_IS, stage.GAMMA_MAPPED}
-    # Gamma as it is ignores the prompt: inverting the ISP scores changes nothing; the mapping follows them.
+    baselines = (stage.GAMMA_AS_IS, stage.GAMMA_MAPPED, stage.GAMMA_MAPPED_ALL)
+    assert set(rows) == {"Gamma + ISP (isp)", *baselines}
+    for label in baselines:
+        for variant in stage.PROMPT_VARIANTS:
+            assert set(rows[label][variant]) == {*NAMES, "req_inverted"}
+            for metrics in rows[label][variant].values():
+                assert np.isfinite(metrics["srcc"]) and -1 <= metrics["srcc"] <= 1
+    # Gamma as it is ignores the prompt: inverting the ISP scores changes nothing. Both maps follow the ISP scores:
+    # fitted on 1 - s, they give 1 - (their map of s), so every SRCC changes sign.
     as_is = rows[stage.GAMMA_AS_IS]
-    assert as_is["isps"]["req_inverted"]["srcc"] == as_is["inverted_isps"]["req_inverted"]["srcc"]
+    for name in (*NAMES, "req_inverted"):
+        assert as_is["isps"][name]["srcc"] == as_is["inverted_isps"][name]["srcc"]
+        for label in (stage.GAMMA_MAPPED, stage.GAMMA_MAPPED_ALL):
+            assert rows[label]["inverted_isps"][name]["srcc"] == pytest.approx(-rows[label]["isps"][name]["srcc"],
+                                                                               abs=1e-6)
+    # The monotone map keeps Gamma's order (or reverses it): on the ISP scores as given (increasing) its SRCC is
+    # Gamma's; ridge on all the outputs ranks the images anew.
+    for name in (*NAMES, "req_inverted"):
+        assert abs(rows[stage.GAMMA_MAPPED]["isps"][name]["srcc"]) == pytest.approx(abs(as_is["isps"][name]["srcc"]),
+                                                                                    abs=1e-6)
+    assert any(abs(rows[stage.GAMMA_MAPPED_ALL]["isps"][n]["srcc"] - rows[stage.GAMMA_MAPPED]["isps"][n]["srcc"])
+               > 1e-3 for n in NAMES)
     saved = read_checkpoint(Path(r["run_dir"]) / "last.pth")
     original = read_checkpoint(gamma_file).state_dict
     assert_close({k: saved.state_dict[f"gamma.{k}"] for k in original}, original, rtol=0, atol=0)
     assert r["parameters"]["trainable"] < r["parameters"]["total"]
     table = (Path(r["run_dir"]) / "adaptation.md").read_text()
-    assert table.count(f"| {stage.GAMMA_AS_IS} |") == table.count(f"| {stage.GAMMA_MAPPED} |") == 2
+    for label in baselines:
+        assert table.count(f"| {label} |") == 2
 
 
-def test_eval_only_gamma_with_a_fitted_mapping(workspace, gamma_file):
-    r = run_stage(workspace, "gmap", "eval_only=true", "model.name=null", f"model.pretrained={gamma_file}",
-                  "promptiqa.mapping=fit", "promptiqa.inverted_isps=true")
-    (label,) = r["final"]["adaptation"]
-    assert label == f"{stage.GAMMA_MAPPED} (gmap)"
+@pytest.mark.parametrize("mapping, label", [("fit", stage.GAMMA_MAPPED), ("fit_all", stage.GAMMA_MAPPED_ALL)])
+def test_eval_only_gamma_with_a_fitted_mapping(workspace, gamma_file, mapping, label):
+    """The run's own row with ``promptiqa.mapping`` is the baseline row of the same map for the same Gamma."""
+    r = run_stage(workspace, f"gmap_{mapping}", "eval_only=true", "model.name=null", f"model.pretrained={gamma_file}",
+                  f"promptiqa.mapping={mapping}", "promptiqa.inverted_isps=true", "promptiqa.baselines=true",
+                  f"promptiqa.gamma={gamma_file}")
+    rows = r["final"]["adaptation"]
+    assert set(rows) == {f"{label} (gmap_{mapping})", stage.GAMMA_AS_IS, stage.GAMMA_MAPPED, stage.GAMMA_MAPPED_ALL}
     assert set(r["final"]["datasets"]) == set(NAMES)
+    own = rows[f"{label} (gmap_{mapping})"]
+    for variant in stage.PROMPT_VARIANTS:
+        for name in NAMES:
+            assert own[variant][name]["srcc"] == pytest.approx(rows[label][variant][name]["srcc"], rel=1e-12)
+    assert r["final"]["datasets"]["synth_natural"]["srcc"] == pytest.approx(own["isps"]["synth_natural"]["srcc"],
+                                                                            rel=1e-12)
 
 
-def test_fit_score_mapping_is_monotone_in_the_prompts_direction():
-    x = np.array([0.1, 0.3, 0.35, 0.6, 0.9])
-    up = stage.fit_score_mapping(x, 2 * x + 1)
-    assert_close(up(x), 2 * x + 1, rtol=1e-12, atol=1e-12)
-    assert up(np.array([1.0]))[0] == pytest.approx(3.0)  # continued linearly beyond the ISPs
-    down = stage.fit_score_mapping(x, 1 - x)
-    grid = np.linspace(0, 1, 50)
-    assert np.all(np.diff(down(grid)) <= 0) and np.all(np.diff(up(grid)) >= 0)
+def test_a_constant_prompt_gives_no_map_and_the_run_finishes(workspace, gamma_file, caplog):
+    """ISP scores that are all equal (a requirement no picture fails) have no scale to map onto: each map gives every
+    image the prompt's mean (SRCC undefined, '-' in the table) with a warning, and the run goes on."""
+    flat = "promptiqa.requirements=[{name: req_flat, source: synth_natural, weights: {blur: 0.0}}]"
+    r = run_stage(workspace, "gmap_flat", "eval_only=true", "model.name=null", f"model.pretrained={gamma_file}",
+                  "promptiqa.mapping=fit_all", "promptiqa.baselines=true", f"promptiqa.gamma={gamma_file}", flat)
+    rows = r["final"]["adaptation"]
+    for label in (stage.GAMMA_MAPPED, stage.GAMMA_MAPPED_ALL, f"{stage.GAMMA_MAPPED_ALL} (gmap_flat)"):
+        assert np.isnan(rows[label]["isps"]["req_flat"]["srcc"])
+        assert np.isfinite(rows[label]["isps"]["synth_natural"]["srcc"])
+    with open(Path(r["run_dir"]) / "predictions_final" / "req_flat.csv") as fh:
+        assert {float(row["pred"]) for row in csv.DictReader(fh)} == {1.0}
+    assert "every image gets the ISP scores' mean" in caplog.text
+    table = (Path(r["run_dir"]) / "adaptation.md").read_text().splitlines()
+    assert table[4] == "| method | synth_natural | synth_underwater | synth_aigc | req_flat |"
+    mapped = [line for line in table if line.startswith(f"| {stage.GAMMA_MAPPED}")]
+    assert len(mapped) == 6 and all(line.endswith(" | - |") for line in mapped)
+
+
+def test_assessed_outputs_stack_gammas_outputs_for_predict(workspace, gamma_file):
+    """predict() over AssessedOutputs gives (N, 11) rows in ADAPT_OUTPUTS['all'] order with the test-time crop
+    protocol; its score column is predict()'s scores of the model itself, bit for bit (the same computation)."""
+    model = gamma.create_model(pretrained=gamma_file).eval()
+    model.set_crop_protocol(mode="random", num=3, seed=5)
+    ds = build_dataset(load_config(workspace / "base.yml").data[0], "val")
+    names = ADAPT_OUTPUTS["all"]
+    rows = predict(stage.AssessedOutputs(model, names), ds, torch.device("cpu"), batch_size=5)
+    scores = predict(model, ds, torch.device("cpu"), batch_size=5)
+    assert rows.shape == (len(ds), len(names)) and scores.shape == (len(ds),)
+    assert np.array_equal(rows[:, 0], scores)
+    batch = torch.stack([ds[i]["img"] for i in range(3)])
+    with torch.no_grad():
+        a = model.assess(batch, ds.scenes[:3], attributes=True)
+    expected = torch.stack([a.score, *a.distribution.unbind(-1), *(a.attributes[k] for k in names[6:])], dim=-1)
+    assert_close(rows[:3], expected.double().numpy(), rtol=1e-6, atol=1e-7)
 
 
 # ------------------------------------------------------------------------------------------------ requirements

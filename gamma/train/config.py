@@ -163,13 +163,14 @@ class PromptIQACfg:
     ispp_flip: bool = False  # the official test quirk: ISPP images flipped upside down (p = 0.5) for every test batch
     inverted_isps: bool = False  # also score with every ISP score inverted (1 - s): the adaptation table's second half
     # Models without a prompt input (a Gamma model, eval_only): 'none' scores as they are, 'fit' maps them with a
-    # mapping fit from the model's scores of the ISP images to the ISP scores.
-    mapping: Literal["none", "fit"] = "none"
+    # monotone map fit from the model's scores of the ISP images to the ISP scores (gamma.adapt), 'fit_all' with ridge
+    # regression on all its outputs (score, level probabilities, attribute scores) of the ISP images.
+    mapping: Literal["none", "fit", "fit_all"] = "none"
     # The Gamma that a gamma_isp model puts its prompt path on (when model.overrides has no gamma_weights) and that
     # `baselines` evaluates: a weights file, a known weight name, or the name of a finished run in output_dir (its
     # final weights, same split).
     gamma: str | None = None
-    baselines: bool = False  # also report `gamma` as it is and with the fitted mapping, in the adaptation table
+    baselines: bool = False  # also report `gamma` as it is and with both fitted maps, in the adaptation table
     compare_runs: list[str] = field(default_factory=list)  # finished stage-promptiqa runs (names in output_dir) whose
     #                                                        adaptation rows join this run's table
     requirements: list[RequirementCfg] = field(default_factory=list)  # new requirements, evaluated like eval_data

@@ -53,29 +53,35 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: t
             progress: bool = False, desc: str = "") -> np.ndarray:
     """Scores (N,) of every image of ``dataset`` (items with ``img`` and ``scene``), gathered over processes.
 
+    ``model(images, scene=...)`` returns (B,) scores, or (B, k) rows of k numbers per image (several outputs, e.g.
+    :class:`gamma.train.promptiqa.AssessedOutputs`); the result is then (N, k), its shape taken from the first batch.
     Images of one batch that differ in size are scored in groups of equal size; scores do not depend on grouping.
     """
     info = dist_info or DistInfo(device=device)
     mine = list(range(info.rank, len(dataset), info.world_size))
     loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
                         collate_fn=collate, pin_memory=device.type == "cuda")
-    scores: list[float] = []
+    scores: list[Any] = []  # a float per image, or a list of k floats
     bar = _progress(loader, progress and info.is_main, desc)
     for batch in bar:
         images = batch["img"]
         images = list(images) if isinstance(images, torch.Tensor) else images
         scenes = batch["scene"]
-        out = torch.empty(len(images), dtype=torch.float64)
+        out = None  # (B,) or (B, k), shaped after the first group's output
         for idx in _same_size_groups(images):
             x = torch.stack([images[i] for i in idx]).to(device, non_blocking=True)
             with autocast(device, amp):
                 s = model(x, scene=[scenes[i] for i in idx])
+            if out is None:
+                out = torch.empty((len(images), *s.shape[1:]), dtype=torch.float64)
             out[idx] = s.float().cpu().double()
         scores.extend(out.tolist())
     parts = all_gather_objects(scores, info)
-    full = np.empty(len(dataset), dtype=np.float64)
+    tail = next((np.shape(part[0]) for part in parts if part), ())  # () for scores, (k,) for rows
+    full = np.empty((len(dataset), *tail), dtype=np.float64)
     for rank, part in enumerate(parts):
-        full[rank :: info.world_size] = part
+        if part:  # (a process with no image sent [], which does not broadcast to (0, k))
+            full[rank :: info.world_size] = part
     return full
 
 

@@ -25,12 +25,15 @@ Testing: for each held-out set, the ISPP is drawn from that dataset's *training*
 is scored against it; SRCC / PLCC / KRCC per dataset, final and best evaluations, and the 10-split median table as for
 Gamma (:mod:`gamma.train.selection`, :func:`gamma.train.evaluate.median_table`). ``promptiqa.requirements`` adds new
 requirements (relabelled pictures, :mod:`gamma.data.requirements`) to the held-out sets, and the adaptation table
-(``adaptation.md``) reports them with the ISP scores as given and inverted, next to Gamma as it is and with a mapping
-fit on the ISPs (``promptiqa.baselines``).
+(``adaptation.md``) reports them with the ISP scores as given and inverted, next to Gamma as it is and with a map
+fit on the ISPs by :func:`gamma.adapt.fit` (``promptiqa.baselines``): a monotone map of its score, and ridge
+regression on all its outputs (score, level probabilities, attribute scores: ``ADAPT_OUTPUTS["all"]`` of
+:mod:`gamma.scorer`).
 
 The same stage trains Gamma + ISP (``gamma_isp`` models: PromptIQA's prompt path on frozen Gamma features); those read
 images with the dataset's own transforms (training crops, full test images), as Gamma does. With ``eval_only`` and a
-Gamma model it evaluates that model on the held-out sets, its scores as they are or mapped (``promptiqa.mapping``).
+Gamma model it evaluates that model on the held-out sets, its scores as they are or mapped (``promptiqa.mapping``:
+``fit`` the monotone map of its score, ``fit_all`` ridge on all its outputs).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ import math
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +60,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from .. import adapt
 from .._files import atomic_write
 from ..archs import GammaISP, GammaModel, PromptedIQA, PromptIQA
 from ..data import IQADataset, build_dataset, collate
@@ -67,6 +71,8 @@ from ..factory import create_model, list_models
 from ..hub import WeightsNotFoundError, resolve_weights
 from ..io import load_promptiqa_image
 from ..metrics import evaluate_scores
+from ..prompts import ATTRIBUTES
+from ..scorer import ADAPT_OUTPUTS
 from ..weights import load_into
 from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict
@@ -88,9 +94,13 @@ from .selection import best_per_dataset, block, carve_holdout, selection_view
 
 logger = logging.getLogger(__name__)
 
-#: Row labels of the adaptation table for the Gamma baselines.
+#: Row labels of the adaptation table for the Gamma baselines: its score as it is, mapped onto the ISP scores by a
+#: monotone map of the score, and by ridge regression on all its outputs (``ADAPT_OUTPUTS["all"]``).
 GAMMA_AS_IS = "Gamma as is"
 GAMMA_MAPPED = "Gamma + mapping"
+GAMMA_MAPPED_ALL = "Gamma + mapping (all outputs)"
+#: What each ``promptiqa.mapping`` fits on the ISPs: the Gamma outputs mapped (``ADAPT_OUTPUTS``' key) and the map.
+MAPPINGS: dict[str, tuple[str, str]] = {"fit": ("score", "monotone"), "fit_all": ("all", "ridge")}
 #: The two halves of the adaptation table: the ISP scores as given, and inverted (1 - s).
 PROMPT_VARIANTS: tuple[str, ...] = ("isps", "inverted_isps")
 
@@ -130,6 +140,12 @@ def check_config(cfg: TrainConfig) -> None:
         if req.name in names:
             raise ConfigError(f"promptiqa.requirements.{i}.name: {req.name!r} is already a dataset entry's name")
         names.append(req.name)
+    if (p.mapping != "none" or p.baselines) and isp_count(cfg) < adapt.MIN_PAIRS:
+        keys = " and ".join(k for k, on in (("promptiqa.mapping", p.mapping != "none"),
+                                            ("promptiqa.baselines", p.baselines)) if on)
+        raise ConfigError(f"promptiqa.isp_count: {keys} fit a map on the ISPs, which needs at least "
+                          f"{adapt.MIN_PAIRS} of them (with fewer any map passes through them); the prompt has "
+                          f"{isp_count(cfg)} (promptiqa.isp_count, else promptiqa.chunk - 1)")
     if cfg.amp != "none":
         raise ConfigError("amp: stage promptiqa trains in fp32 (the official recipe has no mixed precision)")
 
@@ -313,7 +329,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
                           f"{type(model).__name__}")
     if isinstance(model, GammaModel) and not cfg.eval_only:
         raise ConfigError("model: a Gamma model has no prompt input; stage promptiqa only evaluates it (eval_only: "
-                          "true, with promptiqa.mapping: fit to map its scores onto the ISPs' scale)")
+                          "true, with promptiqa.mapping: fit or fit_all to map its outputs onto the ISPs' scale)")
     return model
 
 
@@ -545,49 +561,35 @@ def _to(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torc
     return [x.to(device, non_blocking=True) for x in images]
 
 
-def fit_score_mapping(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """A training-free mapping from a model's scores ``x`` of the ISP images to the ISP scores ``y``.
+class AssessedOutputs(nn.Module):
+    """``forward(images, scene)``: the outputs ``names`` of a Gamma model's :meth:`~gamma.archs.GammaModel.assess`,
+    stacked as columns (B, k) in that order (names as in :data:`gamma.scorer.ADAPT_OUTPUTS`: ``score``, ``std``,
+    ``p_<level>``, attribute names), so that :func:`gamma.train.evaluate.predict` scores them with the model's
+    test-time crop protocol."""
 
-    Monotone, its direction the sign of the Spearman correlation between x and y (increasing on a tie), so a DMOS-like
-    prompt flips it: the isotonic regression of y on x (pool adjacent violators), through the centroids of its blocks,
-    continued linearly beyond the outer ones. Images keep their order (reversed when decreasing) except where the
-    isotonic fit pools them.
-    """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    rank_x, rank_y = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
-    direction = -1.0 if np.corrcoef(rank_x, rank_y)[0, 1] < 0 else 1.0
-    u = direction * x
-    order = np.argsort(u, kind="stable")
-    blocks: list[list[float]] = []  # [weight, sum of y, sum of u]
-    for i in order:
-        blocks.append([1.0, y[i], u[i]])
-        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][0] >= blocks[-1][1] / blocks[-1][0]:
-            w, s, t = blocks.pop()
-            blocks[-1][0] += w
-            blocks[-1][1] += s
-            blocks[-1][2] += t
-    kx = np.array([b[2] / b[0] for b in blocks])
-    ky = np.array([b[1] / b[0] for b in blocks])
-    kx, keep = np.unique(kx, return_index=True)
-    ky = ky[keep]
-    slope = (ky[-1] - ky[0]) / (kx[-1] - kx[0]) if len(kx) > 1 and kx[-1] > kx[0] else 0.0
+    def __init__(self, model: GammaModel, names: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, tuple(names)
+        self.attributes = bool(set(self.names) & set(ATTRIBUTES))
 
-    def apply(values: np.ndarray) -> np.ndarray:
-        v = direction * np.asarray(values, dtype=np.float64)
-        out = np.interp(v, kx, ky)
-        out = np.where(v < kx[0], ky[0] + slope * (v - kx[0]), out)
-        return np.where(v > kx[-1], ky[-1] + slope * (v - kx[-1]), out)
-
-    return apply
+    def forward(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
+        a = self.model.assess(images, scene, attributes=self.attributes)
+        columns = {"score": a.score, "std": a.std, **a.level_columns(), **(a.attributes or {})}
+        return torch.stack([columns[name] for name in self.names], dim=-1)  # (B, k)
 
 
 class Evaluator:
     """Scores held-out sets the stage's way for one evaluation: prompted models against ISPPs drawn from each set's
-    training part, Gamma models as they are or mapped (docs/promptiqa.md#the-test-protocol)."""
+    training part, Gamma models as they are or mapped (docs/promptiqa.md#the-test-protocol).
+
+    ``mapping`` is a ``promptiqa.mapping`` value: ``none`` (Gamma's score as it is), ``fit`` (:func:`gamma.adapt.fit`'s
+    monotone map of the score) or ``fit_all`` (its ridge regression on ``ADAPT_OUTPUTS["all"]``), each fitted on the
+    ISPs of the draw and applied to the test images' same outputs; prompted models ignore it.
+    """
 
     def __init__(self, run: Run) -> None:
         self.run, self.cfg, self.dist = run, run.cfg, run.dist
-        self._gamma_cache: dict[tuple[str, str], np.ndarray] = {}
+        self._gamma_cache: dict[tuple[str, str, str], np.ndarray] = {}
 
     def prompt_rows(self, s: EvalSet, draw: int) -> np.ndarray:
         """Positions in ``s.prompt_source`` of the ISPP of draw ``draw``."""
@@ -595,7 +597,7 @@ class Evaluator:
         gen = np.random.default_rng(_mix(p.isp_seed, zlib.crc32(s.name.encode()), draw))
         return sample_ispp(s.prompt_source.labels, isp_count(self.cfg), p.isp_sampling, gen)
 
-    def scores(self, model: nn.Module, s: EvalSet, draw: int, inverted: bool, mapped: bool) -> np.ndarray:
+    def scores(self, model: nn.Module, s: EvalSet, draw: int, inverted: bool, mapping: str = "none") -> np.ndarray:
         """Scores of ``s``'s test images by ``model`` with the ISPP of draw ``draw`` (its scores inverted or not)."""
         rows = self.prompt_rows(s, draw)
         isp_scores = np.asarray(s.prompt_source.labels, dtype=np.float64)[rows]
@@ -607,37 +609,56 @@ class Evaluator:
             test = model_view(model, s.test, self.cfg.promptiqa.decode)
             return score_with_prompt(model, test, images, isp_scores, self.cfg, self.dist,
                                      _mix(self.cfg.promptiqa.isp_seed, zlib.crc32(s.name.encode()), draw))
-        raw = self.gamma_scores(model, s.test, s.name, "test")
-        if not mapped:
-            return raw
-        isp_raw = self.gamma_scores(model, Subset(s.prompt_source, [int(i) for i in rows]), s.name, f"isp{draw}")
-        return fit_score_mapping(isp_raw, isp_scores)(raw)
+        if mapping == "none":
+            return self.gamma_scores(model, s.test, s.name, "test")
+        outputs, method = MAPPINGS[mapping]
+        names = ADAPT_OUTPUTS[outputs]
+        test_x = self.gamma_outputs(model, s.test, s.name, "test", outputs)  # (N,) scores or (N, k) outputs
+        isp_x = self.gamma_outputs(model, Subset(s.prompt_source, [int(i) for i in rows]), s.name, f"isp{draw}",
+                                   outputs)  # (n,) or (n, k)
+        try:
+            fitted = adapt.fit(isp_x, isp_scores, names, method=method)
+        except adapt.NotEnoughPairsError:
+            raise  # (check_config refuses too few ISPs before anything runs)
+        except ValueError as exc:  # constant ISP scores or outputs: no map, no ranking (nan SRCC, '-' in the table)
+            logger.warning("%s, ISP draw %d: no %s map of Gamma's %s fits the ISPs (%s); every image gets the ISP "
+                           "scores' mean", s.name, draw, method, outputs, exc)
+            return np.full(len(s.test), float(isp_scores.mean()))
+        return fitted.predict(test_x)
 
     def gamma_scores(self, model: GammaModel, ds: Dataset, name: str, part: str) -> np.ndarray:
-        """A Gamma model's scores of ``ds`` with the run's test-time crop protocol (``eval.crop_mode`` ...)."""
-        key = (name, part)
+        """A Gamma model's scores (N,) of ``ds`` with the run's test-time crop protocol (``eval.crop_mode`` ...)."""
+        return self.gamma_outputs(model, ds, name, part)
+
+    def gamma_outputs(self, model: GammaModel, ds: Dataset, name: str, part: str, outputs: str = "score"
+                      ) -> np.ndarray:
+        """A Gamma model's ``ADAPT_OUTPUTS[outputs]`` of ``ds`` with the run's test-time crop protocol: its scores
+        (N,) (the model's forward) for ``score``, else (N, k) columns in that order (:meth:`GammaModel.assess`).
+        Cached per (outputs, set, part) for the evaluation."""
+        key = (outputs, name, part)
         if key not in self._gamma_cache:
             e = self.cfg.eval
             model.eval()
             own = copy.copy(model.crop_protocol)  # (a Gamma + ISP model's Gamma keeps its own protocol)
             model.set_crop_protocol(mode=e.crop_mode, num=e.crops, seed=e.crop_seed)
             workers = e.workers if e.workers is not None else self.cfg.workers
+            net = model if outputs == "score" else AssessedOutputs(model, ADAPT_OUTPUTS[outputs])
             try:
-                self._gamma_cache[key] = predict(model, ds, self.dist.device, batch_size=e.batch_size,
+                self._gamma_cache[key] = predict(net, ds, self.dist.device, batch_size=e.batch_size,
                                                  workers=workers, dist_info=self.dist)
             finally:
                 model.crop_protocol = own
         return self._gamma_cache[key]
 
-    def metrics(self, model: nn.Module, s: EvalSet, inverted: bool = False, mapped: bool = False
+    def metrics(self, model: nn.Module, s: EvalSet, inverted: bool = False, mapping: str = "none"
                 ) -> tuple[dict[str, float], np.ndarray]:
         """SRCC / PLCC / KRCC of one set (mean over ``isp_draws`` prompts, with ``<metric>_std`` when several) and the
         first draw's scores."""
         labels = np.asarray(s.test.labels, dtype=np.float64)
         per_draw, first = [], None
-        draws = self.cfg.promptiqa.isp_draws if (isinstance(model, PromptedIQA) or mapped) else 1
+        draws = self.cfg.promptiqa.isp_draws if (isinstance(model, PromptedIQA) or mapping != "none") else 1
         for d in range(draws):
-            scores = self.scores(model, s, d, inverted, mapped)
+            scores = self.scores(model, s, d, inverted, mapping)
             first = scores if first is None else first
             per_draw.append(evaluate_scores(scores, labels))
         out: dict[str, float] = {m: float(np.mean([r[m] for r in per_draw])) for m in METRICS}
@@ -647,11 +668,11 @@ class Evaluator:
             out["draws"] = draws
         return out, first
 
-    def evaluate(self, model: nn.Module, sets: Sequence[EvalSet], inverted: bool = False, mapped: bool = False
+    def evaluate(self, model: nn.Module, sets: Sequence[EvalSet], inverted: bool = False, mapping: str = "none"
                  ) -> dict[str, Any]:
         per, preds = {}, {}
         for s in sets:
-            per[s.name], scores = self.metrics(model, s, inverted, mapped)
+            per[s.name], scores = self.metrics(model, s, inverted, mapping)
             preds[s.name] = scores.tolist()
         return {"datasets": per, "mean": mean_metrics(per), "predictions": preds}
 
@@ -660,23 +681,24 @@ def model_label(cfg: TrainConfig, model: nn.Module) -> str:
     """The run's row in the adaptation table."""
     kind = {PromptIQA: "PromptIQA", GammaISP: "Gamma + ISP"}.get(type(model), "Gamma")
     if isinstance(model, GammaModel):
-        kind = GAMMA_MAPPED if cfg.promptiqa.mapping == "fit" else GAMMA_AS_IS
+        kind = {"fit": GAMMA_MAPPED, "fit_all": GAMMA_MAPPED_ALL}.get(cfg.promptiqa.mapping, GAMMA_AS_IS)
     return f"{kind} ({cfg.name})"
 
 
 def adaptation(run: Run, ev: Evaluator) -> dict[str, dict[str, dict[str, Any]]]:
     """The adaptation table's rows: {method: {isps | inverted_isps: {dataset: metrics}}} for the run's model (and,
-    with ``promptiqa.baselines``, Gamma as it is and mapped)."""
+    with ``promptiqa.baselines``, Gamma as it is, with a monotone map of its score and with ridge on all its outputs,
+    each fitted on the ISPs)."""
     cfg, sets = run.cfg, run.eval_sets
-    mapped = cfg.promptiqa.mapping == "fit"
-    rows = {model_label(cfg, run.model): {v: ev.evaluate(run.model, sets, v == "inverted_isps", mapped)["datasets"]
+    mapping = cfg.promptiqa.mapping
+    rows = {model_label(cfg, run.model): {v: ev.evaluate(run.model, sets, v == "inverted_isps", mapping)["datasets"]
                                           for v in PROMPT_VARIANTS}}
     if cfg.promptiqa.baselines:
         gamma = run.model.gamma if isinstance(run.model, GammaISP) else create_model(pretrained=resolve_gamma(cfg))
         gamma = gamma.to(run.dist.device)
         gev = Evaluator(run)
-        for label, fit in ((GAMMA_AS_IS, False), (GAMMA_MAPPED, True)):
-            rows[label] = {v: gev.evaluate(gamma, sets, v == "inverted_isps", fit)["datasets"] for v in PROMPT_VARIANTS}
+        for label, how in ((GAMMA_AS_IS, "none"), (GAMMA_MAPPED, "fit"), (GAMMA_MAPPED_ALL, "fit_all")):
+            rows[label] = {v: gev.evaluate(gamma, sets, v == "inverted_isps", how)["datasets"] for v in PROMPT_VARIANTS}
     return rows
 
 
@@ -686,15 +708,15 @@ def evaluate_epoch(run: Run, epoch: int, final: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     broadcast_buffers(run.model, run.dist)  # one set of BatchNorm statistics on every process (the saved one)
     ev = Evaluator(run)
-    mapped = cfg.promptiqa.mapping == "fit"
+    mapping = cfg.promptiqa.mapping
     was_training = run.model.training
     try:
-        result = ev.evaluate(run.model, run.eval_sets, mapped=mapped)
+        result = ev.evaluate(run.model, run.eval_sets, mapping=mapping)
         record = {"kind": "eval", "epoch": epoch, "step": prog["global_step"],
                   "train_loss": prog["loss_sum"] / prog["loss_steps"] if prog["loss_steps"] else None,
                   "mean": result["mean"], "datasets": result["datasets"]}
         if run.select_sets:
-            chosen = ev.evaluate(run.model, run.select_sets, mapped=mapped)
+            chosen = ev.evaluate(run.model, run.select_sets, mapping=mapping)
             record["selection"] = {"mean": chosen["mean"], "datasets": chosen["datasets"]}
         if final and (cfg.promptiqa.inverted_isps or cfg.promptiqa.baselines):
             record["adaptation"] = adaptation(run, ev)

@@ -9,6 +9,7 @@ import torch
 import gamma
 from gamma.train.config import load_config
 from gamma.train.main import main
+from gamma.train.stages import follow_up_config
 from gamma.weights import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +59,19 @@ def test_demo_options_resolve():
     cfg = load_config(REPO / "options" / "demo.yml")
     assert cfg.stage == "pretrain_clip" and cfg.pretrain.synthetic.enabled and len(cfg.pretrain.then) == 2
     assert load_config(REPO / "options" / "demo_nomoae.yml").model.overrides["num_experts"] == 0
+
+
+def test_the_run_seed_reaches_every_stage_of_the_chain(monkeypatch, tmp_path):
+    """`seed=N` on the demo's command line seeds the pretraining and both follow-up stages (scripts/demo_spread.py
+    relies on it); an item of `pretrain.then` may still set its own."""
+    monkeypatch.chdir(REPO)  # the chain names its option files from the repository root
+    cfg = load_config(REPO / "options" / "demo.yml", ["seed=7", f"output_dir={tmp_path}"])
+    weights = tmp_path / "clip_pretrained.pth"
+    stages = [follow_up_config(item, cfg, weights) for item in cfg.pretrain.then]
+    assert cfg.seed == 7 and [s.name for s in stages] == ["demo_gamma", "demo_nomoae"]
+    for stage in stages:
+        assert (stage.seed, stage.output_dir, stage.model.pretrained) == (7, str(tmp_path), str(weights))
+    assert follow_up_config("options/demo_nomoae.yml seed=5", cfg, weights).seed == 5
 
 
 @pytest.mark.slow

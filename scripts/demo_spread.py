@@ -72,9 +72,13 @@ COLUMNS = [("gamma", "srcc", "Gamma SRCC"), ("gamma", "plcc", "Gamma PLCC"), ("n
            ("nomoae", "plcc", "no-MoAE PLCC"), ("margin", "srcc", "margin SRCC"), ("margin", "plcc", "margin PLCC")]
 
 
-def build_table(rows: list[dict[str, Any]]) -> str:
+TIE = 0.01  # SRCC margins within +-TIE count as a tie: below what the seed alone moves one stage's figure by
+
+
+def build_table(rows: list[dict[str, Any]], tie: float = TIE) -> str:
     """A markdown table: one line per run (``seed``, ``threads``, ``result`` from :func:`read_result` or None), then
-    the min-max of every column over the finished runs and the number of runs with Gamma ahead on SRCC."""
+    the min-max of every column over the finished runs, and how many runs have Gamma ahead by more than ``tie`` on
+    held-out mean SRCC, how many within ``tie`` and how many behind."""
     head = "| seed | threads | " + " | ".join(c[2] for c in COLUMNS) + " | minutes |"
     lines = [head, "|---" * (len(COLUMNS) + 3) + "|"]
     done = [r for r in rows if r["result"] is not None]
@@ -93,10 +97,12 @@ def build_table(rows: list[dict[str, Any]]) -> str:
             fmt = "{:+.3f}" if part == "margin" else "{:.3f}"
             cells.append(f"{fmt.format(min(values))} to {fmt.format(max(values))}")
         lines.append(f"| min to max | {len(done)} runs | " + " | ".join(cells) + " | |")
-        ahead = sum(r["result"]["margin"]["srcc"] > 0 for r in done)
+        margins = [r["result"]["margin"]["srcc"] for r in done]
+        ahead, behind = sum(m > tie for m in margins), sum(m < -tie for m in margins)
         lines.append("")
-        lines.append(f"Gamma (MoAE) ahead of the baseline without MoAE on held-out mean SRCC in {ahead} of {len(done)} "
-                     "runs.")
+        lines.append(f"Held-out mean SRCC, Gamma (MoAE) against the baseline without MoAE, over {len(done)} runs: "
+                     f"ahead by more than {tie:g} in {ahead}, within +-{tie:g} in {len(done) - ahead - behind}, "
+                     f"behind by more than {tie:g} in {behind}.")
     return "\n".join(lines) + "\n"
 
 

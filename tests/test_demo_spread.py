@@ -71,8 +71,8 @@ def test_missing_or_incomplete_summaries_count_as_not_done(tmp_path):
 
 
 def test_table_has_one_line_per_run_and_the_range(tmp_path):
-    figures = {123: ((0.822, 0.825), (0.721, 0.693)), 1: ((0.806, 0.816), (0.796, 0.758)),
-               2: ((0.790, 0.800), (0.800, 0.790))}
+    figures = {123: ((0.822, 0.825), (0.721, 0.693)), 1: ((0.806, 0.816), (0.800, 0.758)),
+               2: ((0.770, 0.800), (0.800, 0.790))}
     rows = []
     for seed, (g, b) in figures.items():
         fake_run(tmp_path / str(seed), g, b, seconds=60 * seed)
@@ -80,12 +80,16 @@ def test_table_has_one_line_per_run_and_the_range(tmp_path):
     rows.append({"seed": 9, "threads": 1, "result": None})
     lines = spread.build_table(rows).splitlines()
     assert lines[2].startswith("| 123 | 1 | 0.822 | 0.825 | 0.721 | 0.693 | +0.101 | +0.132 | 123.0 |")
-    assert lines[4].startswith("| 2 | 1 | 0.790 | 0.800 | 0.800 | 0.790 | -0.010 | +0.010 |")
+    assert lines[3].startswith("| 1 | 1 | 0.806 | 0.816 | 0.800 | 0.758 | +0.006 | +0.058 | 1.0 |")
+    assert lines[4].startswith("| 2 | 1 | 0.770 | 0.800 | 0.800 | 0.790 | -0.030 | +0.010 |")
     assert lines[5].startswith("| 9 | 1 | not run |")
-    # the range is over the finished runs only; margins from -0.010 (seed 2) to +0.101 (seed 123)
-    assert lines[6] == ("| min to max | 3 runs | 0.790 to 0.822 | 0.800 to 0.825 | 0.721 to 0.800 | 0.693 to 0.790 "
-                        "| -0.010 to +0.101 | +0.010 to +0.132 | |")
-    assert lines[-1].startswith("Gamma (MoAE) ahead of the baseline without MoAE on held-out mean SRCC in 2 of 3 runs")
+    # the range is over the finished runs only; SRCC margins from -0.030 (seed 2) to +0.101 (seed 123)
+    assert lines[6] == ("| min to max | 3 runs | 0.770 to 0.822 | 0.800 to 0.825 | 0.721 to 0.800 | 0.693 to 0.790 "
+                        "| -0.030 to +0.101 | +0.010 to +0.132 | |")
+    assert lines[-1].endswith("over 3 runs: ahead by more than 0.01 in 1, within +-0.01 in 1, behind by more than "
+                              "0.01 in 1.")
+    assert spread.build_table(rows, tie=0.2).splitlines()[-1].endswith("ahead by more than 0.2 in 0, within +-0.2 "
+                                                                       "in 3, behind by more than 0.2 in 0.")
 
 
 def test_finished_runs_are_read_not_run_again(tmp_path, monkeypatch, capsys):
@@ -99,7 +103,7 @@ def test_finished_runs_are_read_not_run_again(tmp_path, monkeypatch, capsys):
     assert "| 123 | 1 | 0.800 | 0.810 | 0.750 | 0.760 | +0.050 | +0.050 |" in capsys.readouterr().out
     saved = json.loads((out / "spread.json").read_text())
     assert [(r["seed"], r["threads"]) for r in saved] == [(123, 1), (1, 1)]
-    assert "2 of 2 runs" in (out / "spread.md").read_text()
+    assert "over 2 runs: ahead by more than 0.01 in 2," in (out / "spread.md").read_text()
 
 
 def test_a_failed_run_is_reported_and_left_out_of_the_range(tmp_path, capsys):

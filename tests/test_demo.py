@@ -1,5 +1,6 @@
 """The offline demo chain (options/demo.yml) at toy size: synthetic data -> CLIP pretraining -> Gamma / no-MoAE."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import gamma
 from gamma.train.config import load_config
 from gamma.train.main import main
+from gamma.train.stages import follow_up_config
 from gamma.weights import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +62,19 @@ def test_demo_options_resolve():
     assert load_config(REPO / "options" / "demo_nomoae.yml").model.overrides["num_experts"] == 0
 
 
+def test_the_run_seed_reaches_every_stage_of_the_chain(monkeypatch, tmp_path):
+    """`seed=N` on the demo's command line seeds the pretraining and both follow-up stages (scripts/demo_spread.py
+    relies on it); an item of `pretrain.then` may still set its own."""
+    monkeypatch.chdir(REPO)  # the chain names its option files from the repository root
+    cfg = load_config(REPO / "options" / "demo.yml", ["seed=7", f"output_dir={tmp_path}"])
+    weights = tmp_path / "clip_pretrained.pth"
+    stages = [follow_up_config(item, cfg, weights) for item in cfg.pretrain.then]
+    assert cfg.seed == 7 and [s.name for s in stages] == ["demo_gamma", "demo_nomoae"]
+    for stage in stages:
+        assert (stage.seed, stage.output_dir, stage.model.pretrained) == (7, str(tmp_path), str(weights))
+    assert follow_up_config("options/demo_nomoae.yml seed=5", cfg, weights).seed == 5
+
+
 @pytest.mark.slow
 def test_backbone_is_a_plain_clip_state_dict(demo):
     _, result = demo
@@ -91,6 +106,14 @@ def test_demo_writes_the_comparison(demo):
     for name, res in result["stages"].items():
         assert res["finished"] and Path(res["run_dir"]).parent.name == name
         assert set(res["best"]["datasets"]) == {"synth_natural", "synth_underwater", "synth_aigc"}
+    # the side-by-side figures: finite correlations for both stages (which one is ahead at this size depends on the
+    # CPU's float rounding and is not asserted)
+    runs = json.loads((summary.parent / "summary.json").read_text())["runs"]
+    assert set(runs) == {"demo_gamma", "demo_nomoae"}
+    for row in runs.values():
+        figures = [row["mean"]["srcc"], row["mean"]["plcc"]]
+        figures += [v for d in row["datasets"].values() for v in (d["srcc"], d["plcc"])]
+        assert len(figures) == 8 and all(np.isfinite(v) and -1 <= v <= 1 for v in figures), row
 
 
 @pytest.mark.slow
@@ -99,14 +122,16 @@ def test_training_beats_the_untrained_model(demo, tmp_path):
 
     At the toy size a test can afford (120 source pictures, 8 epochs) nothing transfers to unseen content, so this
     checks the learning signal on every picture of the datasets (80% of them seen in training); the held-out figures
-    of the full-size demo are in docs/training.md#the-offline-demo.
+    of the full-size demo are in docs/training.md#the-offline-demo. Float rounding differs between CPUs and so does a
+    toy run's trajectory: the test asks for no particular gain, only that the trained model ranks better than every
+    one of eight seeded untrained initialisations (a model that learned nothing would be just one more such draw).
     """
     root, result = demo
     every_picture = [*(f"data.{i}.crop_size=32" for i in range(3)), *(f"data.{i}.split_index=all" for i in range(3))]
     common = ["-opt", "options/demo_gamma.yml", "eval_only=true", "model.overrides.moae_layers=1",
               f"data_root={root / 'data'}", "log.progress=false", *every_picture]
-    # An untrained model's SRCC depends on its random initialisation (spread ~0.04 here): the baseline is the mean
-    # over eight seeded initialisations rather than one draw from whatever state the global RNG is in.
+    # An untrained model's SRCC depends on its random initialisation (spread ~0.04 here): eight seeded
+    # initialisations rather than one draw from whatever state the global RNG is in.
     before = []
     for seed in range(8):
         torch.manual_seed(seed)
@@ -119,5 +144,5 @@ def test_training_beats_the_untrained_model(demo, tmp_path):
         before.append(out["best"]["mean"]["srcc"])
     trained = Path(result["stages"]["demo_gamma"]["run_dir"]) / "last.pth"
     after = main([*common, f"model.pretrained={trained}", f"output_dir={tmp_path / 'after'}"])
-    gain = after["best"]["mean"]["srcc"] - float(np.mean(before))
-    assert gain > 0.1, (after["best"]["mean"], before)
+    srcc = after["best"]["mean"]["srcc"]
+    assert np.isfinite(srcc) and srcc > max(before), (after["best"]["mean"], before)

@@ -121,14 +121,22 @@ def run_follow_up(item: str, cfg: TrainConfig, weights: Path) -> dict[str, Any]:
     Returns:
         ``{run name: its results}``.
     """
+    option_file = shlex.split(item)[0]
+    logger.info("next stage: %s", item)
+    result = run_stage(follow_up_config(item, cfg, weights))
+    return {result.get("name", Path(option_file).stem): result}
+
+
+def follow_up_config(item: str, cfg: TrainConfig, weights: Path) -> TrainConfig:
+    """The configuration of one follow-up stage: its option file, then ``cfg``'s shared settings (data, data root,
+    output folder, split, seed, workers, overwrite, log; ``model.pretrained = weights``), then the item's own
+    ``key=value`` overrides, so that ``seed=N`` on the first stage's command line reaches every stage of the chain
+    unless the item sets its own."""
     option_file, *own = shlex.split(item)
     shared = {"data": [e.to_dict() for e in cfg.data], "data_root": cfg.data_root, "output_dir": cfg.output_dir,
               "split_index": cfg.split_index, "seed": cfg.seed, "workers": cfg.workers, "overwrite": cfg.overwrite,
               "log": config_to_dict(cfg.log), "model.pretrained": str(weights)}
-    logger.info("next stage: %s %s", option_file, " ".join(own))
-    next_cfg = load_config(option_file, [*(f"{k}={json.dumps(v)}" for k, v in shared.items()), *own])
-    result = run_stage(next_cfg)
-    return {result.get("name", Path(option_file).stem): result}
+    return load_config(option_file, [*(f"{k}={json.dumps(v)}" for k, v in shared.items()), *own])
 
 
 def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict[str, Any]:

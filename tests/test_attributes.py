@@ -98,12 +98,12 @@ def test_attribute_text_features_are_cached(tiny_model):
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         tiny_model.attributes(x)
-        first = tiny_model._text_cache["attributes"][1]
+        first = tiny_model._text_cache.entries["attributes"][1]
         tiny_model.attributes(x)
-        assert tiny_model._text_cache["attributes"][1] is first
+        assert tiny_model._text_cache.entries["attributes"][1] is first
         tiny_model.moae_modules()[-1].scale.fill_(0.5)  # a text-tower weight changes: recomputed
         tiny_model.attributes(x)
-    assert tiny_model._text_cache["attributes"][1] is not first
+    assert tiny_model._text_cache.entries["attributes"][1] is not first
 
 
 # ------------------------------------------------------------------------------------------ distribution
@@ -133,7 +133,7 @@ def test_distribution_is_the_crop_average_of_the_level_softmax(tiny_model):
     with torch.no_grad():
         got = tiny_model.distribution(x)
         offsets = tiny_model.crop_protocol.offsets(230, 260)  # 10 seeded random crops
-        manual = torch.stack([tiny_model.logits(x[:, :, t : t + 224, l : l + 224], None).softmax(-1)
+        manual = torch.stack([tiny_model.head(tiny_model.backbone_features(x[:, :, t : t + 224, l : l + 224]), None)[0]
                               for t, l in offsets]).mean(0)
     torch.testing.assert_close(got, manual, rtol=1e-5, atol=1e-6)
 
@@ -146,7 +146,7 @@ def test_scores_are_unchanged_by_the_shared_crop_path(tiny_sdp_model):
     with torch.no_grad():
         crops, weights = unique_crops(prepare(x, protocol), protocol)
         index = tiny_sdp_model.scene_index(["underwater", "face"], 2, x.device).repeat(len(weights))
-        per_crop = tiny_sdp_model._score(crops, index).view(len(weights), 2)
+        per_crop = tiny_sdp_model.head(tiny_sdp_model.backbone_features(crops), index)[1].view(len(weights), 2)
         before = (weights.to(per_crop)[:, None] * per_crop).sum(dim=0)
         now = tiny_sdp_model.score_images(x, ["underwater", "face"])
     assert torch.equal(now, before)  # same ops on the same shapes

@@ -10,6 +10,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from skimage import data as skdata
 
 import gamma
+import gamma.assess
 from gamma.archs.crops import prepare, unique_crops
 from gamma.prompts import ATTRIBUTE_PROMPTS, ATTRIBUTES, AUTO_SCENES, SCENE_DESCRIPTIONS, SCENES
 
@@ -136,6 +137,36 @@ def test_distribution_is_the_crop_average_of_the_level_softmax(tiny_model):
         manual = torch.stack([tiny_model.head(tiny_model.backbone_features(x[:, :, t : t + 224, l : l + 224]), None)[0]
                               for t, l in offsets]).mean(0)
     torch.testing.assert_close(got, manual, rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_does_not_go_through_assess(tiny_sdp_model, monkeypatch):
+    # The eval forward scores the crops and stops: no distribution, std or scene list is built for it.
+    perturb_moae(tiny_sdp_model)
+    x = torch.rand(2, 3, 250, 240, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = gamma.assess.assess(tiny_sdp_model, x, "auto")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("forward called assess")
+
+    monkeypatch.setattr(gamma.assess, "assess", refuse)
+    with torch.no_grad():
+        assert torch.equal(tiny_sdp_model(x, "auto"), expected.score)
+        assert torch.equal(tiny_sdp_model(x, ["face", "aigc"]), tiny_sdp_model.score_images(x, ["face", "aigc"]))
+
+
+def test_the_extra_outputs_are_functions_of_the_model(tiny_sdp_model):
+    # gamma.assess holds them; the model's methods are thin delegates that return the same tensors.
+    perturb_moae(tiny_sdp_model)
+    x = torch.rand(2, 3, 230, 240, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(gamma.assess.distribution(tiny_sdp_model, x, "face"), tiny_sdp_model.distribution(x, "face"))
+        functional = gamma.assess.attributes(tiny_sdp_model, x)
+        for name, value in tiny_sdp_model.attributes(x).items():
+            assert torch.equal(functional[name], value)
+        assert gamma.assess.detect_scene(tiny_sdp_model, x) == tiny_sdp_model.detect_scene(x)
+        assert torch.equal(gamma.assess.scene_probabilities(tiny_sdp_model, x), tiny_sdp_model.scene_probabilities(x))
+    assert gamma.archs.Assessment is gamma.assess.Assessment is gamma.Assessment
 
 
 def test_scores_are_unchanged_by_the_shared_crop_path(tiny_sdp_model):

@@ -2,9 +2,9 @@
 in their last blocks, a residual adapter on the image feature and a score head over five learnable levels.
 
     v = image_tower(crop)                              (E,)      MoAE in the last blocks (archs/moae.py)
-    f = normalise(v + adapter(v))                      (E,)
+    f = normalise(v + relu(W2 relu(W1 v)))             (E,)      the Adapter, a residual bottleneck
     t_k = normalise(text_tower(level prompt k))        (5, E)    the image's scene's prompts for SDP
-    p = softmax(exp(logit_scale) f t^T)                (5,)
+    p = softmax(exp(logit_scale) f t^T)                (5,)      GammaModel.head: these three lines
     score = p @ levels                                 ()        levels learnable, initialised to 0.2 ... 1.0
 
 Training scores crops; evaluation scores full-resolution images with the release's test-time protocol (the distinct
@@ -253,19 +253,16 @@ class GammaModel(TrainableModule):
     def to_precision(self, precision: str = "fp32", *, allow_slow: bool = False) -> GammaModel:
         """Run the image tower in ``precision`` for scoring; returns the model (in eval mode after a conversion).
 
-        - ``bf16`` / ``fp16``: the weights of the image tower's attention and MLP/MoAE layers (frozen and trained ones
-          alike) are converted once, in place; LayerNorms, the residual stream, the patch embedding and the output
-          projection stay fp32 (:func:`gamma.archs.clip.set_tower_precision`). The fp32 weights are not kept: going
-          back means creating or loading the model again.
-        - ``int8`` (CPU): the MLP and expert matmuls of the image tower run in int8 with per-token activation scales;
-          attention, routers and everything else stay fp32. The float weights stay (the state_dict is unchanged) and
-          ``to_precision('fp32')`` restores the model exactly.
-        - ``auto``: the fastest precision the model's device runs well
-          (:func:`gamma.archs.precision.resolve_precision`); the choice is logged.
+        - ``bf16`` / ``fp16``: the image tower's attention and MLP/MoAE weights are converted once, in place (the
+          fp32 weights are not kept); LayerNorms, the residual stream, the patch embedding and the output projection
+          stay fp32 (:func:`gamma.archs.clip.set_tower_precision`).
+        - ``int8`` (CPU): the image tower's MLP and expert matmuls run in int8 with per-token activation scales; the
+          float weights stay (the state_dict is unchanged) and ``to_precision('fp32')`` restores the model exactly.
+        - ``auto``: the fastest precision the device runs well (:func:`gamma.archs.precision.resolve_precision`).
 
-        In every precision the text features, the adapter and the head are fp32, the routers' softmax too, and the
-        crop protocol and scenes are unchanged. A reduced-precision model is for inference: no parameter requires
-        grad, and :meth:`train` is refused until it is back in fp32.
+        In every precision the text features, the adapter, the head and the routers' softmax are fp32. A
+        reduced-precision model is for inference: no parameter requires grad, and :meth:`train` is refused until it
+        is back in fp32.
 
         Args:
             precision: ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``auto``.

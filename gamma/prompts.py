@@ -6,6 +6,8 @@ The five levels are ordered from worst to best; their order matches the learnabl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 LEVELS: tuple[str, ...] = ("bad", "poor", "fair", "good", "perfect")
 
 #: Prompts of the released "Gamma" weights.
@@ -93,6 +95,16 @@ def prompt_table(prompt_set: str) -> dict[str, tuple[str, ...]]:
     raise ValueError(f"unknown prompt set {prompt_set!r}; known prompt sets: {', '.join(PROMPT_SETS)}")
 
 
+def level_prompts(prompt_set: str) -> list[tuple[str, ...]]:
+    """The rows of five level prompts a model scores with: one per scene (in :data:`SCENES` order) for SDP, else one.
+
+    Raises:
+        ValueError: an unknown prompt set.
+    """
+    table = prompt_table(prompt_set)
+    return [table[s] for s in SCENES] if prompt_set == "sdp" else [table[SCENES[0]]]
+
+
 # ------------------------------------------------------------------------------------------------ attributes
 #: Five image attributes scored zero-shot with CLIP's antonym method: attribute -> (positive prompt, negative prompt).
 #: The pairs are the ones ATTIQA selected by its prompt search (Kwon et al., "ATTIQA: Generalizable Image Quality
@@ -128,3 +140,32 @@ SCENE_DESCRIPTIONS: dict[str, tuple[str, ...]] = {
 #: Scenes that ``scene="auto"`` chooses from by default. "aesthetics" is left out: it differs from "natural" by the
 #: question asked (aesthetics or technical quality), not by what the picture shows, so content cannot decide it.
 AUTO_SCENES: tuple[str, ...] = ("natural", "aigc", "underwater", "face")
+
+
+def asks_auto(scene: str | Sequence[str] | None) -> bool:
+    """Whether a scene argument asks for the automatic scene anywhere (decided from the names, no tensor sync)."""
+    names = [scene] if isinstance(scene, str) else scene if isinstance(scene, Sequence) else []
+    return any(_is_auto(n) for n in names)
+
+
+def _is_auto(name: object) -> bool:
+    return isinstance(name, str) and name.strip().lower() == AUTO_SCENE
+
+
+def scene_rows(scene: str | Sequence[str] | None, batch: int) -> list[int] | None:
+    """Each image's row of :data:`SCENES` (-1 for ``"auto"``), from one scene for the batch or one per image.
+
+    Raises:
+        ValueError: an unknown scene, a scene that is not a string, or one scene per image of the wrong length.
+    """
+    if scene is None:
+        return None
+    if isinstance(scene, str):
+        names = [scene] * batch
+    elif isinstance(scene, Sequence):
+        if len(scene) != batch:
+            raise ValueError(f"got {len(scene)} scenes for a batch of {batch} images")
+        names = list(scene)
+    else:
+        raise ValueError(f"scene must be a string or a sequence of strings, got {type(scene).__name__}")
+    return [-1 if _is_auto(n) else SCENES.index(canonical_scene(n)) for n in names]

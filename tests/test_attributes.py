@@ -10,6 +10,7 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from skimage import data as skdata
 
 import gamma
+import gamma.assess
 from gamma.archs.crops import prepare, unique_crops
 from gamma.prompts import ATTRIBUTE_PROMPTS, ATTRIBUTES, AUTO_SCENES, SCENE_DESCRIPTIONS, SCENES
 
@@ -98,12 +99,12 @@ def test_attribute_text_features_are_cached(tiny_model):
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         tiny_model.attributes(x)
-        first = tiny_model._text_cache["attributes"][1]
+        first = tiny_model._text_cache.entries["attributes"][1]
         tiny_model.attributes(x)
-        assert tiny_model._text_cache["attributes"][1] is first
+        assert tiny_model._text_cache.entries["attributes"][1] is first
         tiny_model.moae_modules()[-1].scale.fill_(0.5)  # a text-tower weight changes: recomputed
         tiny_model.attributes(x)
-    assert tiny_model._text_cache["attributes"][1] is not first
+    assert tiny_model._text_cache.entries["attributes"][1] is not first
 
 
 # ------------------------------------------------------------------------------------------ distribution
@@ -133,9 +134,39 @@ def test_distribution_is_the_crop_average_of_the_level_softmax(tiny_model):
     with torch.no_grad():
         got = tiny_model.distribution(x)
         offsets = tiny_model.crop_protocol.offsets(230, 260)  # 10 seeded random crops
-        manual = torch.stack([tiny_model.logits(x[:, :, t : t + 224, l : l + 224], None).softmax(-1)
+        manual = torch.stack([tiny_model.head(tiny_model.backbone_features(x[:, :, t : t + 224, l : l + 224]), None)[0]
                               for t, l in offsets]).mean(0)
     torch.testing.assert_close(got, manual, rtol=1e-5, atol=1e-6)
+
+
+def test_scoring_does_not_go_through_assess(tiny_sdp_model, monkeypatch):
+    # The eval forward scores the crops and stops: no distribution, std or scene list is built for it.
+    perturb_moae(tiny_sdp_model)
+    x = torch.rand(2, 3, 250, 240, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = gamma.assess.assess(tiny_sdp_model, x, "auto")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("forward called assess")
+
+    monkeypatch.setattr(gamma.assess, "assess", refuse)
+    with torch.no_grad():
+        assert torch.equal(tiny_sdp_model(x, "auto"), expected.score)
+        assert torch.equal(tiny_sdp_model(x, ["face", "aigc"]), tiny_sdp_model.score_images(x, ["face", "aigc"]))
+
+
+def test_the_extra_outputs_are_functions_of_the_model(tiny_sdp_model):
+    # gamma.assess holds them; the model's methods are thin delegates that return the same tensors.
+    perturb_moae(tiny_sdp_model)
+    x = torch.rand(2, 3, 230, 240, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert torch.equal(gamma.assess.distribution(tiny_sdp_model, x, "face"), tiny_sdp_model.distribution(x, "face"))
+        functional = gamma.assess.attributes(tiny_sdp_model, x)
+        for name, value in tiny_sdp_model.attributes(x).items():
+            assert torch.equal(functional[name], value)
+        assert gamma.assess.detect_scene(tiny_sdp_model, x) == tiny_sdp_model.detect_scene(x)
+        assert torch.equal(gamma.assess.scene_probabilities(tiny_sdp_model, x), tiny_sdp_model.scene_probabilities(x))
+    assert gamma.archs.Assessment is gamma.assess.Assessment is gamma.Assessment
 
 
 def test_scores_are_unchanged_by_the_shared_crop_path(tiny_sdp_model):
@@ -146,7 +177,7 @@ def test_scores_are_unchanged_by_the_shared_crop_path(tiny_sdp_model):
     with torch.no_grad():
         crops, weights = unique_crops(prepare(x, protocol), protocol)
         index = tiny_sdp_model.scene_index(["underwater", "face"], 2, x.device).repeat(len(weights))
-        per_crop = tiny_sdp_model._score(crops, index).view(len(weights), 2)
+        per_crop = tiny_sdp_model.head(tiny_sdp_model.backbone_features(crops), index)[1].view(len(weights), 2)
         before = (weights.to(per_crop)[:, None] * per_crop).sum(dim=0)
         now = tiny_sdp_model.score_images(x, ["underwater", "face"])
     assert torch.equal(now, before)  # same ops on the same shapes

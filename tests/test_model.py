@@ -2,15 +2,16 @@
 
 import copy
 
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, max_abs, perturb_moae
 
 import gamma
-from gamma.archs.clip import encode_text
+from gamma.archs.clip import encode_text, tokenize
 from gamma.config import GammaConfig, get_variant
-from gamma.prompts import SCENES
+from gamma.prompts import SCENES, SDP_PROMPTS, level_prompts
 
 
 def _backbone_twin(model: gamma.GammaModel) -> gamma.GammaModel:
@@ -225,6 +226,19 @@ def test_sdp_prompts_are_tokenised_per_scene(tiny_sdp_model):
     eot = 49407
     row = tiny_sdp_model.prompt_tokens[SCENES.index("face")]
     assert (row[:, 0] == 49406).all() and (row == eot).sum() == 5
+
+
+def test_one_tokeniser_for_every_prompt_group(tiny_model, tiny_sdp_model):
+    # Level prompts at construction and after set_prompt_set come from the same helper: open_clip's tokens, grouped.
+    expected = open_clip.tokenize([p for s in SCENES for p in SDP_PROMPTS[s]]).view(len(SCENES), 5, -1)
+    assert torch.equal(tiny_sdp_model.prompt_tokens, expected)
+    tiny_model.set_prompt_set("sdp")
+    assert torch.equal(tiny_model.prompt_tokens, expected)
+    tiny_sdp_model.set_prompt_set("quality")
+    assert torch.equal(tiny_sdp_model.prompt_tokens, tokenize(level_prompts("quality"), 77))
+    assert tiny_sdp_model.prompt_tokens.shape == (1, 5, 77)
+    with pytest.raises(ValueError, match="equal size"):
+        tokenize([("a", "b"), ("c",)], 77)
 
 
 def test_sdp_mixed_scene_batch_uses_each_images_prompts(tiny_sdp_model):

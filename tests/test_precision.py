@@ -9,11 +9,14 @@ import logging
 
 import pytest
 import torch
-from helpers import perturbed_gamma
+import torch.nn.functional as F
+from helpers import assert_close, perturbed_gamma
 from scipy.stats import spearmanr
 
 import gamma
 from gamma.archs import precision as prec
+from gamma.archs.crops import crop_mean
+from gamma.archs.moae import MoAE
 from gamma.data.photos import distorted_photos
 
 
@@ -176,6 +179,118 @@ def test_routing_hooks_work_in_reduced_precision():
     last = model.clip_model.visual.transformer.resblocks[-1].mlp
     assert seen[last].shape == (2, 50, 3)
     assert torch.allclose(seen[last].float().sum(-1), torch.ones(2, 50), atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ autocast (AMP)
+# CPU autocast to bf16 shows the rounding a CUDA AMP run has: the head and the routers' softmax must stay out of it.
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _fp32_head(model: gamma.GammaModel, f: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's head written out in fp32 on given adapter-refined features f (N, E) and prompt features t (5, E)."""
+    probs = (model.clip_model.logit_scale.exp() * F.normalize(f.float(), dim=-1) @ t.float().t()).softmax(dim=-1)
+    return probs, probs @ model.score_level
+
+
+def test_the_head_runs_in_fp32_under_autocast(photos):
+    model = perturbed_gamma(logit_scale=4.6)  # exp(4.6) = 100, the release's scale: logits of tens
+    x = photos[:8]
+    with torch.no_grad(), _bf16_autocast():
+        feats, weights = model.crop_features(x)  # (U, B, E): bf16 image tower, returned in fp32
+        f = model.adapter(feats.flatten(0, 1))  # under autocast, as the head computes it
+        t = model.text_features()[0]  # computed (and cached) under autocast
+        score = model(x)
+        crop_scores = model.score_crops(x)
+        old = (model.clip_model.logit_scale.exp() * F.normalize(f, dim=-1) @ t.t()).softmax(-1) @ model.score_level
+    with torch.no_grad():
+        probs, expected = _fp32_head(model, f, t)
+    expected = crop_mean(expected.view(len(weights), -1), weights)
+    assert score.dtype == crop_scores.dtype == torch.float32
+    assert_close(score, expected, rtol=1e-6, atol=1e-6)  # fp32 rounding, not bf16 steps
+    assert old.dtype == torch.bfloat16  # what autocast alone gives: a head rounded to bf16 ...
+    old = crop_mean(old.float().view(len(weights), -1), weights)
+    assert float((old - expected).abs().max()) > 1e-4  # ... which is far from the fp32 head on the same features
+    with torch.no_grad(), _bf16_autocast():
+        got = model.assess(x)
+    assert got.distribution.dtype == got.std.dtype == torch.float32
+    assert_close(got.distribution, crop_mean(probs.view(len(weights), len(x), 5), weights), rtol=1e-6, atol=1e-6)
+    assert_close(got.score, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_training_under_autocast_predicts_in_fp32_and_gets_gradients(photos):
+    model = perturbed_gamma(logit_scale=4.6).train()
+    x = photos[:4]
+    with _bf16_autocast():
+        f = model.adapter(model.backbone_features(x))
+        t = model.text_features()[0]
+        pred = model(x)
+    assert pred.dtype == torch.float32
+    assert_close(pred, _fp32_head(model, f, t)[1], rtol=1e-6, atol=1e-6)
+    pred.sum().backward()
+    assert all(p.grad is not None for p in (model.score_level, model.adapter.fc[0].weight))
+
+
+def test_the_router_softmax_is_fp32_under_autocast_and_in_bf16():
+    model = perturbed_gamma()
+    router = model.clip_model.visual.transformer.resblocks[-1].mlp.gating
+    tokens = torch.randn(64, router.layer1.in_features, generator=torch.Generator().manual_seed(0)) * 4
+    with torch.no_grad(), _bf16_autocast():
+        gate = router(tokens)
+    logits = F.linear(tokens.bfloat16(), router.layer1.weight.bfloat16(), router.layer1.bias.bfloat16())
+    assert gate.dtype == torch.float32
+    assert torch.equal(gate, logits.float().softmax(dim=-1))  # the bf16 logits, their softmax in fp32
+    assert not torch.equal(gate, logits.softmax(dim=-1).float())  # a bf16 softmax would differ
+    bf16 = perturbed_gamma().to_precision("bf16", allow_slow=True)  # bf16 weights, no autocast
+    router = bf16.clip_model.visual.transformer.resblocks[-1].mlp.gating
+    assert router.layer1.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        gate = router(tokens.bfloat16())
+    assert gate.dtype == torch.float32 and torch.equal(gate, router.layer1(tokens.bfloat16()).float().softmax(-1))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference_kernel", "autograd_kernel"])
+def test_moae_kernels_agree_with_the_formula_in_bf16_and_under_autocast(grad):
+    model = perturbed_gamma()
+    moae: MoAE = model.clip_model.visual.transformer.resblocks[-2].mlp
+    tokens = torch.randn(2, 10, moae.gating.layer1.in_features, generator=torch.Generator().manual_seed(1))
+
+    def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.set_grad_enabled(grad):
+            fused = moae(x)
+            kernel, moae.kernel = moae.kernel, None
+            try:
+                formula = moae(x)
+            finally:
+                moae.kernel = kernel
+        return fused.float(), formula.float()
+
+    with torch.no_grad():
+        exact = moae(tokens)
+    with _bf16_autocast():
+        fused, formula = both(tokens)
+    scale = float(exact.abs().max())
+    assert_close(fused, formula, rtol=0, atol=0.02 * scale)
+    assert_close(fused, exact, rtol=0, atol=0.05 * scale)
+    moae.to(torch.bfloat16)  # the weights to_precision('bf16') gives the block
+    fused, formula = both(tokens.bfloat16())
+    assert_close(fused, formula, rtol=0, atol=0.02 * scale)
+    assert_close(fused, exact, rtol=0, atol=0.05 * scale)
+
+
+def test_the_text_feature_cache_is_keyed_on_the_autocast_state():
+    model = perturbed_gamma()
+    with torch.no_grad():
+        fp32 = model.text_features()
+        with _bf16_autocast():
+            amp = model.text_features()
+            assert model.text_features() is amp  # cached under autocast too
+        again = model.text_features()
+    assert amp is not fp32 and not torch.equal(amp.float(), fp32)  # computed under autocast: other values
+    assert again is not amp and torch.equal(again, fp32)  # never the autocast features in an fp32 pass
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        half = model.text_features()
+    assert half is not again and not torch.equal(half.float(), amp.float())  # keyed on the dtype as well
 
 
 # ------------------------------------------------------------------------------------------ device rules

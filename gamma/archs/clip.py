@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
+import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
@@ -165,3 +167,54 @@ def encode_image(clip: CLIP, pixels: torch.Tensor) -> torch.Tensor:
 def text_parameters(clip: CLIP) -> list[nn.Parameter]:
     """Parameters the text features depend on (everything outside the image tower, ``logit_scale`` excluded)."""
     return [p for name, p in clip.named_parameters() if not name.startswith("visual.") and name != "logit_scale"]
+
+
+def tokenize(groups: Sequence[Sequence[str]], context_length: int) -> torch.Tensor:
+    """CLIP tokens (G, K, context_length) of G groups of K prompts each (the level prompts of each scene, each
+    attribute's prompt pair, each scene's descriptions)."""
+    sizes = {len(group) for group in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"prompt groups must be non-empty and of equal size, got sizes {sorted(sizes)}")
+    tokens = open_clip.tokenize([p for group in groups for p in group], context_length=context_length)
+    return tokens.view(len(groups), sizes.pop(), -1)
+
+
+def autocast_state(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on ``device``'s type, or None where autocast is off."""
+    kind = device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+class TextFeatureCache:
+    """L2-normalised text features of fixed prompts, computed once and reused while nothing they depend on changes.
+
+    An entry's key holds each text-tower parameter's storage, version and dtype (an optimiser step,
+    ``load_state_dict`` and ``.to()`` change one of them), the MoAE routing masks (``keep_only_experts`` changes the
+    text tower too), the tokens' device and the autocast state: features computed under bf16 autocast are never served
+    to an fp32 pass, nor the reverse. Where autograd needs them (a trainable text tower) nothing is cached. Not a
+    module: it holds no parameters and nothing of the state_dict.
+    """
+
+    def __init__(self, clip: CLIP) -> None:
+        self.params = text_parameters(clip)
+        self.entries: dict[str, tuple[tuple, torch.Tensor, bool]] = {}  # name -> (key, features, inference tensor?)
+
+    def __call__(self, clip: CLIP, name: str, tokens: torch.Tensor, routing: tuple) -> torch.Tensor:
+        """Features (..., E) of ``tokens`` (..., C), cached under ``name``; ``routing`` keys the experts' masks."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.params)
+        key = (tuple((p.data_ptr(), p._version, p.dtype) for p in self.params), routing, tokens.device,
+               autocast_state(tokens.device))
+        entry = self.entries.get(name)
+        # An inference-mode tensor may only be reused where autograd is off.
+        if not needs_grad and entry is not None and entry[0] == key and not (entry[2] and torch.is_grad_enabled()):
+            return entry[1]
+        *lead, ctx = tokens.shape
+        feats = F.normalize(encode_text(clip, tokens.reshape(-1, ctx)), dim=-1).view(*lead, -1)
+        if needs_grad:
+            self.entries.pop(name, None)
+        else:
+            self.entries[name] = (key, feats, torch.is_inference_mode_enabled())
+        return feats
+
+    def clear(self) -> None:
+        self.entries.clear()

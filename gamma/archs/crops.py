@@ -1,13 +1,16 @@
-"""Test-time crop protocols: where the fixed-size crops of a full-resolution image are taken.
+"""Test-time crop protocols: where the fixed-size crops of a full-resolution image are taken, and how per-crop results
+are averaged into one per image.
 
 Offsets depend only on the image size and the protocol (never on the batch or on global RNG state), so a score is
-reproducible and independent of batch composition. Identical windows (a 224x224 image has only one) are scored once.
+reproducible and independent of batch composition. Identical windows (a 224x224 image has only one) are encoded once
+(:func:`crop_features`) and weighted by how many of the protocol's crops fall on them (:func:`crop_mean`).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,3 +133,21 @@ def unique_crops(images: torch.Tensor, protocol: CropProtocol) -> tuple[torch.Te
     total = sum(counts.values())
     weights = torch.tensor([counts[win] / total for win in windows], dtype=torch.float64)
     return crops, weights
+
+
+def crop_features(images: torch.Tensor, protocol: CropProtocol,
+                  encode: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encode`` run once on the distinct crops of full-resolution images (B, 3, H, W).
+
+    Returns:
+        features (U, B, E) of the U distinct windows, crop-major, and each window's weight (U,) in the average.
+    """
+    images = prepare(images, protocol)
+    crops, weights = unique_crops(images, protocol)  # (U * B, 3, s, s), (U,)
+    return encode(crops).view(len(weights), images.shape[0], -1), weights
+
+
+def crop_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted average over the leading crop axis: values (U, B, ...) and weights (U,) -> (B, ...)."""
+    w = weights.to(values).view(-1, *([1] * (values.dim() - 1)))
+    return (w * values).sum(dim=0)

@@ -5,7 +5,8 @@
 :meth:`MoAE.forward` computes this formula as written. By default a block runs the same sum through the fused kernels
 of :mod:`gamma.archs.moae_kernels` (two matmuls over all experts instead of 2N small ones); tests/test_perf.py checks
 that both agree. Routing is observable with a forward hook on :attr:`MoAE.gating`: its output is the per-token router
-weights (``GammaModel.watch_routing`` does this for a whole model).
+weights (:func:`watch_routing` does this for a whole model). The router's softmax runs in fp32 whatever the precision
+(bf16/fp16 weights or autocast): the weights it hands the experts are rounded once, after it.
 
 Submodule names follow the authors' release so its checkpoints load without renaming:
 ``useful_experts`` (shared expert), ``experts.expert_{k}``, ``gating.layer1`` (router) and ``scale`` (alpha).
@@ -13,7 +14,9 @@ Submodule names follow the authors' release so its checkpoints load without rena
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -31,7 +34,8 @@ class Router(nn.Module):
         self.kept_experts: tuple[int, ...] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.layer1(x).softmax(dim=-1)  # (..., N)
+        """Router weights (..., N) in fp32 for tokens x (..., D)."""
+        gate = self.layer1(x).float().softmax(dim=-1)  # (..., N): fp32 under bf16/fp16 (a no-op in fp32)
         if self.kept_experts is not None:
             # Table 6 protocol: the other experts' router weights are zeroed (not renormalised).
             mask = torch.zeros(gate.shape[-1], dtype=gate.dtype, device=gate.device)
@@ -70,7 +74,7 @@ class MoAE(nn.Module):
         if self.kernel is not None:
             return self.kernel(self, x)  # the same sum, fused (gamma/archs/moae_kernels.py)
         shared = self.useful_experts(x)  # (..., D)
-        gate = self.gating(x)  # (..., N)
+        gate = self.gating(x)  # (..., N) fp32
         routed = torch.stack([expert(x) for expert in self.experts.values()], dim=-2)  # (..., N, D)
         routed = (routed * gate.unsqueeze(-1)).sum(dim=-2)  # (..., D)
         if self.scale is not None:
@@ -98,3 +102,24 @@ def keep_only_experts(module: nn.Module, keep: list[int] | None) -> None:
             if bad:
                 raise ValueError(f"expert index {bad[0]} out of range for {m.num_experts} experts")
             m.gating.kept_experts = tuple(sorted(set(keep)))
+
+
+@contextlib.contextmanager
+def watch_routing(module: nn.Module, hook: Callable[[MoAE, torch.Tensor], None]) -> Iterator[None]:
+    """Within the block, ``hook(moae, weights)`` receives the router weights (..., N) each time a MoAE block of
+    ``module`` runs (detached, after any expert mask of :func:`keep_only_experts`)."""
+    handles = [m.gating.register_forward_hook(_routing_hook(hook, m)) for m in module.modules() if isinstance(m, MoAE)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _routing_hook(hook: Callable[[MoAE, torch.Tensor], None], moae: MoAE) -> Callable:
+    """A forward hook for ``moae.gating`` that passes its output, the router weights, to ``hook``."""
+
+    def forward_hook(_router: nn.Module, _inputs: tuple, weights: torch.Tensor) -> None:
+        hook(moae, weights.detach())
+
+    return forward_hook

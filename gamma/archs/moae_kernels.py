@@ -75,8 +75,8 @@ class FusedExperts:
         quick = _is_quick_gelu(mlp.gelu)
         *lead, dim = x.shape
         tokens = x.reshape(-1, dim)  # (T, D)
-        gate = moae.gating(x).reshape(tokens.shape[0], -1)  # (T, N)
-        coef = gate * moae.scale if moae.scale is not None else gate
+        gate = moae.gating(x).reshape(tokens.shape[0], -1)  # (T, N) fp32
+        coef = (gate * moae.scale if moae.scale is not None else gate).to(b2.dtype)  # rounded once, after the softmax
 
         shared = mlp.c_fc(tokens)  # (T, H): the plain MLP's ops; QuickGELU in place gives the same values
         shared = shared.mul_((QUICK_GELU_SLOPE * shared).sigmoid_()) if quick else mlp.gelu(shared)
@@ -93,7 +93,7 @@ class FusedExperts:
 def _forward_autograd(moae: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The fused form with autograd: the stack is rebuilt from the experts' parameters on each call."""
     w1, b1, w2, b2 = _stacked(moae)
-    gate = moae.gating(x)  # (..., N)
+    gate = moae.gating(x).to(b2.dtype)  # (..., N): fp32 softmax, in the experts' dtype (autocast casts their matmuls)
     hidden = moae.useful_experts.gelu(F.linear(x, w1, b1))  # (..., N*H)
     *lead, nh = hidden.shape
     n = moae.num_experts

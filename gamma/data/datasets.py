@@ -91,10 +91,11 @@ class DatasetEntry:
     # splits are made so. None: the split file as given, unchecked.
     split_by: str | None = None
     # 'file': the split pickle split_file; 'computed': seeded splits made in code from the meta file
-    # (gamma.data.splits.make_splits, 80/20, seed split_seed; with split_by 'reference' 80 % of the references, as
-    # PromptIQA's official toolkit.py), so no split file is read or needed.
+    # (gamma.data.splits.make_splits: split_ratio of the rows train, seed split_seed; with split_by 'reference'
+    # split_ratio of the references, as PromptIQA's official toolkit.py), so no split file is read or needed.
     split_mode: str = "file"
     split_seed: int = 123
+    split_ratio: float = 0.8  # split_mode 'computed': the training part's share (ATTIQA's data-efficient 0.1 / 0.2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -170,6 +171,10 @@ class DatasetEntry:
             raise ValueError(f"{where}: split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.split_mode!r}")
         if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
             raise ValueError(f"{where}: split_seed must be an integer, got {self.split_seed!r}")
+        if (isinstance(self.split_ratio, bool) or not isinstance(self.split_ratio, (int, float))
+                or not 0 < self.split_ratio < 1):
+            raise ValueError(f"{where}: split_ratio must be a number between 0 and 1 (exclusive), got "
+                             f"{self.split_ratio!r}")
         if self.split_index != "all" and self.split_mode == "file" and not self.split_file:
             raise ValueError(f"{where}: split_index {self.split_index} needs a split_file; use split_index: all "
                              "for the whole dataset, or make one with scripts/make_splits.py")
@@ -366,9 +371,9 @@ def _splits_of(entry: DatasetEntry, table: MetaTable) -> tuple[dict, str]:
         if grouped and table.kind not in ("fr", "custom"):
             raise ValueError(f"dataset {entry.name!r}: split_by 'reference' needs the meta file's reference column "
                              f"(kind 'fr', or a custom file's 'group' column); {table.file} is kind {table.kind!r}")
-        splits = make_splits(len(table), table.groups(), entry.split_index, seed=entry.split_seed,
-                             eval_key=entry.eval_key, count="groups" if grouped else "rows")
-        return splits, f"{table.file} (splits computed with seed {entry.split_seed})"
+        splits = make_splits(len(table), table.groups(), entry.split_index, train_ratio=entry.split_ratio,
+                             seed=entry.split_seed, eval_key=entry.eval_key, count="groups" if grouped else "rows")
+        return splits, f"{table.file} (splits computed with seed {entry.split_seed}, ratio {entry.split_ratio:g})"
     split_file = entry.split_path
     if not os.path.isfile(split_file):
         raise FileNotFoundError(f"dataset {entry.name!r}: split file not found: {split_file} "

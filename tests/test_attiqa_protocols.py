@@ -106,6 +106,42 @@ def test_attiqa_options_outside_their_stage_are_errors(root):
         load_config(OPT / "pretrain_imagenet.yml", [*common, "attiqa.feature_similarity=true"])
 
 
+# ------------------------------------------------------------------------------------------------ other prompts
+@pytest.fixture(scope="module")
+def clip_teacher(tmp_path_factory) -> Path:
+    """A tiny plain CLIP state_dict (random weights, 32x32 input): a CLIP-layout teacher."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(5)
+    clip = CLIP(embed_dim=32, vision_cfg=CLIPVisionCfg(width=32, layers=1, head_width=32, patch_size=16, image_size=32),
+                text_cfg=CLIPTextCfg(width=32, heads=1, layers=1), quick_gelu=True)
+    path = tmp_path_factory.mktemp("clip") / "clip.pt"
+    torch.save(clip.state_dict(), path)
+    return path
+
+
+def test_prompt_ablation_pretrains_on_the_given_pairs(root, clip_teacher, monkeypatch):
+    import json
+
+    import yaml
+
+    pairs = {a: [f"fine {a} image", f"poor {a} image"] for a in ATTRIBUTES}
+    (root / "median.yml").write_text(yaml.safe_dump(pairs))
+    option = OPT / "ablation" / "pretrain_prompts_median.yml"
+    common = [f"data_root={root}", f"output_dir={root}/exp", *TINY, "attiqa.folders=[]", "attiqa.eval_folders=[]",
+              "data=[{name: toy, root: toy, meta_file: toy/meta.csv, kind: nr, mos_range: [0, 10], split_mode: "
+              "computed, resize: 34, crop_size: 32}]", "checkpoint.every_steps=0", "epochs=1"]
+    with pytest.raises(ConfigError, match="attiqa.prompts: prompts_median.yml"):  # the default: no such file here
+        main(["-opt", str(option), *common, f"attiqa.teacher={clip_teacher}"])
+    monkeypatch.setenv("ATTIQA_PROMPTS", str(root / "median.yml"))
+    with pytest.raises(ConfigError, match="has no prompts"):
+        main(["-opt", str(option), *common, "attiqa.teacher=measured"])
+    out = main(["-opt", str(option), *common, f"attiqa.teacher={clip_teacher}"])
+    settings = json.loads((root / "exp" / "teacher_labels_prompts_median" / "toy" / "teacher.json").read_text())
+    assert settings["prompts"] == pairs
+    assert len(out["step_losses"]) == 4 and gamma.create_model(None, pretrained=out["backbone"]) is not None
+
+
 # ------------------------------------------------------------------------------------------------ linear probing
 def test_linear_probe_trains_only_the_regressor(pretrained_l2, root):
     start = Path(pretrained_l2["backbone"])

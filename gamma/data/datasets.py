@@ -317,13 +317,16 @@ def build_dataset(
     Args:
         entry: a :class:`DatasetEntry`, its dict form, or a registered name.
         phase: 'train' (the split's 'train' part, train transform) or 'val' / 'test' (the held-out part named by
-            ``entry.eval_key``, full images). With ``split_index: all`` every phase gets every row.
+            ``entry.eval_key``, full images). With ``split_index: all`` every phase gets every row. The split is
+            the entry's split file, or computed from the meta file (``split_mode: computed``); ``exclude_patches``
+            then drops patch rows.
         transform: replaces the phase's default transform (a callable on a (3, H, W) tensor).
         data_root: data root for an entry given as a dict or name without one.
 
     Raises:
         FileNotFoundError: the meta file, the split file, or (without ``skip_missing``) image files are missing.
-        ValueError: bad meta rows, labels outside mos_range, a split index or row out of range, an empty result.
+        ValueError: bad meta rows, labels outside mos_range, a split index or row out of range, a reference image on
+            both sides of the split (``split_by: reference``), an empty result.
     """
     if not isinstance(entry, DatasetEntry):
         entry = DatasetEntry.from_dict(entry, data_root=data_root)

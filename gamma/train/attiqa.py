@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._files import atomic_write
@@ -45,7 +46,7 @@ from ..hub import resolve_weights
 from ..io import list_image_files
 from ..metrics import evaluate_scores
 from ..prompts import ATTRIBUTES
-from ..teacher import MEASURED, label_images, read_labels
+from ..teacher import MEASURED, check_prompts, label_images, read_labels
 from ..weights import read_checkpoint, save_checkpoint
 from .checkpoint import LAST, write_json
 from .config import ConfigError, TrainConfig
@@ -104,6 +105,24 @@ def check_pretrain(cfg: TrainConfig) -> None:
         raise ConfigError(f"attiqa.resize ({a.resize}) must be 0 or at least attiqa.crop_size ({a.crop_size})")
     if not cfg.data and not a.folders:
         raise ConfigError("stage attiqa_pretrain has no images: list data entries or attiqa.folders")
+    if a.prompts is not None:
+        if a.teacher == MEASURED:
+            raise ConfigError(f"attiqa.prompts: the {MEASURED!r} teacher has no prompts; give a CLIP-layout teacher")
+        read_prompts(a.prompts)
+
+
+def read_prompts(path: str) -> dict[str, tuple[str, str]]:
+    """The teacher's prompt pairs from ``attiqa.prompts``: a YAML file ``{attribute: [positive, negative]}`` naming
+    each of the five attributes (:func:`gamma.teacher.check_prompts`).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not five pairs (the message names the file).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return check_prompts(yaml.safe_load(fh))
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"attiqa.prompts: {path}: {exc}") from None
 
 
 def check_student(cfg: TrainConfig) -> None:
@@ -273,7 +292,7 @@ def _label_all(cfg: TrainConfig, train_entries: list[DatasetEntry], eval_entries
                 model = model.to("cuda" if cfg.device == "auto" else cfg.device)
         label_images(list(dict.fromkeys(paths)), model if model is not None else MEASURED, _cache_dir(cfg, name),
                      root=entry.image_root, batch_size=a.teacher_batch_size, chunk_size=a.chunk_size,
-                     on_error="skip")
+                     on_error="skip", prompts=read_prompts(a.prompts) if a.prompts is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------ feature analysis

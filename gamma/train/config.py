@@ -211,6 +211,9 @@ class AttiqaCfg:
     resize: int = 340  # folder images: short side resized to this first (0 = keep) ...
     crop_size: int = 320  # ... then a random crop of this side (and a random flip)
     margin: float = 0.1  # of the margin-ranking loss (the paper's)
+    # The teacher's prompt pairs: a YAML file mapping each of the five attributes to [positive, negative] (ATTIQA's
+    # Table 7: the pairs of median or lowest proxy-task score); None: Table 1's pairs. A CLIP teacher only.
+    prompts: str | None = None
     # Pretraining loss: 'ranking' (the paper's margin ranking on in-batch pairs) or 'l2' (its Table 7 ablation: the
     # mean squared difference between the student's attribute outputs and the teacher scores, summed over attributes).
     loss: Literal["ranking", "l2"] = "ranking"
@@ -324,6 +327,8 @@ class TrainConfig:
     def _check_attiqa(self) -> None:
         """ATTIQA options that only one stage reads are an error elsewhere (a silently ignored ablation)."""
         a = self.attiqa
+        if a.prompts is not None and self.stage != "attiqa_pretrain":
+            raise ConfigError(f"attiqa.prompts: the teacher's prompts apply to stage attiqa_pretrain, not {self.stage}")
         if a.loss != "ranking" and self.stage != "attiqa_pretrain":
             raise ConfigError(f"attiqa.loss: {a.loss!r} is a pretraining loss; it applies to stage attiqa_pretrain, "
                               f"not {self.stage}")

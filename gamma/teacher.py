@@ -30,11 +30,12 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import torch
 import torch.nn.functional as F
 
@@ -139,6 +140,7 @@ def label_images(
     device: str | torch.device | None = None,
     on_error: str = "raise",
     allow_unsafe: bool = False,
+    prompts: Mapping[str, Sequence[str]] | None = None,
 ) -> TeacherLabels:
     """Compute (or resume computing) the teacher's attribute scores of images and cache them in ``cache_dir``.
 
@@ -155,6 +157,10 @@ def label_images(
         on_error: ``raise`` stops at an unreadable image (its name in the error; finished chunks stay on disk);
             ``skip`` logs it, lists it in ``skipped.csv`` and goes on.
         allow_unsafe: passed to :func:`gamma.create_model` for a teacher checkpoint that needs a full unpickle.
+        prompts: other (positive, negative) prompt pairs for the five attributes, ``{attribute: (pos, neg)}`` with
+            every name of :data:`ATTRIBUTES` (ATTIQA's Table 7: the pairs of median or lowest proxy-task score);
+            None: Table 1's pairs (:data:`gamma.prompts.ATTRIBUTE_PROMPTS`). Recorded in ``teacher.json``, so a cache
+            of other prompts is refused. A CLIP teacher only.
 
     Returns:
         the labels of every readable input, in input order.
@@ -170,7 +176,10 @@ def label_images(
     files, keys = _inputs(inputs, root)
     if isinstance(teacher, str) and teacher == MEASURED:
         teacher = MeasuredTeacher()
+    pairs = check_prompts(prompts) if prompts is not None else dict(ATTRIBUTE_PROMPTS)
     if isinstance(teacher, MeasuredTeacher):
+        if prompts is not None:
+            raise ValueError("prompts: the measured teacher has no prompts; give a CLIP-layout teacher")
         return _label(files, keys, teacher, Path(cache_dir), dict(teacher.settings), batch_size, chunk_size, on_error)
     checkpoint = None if isinstance(teacher, GammaModel) else str(teacher)
     model = teacher if isinstance(teacher, GammaModel) else create_model(None, pretrained=teacher,
@@ -179,15 +188,53 @@ def label_images(
         raise ValueError(f"the teacher must be a CLIP-layout model, got {type(model).__name__}")
     if device is not None:
         model = model.to(device)
-    protocol, was_training = model.crop_protocol, model.training
+    protocol, was_training, tokens = model.crop_protocol, model.training, model.attribute_tokens
     model.eval()
     model.crop_protocol = CropProtocol(mode="grid", num=3, size=model.config.vision.image_size)
+    if pairs != ATTRIBUTE_PROMPTS:
+        _use_prompts(model, pairs)
     try:
-        return _label(files, keys, model, Path(cache_dir), _settings(model, checkpoint), batch_size, chunk_size,
-                      on_error)
+        return _label(files, keys, model, Path(cache_dir), _settings(model, checkpoint, pairs), batch_size,
+                      chunk_size, on_error)
     finally:
         model.crop_protocol = protocol
         model.train(was_training)
+        if model.attribute_tokens is not tokens:
+            model.attribute_tokens = tokens
+            model._text_cache.pop("attributes", None)
+
+
+def check_prompts(prompts: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, str]]:
+    """``prompts`` as ``{attribute: (positive, negative)}`` in :data:`ATTRIBUTES` order.
+
+    Raises:
+        ValueError: not a mapping of the five attribute names to two non-empty strings each (the message names the
+            first problem).
+    """
+    if not isinstance(prompts, Mapping):
+        raise ValueError(f"prompts must map each attribute to a (positive, negative) pair, got "
+                         f"{type(prompts).__name__}")
+    unknown, missing = sorted(set(prompts) - set(ATTRIBUTES)), [a for a in ATTRIBUTES if a not in prompts]
+    if unknown or missing:
+        raise ValueError(f"prompts must give a pair for each of {', '.join(ATTRIBUTES)}"
+                         + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else "")
+                         + (f"; missing: {', '.join(missing)}" if missing else ""))
+    out = {}
+    for a in ATTRIBUTES:
+        pair = prompts[a]
+        if (isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2
+                or not all(isinstance(p, str) and p.strip() for p in pair)):
+            raise ValueError(f"prompts.{a}: a pair of non-empty strings [positive, negative], got {pair!r}")
+        out[a] = (pair[0].strip(), pair[1].strip())
+    return out
+
+
+def _use_prompts(model: GammaModel, pairs: Mapping[str, tuple[str, str]]) -> None:
+    """Make ``model.attributes`` score these pairs (until the caller restores ``attribute_tokens``)."""
+    ctx = model.attribute_tokens.shape[-1]
+    tokens = open_clip.tokenize([p for a in ATTRIBUTES for p in pairs[a]], context_length=ctx)
+    model.attribute_tokens = tokens.view(len(ATTRIBUTES), 2, ctx).to(model.attribute_tokens.device)
+    model._text_cache.pop("attributes", None)
 
 
 def _label(files: list[str], keys: list[str], model: GammaModel | MeasuredTeacher, cache: Path, settings: dict,
@@ -295,14 +342,14 @@ def _label_chunk(model: GammaModel | MeasuredTeacher, chunk: Sequence[tuple[str,
 
 
 # ------------------------------------------------------------------------------------------------ cache files
-def _settings(model: GammaModel, checkpoint: str | None) -> dict:
+def _settings(model: GammaModel, checkpoint: str | None, pairs: Mapping[str, tuple[str, str]]) -> dict:
     digest = hashlib.sha1()
     for name, tensor in _tower_state(model).items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return {
         "format_version": FORMAT_VERSION,
-        "prompts": {a: list(ATTRIBUTE_PROMPTS[a]) for a in ATTRIBUTES},
+        "prompts": {a: list(pairs[a]) for a in ATTRIBUTES},
         "score": "softmax over (positive, negative) of logit_scale.exp() * cosine; P(positive)",
         "weights_sha1": digest.hexdigest(),
         "checkpoint": checkpoint,

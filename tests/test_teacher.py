@@ -143,3 +143,29 @@ def test_resumes_after_sigkill(clip_file, folder, tmp_path):
     assert resumed.paths == fresh.paths
     np.testing.assert_allclose(resumed.scores, fresh.scores, rtol=1e-6, atol=1e-7)
     assert list(read_labels(cache).paths) == fresh.paths and ATTRIBUTES[0] in (cache / LABELS_FILE).read_text()
+
+
+def test_other_prompt_pairs_score_those_pairs_and_get_their_own_cache(clip_file, folder, tmp_path):
+    """ATTIQA's Table 7 prompt ablations: the teacher scores other pairs for the five attributes."""
+    from gamma.prompts import ATTRIBUTE_PROMPTS
+
+    model = gamma.create_model(None, pretrained=clip_file)
+    default = label_images(folder, model, tmp_path / "default")
+    same = label_images(folder, model, tmp_path / "same", prompts={a: list(p) for a, p in ATTRIBUTE_PROMPTS.items()})
+    assert np.array_equal(same.scores, default.scores)  # Table 1's pairs given explicitly: the same labels
+    swapped = {a: (neg, pos) for a, (pos, neg) in ATTRIBUTE_PROMPTS.items()}  # P(negative) of Table 1's pairs
+    flipped = label_images(folder, model, tmp_path / "swapped", prompts=swapped)
+    np.testing.assert_allclose(flipped.scores, 1 - default.scores, rtol=0, atol=1e-5)
+    other = {a: ("Good image", "Bad image") for a in ATTRIBUTES}
+    labels = label_images(folder, model, tmp_path / "other", prompts=other)
+    assert np.ptp(labels.scores, axis=1).max() < 1e-6  # one pair for all five: five equal columns
+    assert not np.allclose(labels.scores[:, 0], default.scores[:, 0], atol=1e-3)
+    # The model scores Table 1's pairs again afterwards, and a cache of other prompts is refused.
+    again = label_images(folder, model, tmp_path / "again")
+    assert np.array_equal(again.scores, default.scores)
+    with pytest.raises(ValueError, match="prompts"):
+        label_images(folder, model, tmp_path / "default", prompts=other)
+    with pytest.raises(ValueError, match="missing: noisiness"):
+        label_images(folder, model, tmp_path / "bad", prompts={a: other[a] for a in ATTRIBUTES[:4]})
+    with pytest.raises(ValueError, match="measured teacher has no prompts"):
+        label_images(folder, "measured", tmp_path / "measured", prompts=other)

@@ -25,7 +25,7 @@ from .trainable import TrainableModule
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "probe")
 
 
 class AttributeHead(nn.Module):
@@ -84,7 +84,9 @@ class AttiqaModel(TrainableModule):
 
         ``pretrain``: backbone and attribute heads (the regressor is not used). ``finetune``: backbone, the heads'
         hidden layers and the regressor (the heads' final layers are not used). The backbone is trained end to end
-        in both.
+        in both. ``probe`` (the paper's linear probing): only the regressor, one MLP over the frozen pretrained
+        features (backbone and heads' hidden layers frozen, and kept in eval mode so that BatchNorm's statistics stay
+        the pretrained ones).
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; known stages: {', '.join(STAGES)}")
@@ -92,9 +94,21 @@ class AttiqaModel(TrainableModule):
         self.requires_grad_(True)
         if stage == "pretrain":
             self.regressor.requires_grad_(False)
+        elif stage == "probe":
+            self.backbone.requires_grad_(False)
+            self.heads.requires_grad_(False)
+            self.train(self.training)
         else:
             for head in self.heads.values():
                 head.out.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> AttiqaModel:
+        """As ``nn.Module.train``; in stage ``probe`` the frozen feature extractor stays in eval mode."""
+        super().train(mode)
+        if self.stage == "probe":
+            self.backbone.eval()
+            self.heads.eval()
+        return self
 
     def load_backbone(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load ImageNet weights of a torchvision ResNet of the same depth into the backbone, strictly.
@@ -150,6 +164,10 @@ class AttiqaModel(TrainableModule):
         """Attribute name -> prediction (B,) of full images with the test protocol (unbounded; order matters)."""
         scores = self._over_crops(images, self.attribute_scores)  # (B, 5)
         return dict(zip(ATTRIBUTES, scores.unbind(dim=-1), strict=True))
+
+    def crop_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (B, 2048) of full images with the test protocol, averaged over the crops."""
+        return self._over_crops(images, self.features)
 
     def set_crop_protocol(self, mode: str | None = None, num: int | None = None, seed: int | None = None) -> None:
         """Change the test-time protocol (:class:`CropProtocol`; the crop side stays ``config.crop_size``), as

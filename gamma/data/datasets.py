@@ -25,7 +25,7 @@ from ..io import DECODERS, ImageDecodeError, load_image, load_image_release
 from ..prompts import canonical_scene
 from .meta import MetaTable, check_mos_range, normalize_mos, read_meta, validate_range
 from .registry import DATASETS, META_KINDS, canonical_dataset
-from .splits import check_disjoint, load_split_file, split_indices
+from .splits import check_disjoint, check_grouped, load_split_file, make_splits, split_indices
 from .transforms import TestTransform, TrainTransform
 
 logger = logging.getLogger(__name__)
@@ -34,6 +34,13 @@ logger = logging.getLogger(__name__)
 DATA_ROOT_ENV = "GAMMA_DATA_ROOT"
 
 PHASES: tuple[str, ...] = ("train", "val", "test")
+
+#: ``split_by`` values: None (the split file as given) or 'reference' (no reference image on both sides).
+SPLIT_BY: tuple[str | None, ...] = (None, "reference")
+#: ``split_mode`` values: read ``split_file``, or compute seeded splits from the meta file.
+SPLIT_MODES: tuple[str, ...] = ("file", "computed")
+#: What names a patch row in pyiqa's FLIVE meta file (scripts/process_flive.py there: '<picture>_patch_<k>.<ext>').
+PATCH_MARK = "_patch_"
 
 _SHOW = 5
 
@@ -75,6 +82,20 @@ class DatasetEntry:
     # How images are decoded: 'gamma' (EXIF orientation applied, truncated files are errors, transparency composited
     # on white) or 'release' (the release's PIL open + convert('RGB') with truncated files allowed; docs/model.md).
     decode: str = "gamma"
+    # Leave out the rows whose image is a patch of a picture (pyiqa's FLIVE meta file lists FLIVE's ~40k pictures,
+    # then their patches, named '<picture>_patch_<k>.<ext>', and its official split indexes both): every phase keeps
+    # whole pictures only (ATTIQA's FLIVE protocol; only MUSIQ trained on the patches).
+    exclude_patches: bool = False
+    # 'reference': the entry asks for reference-grouped splits (no reference image on both sides; PromptIQA's
+    # synthetic datasets). A split file read for it is checked and a leak is an error; with split_mode 'computed' the
+    # splits are made so. None: the split file as given, unchecked.
+    split_by: str | None = None
+    # 'file': the split pickle split_file; 'computed': seeded splits made in code from the meta file
+    # (gamma.data.splits.make_splits: split_ratio of the rows train, seed split_seed; with split_by 'reference'
+    # split_ratio of the references, as PromptIQA's official toolkit.py), so no split file is read or needed.
+    split_mode: str = "file"
+    split_seed: int = 123
+    split_ratio: float = 0.8  # split_mode 'computed': the training part's share (ATTIQA's data-efficient 0.1 / 0.2)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -87,7 +108,7 @@ class DatasetEntry:
             self._take_custom_defaults(where)
         self._check_paths(where)
         self.mos_range = check_mos_range(self.mos_range) if self.mos_range is not None else (None, None)
-        for f in ("lower_better", "hflip", "skip_missing", "check_files"):
+        for f in ("lower_better", "hflip", "skip_missing", "check_files", "exclude_patches"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{where}: {f} must be true or false, got {getattr(self, f)!r}")
         if self.kind not in META_KINDS:
@@ -143,7 +164,18 @@ class DatasetEntry:
         if self.split_index != "all" and (isinstance(self.split_index, bool) or not isinstance(self.split_index, int)
                                           or self.split_index < 1):
             raise ValueError(f"{where}: split_index must be an integer >= 1 or 'all', got {si!r}")
-        if self.split_index != "all" and not self.split_file:
+        if self.split_by not in SPLIT_BY:
+            raise ValueError(f"{where}: split_by must be null or one of {', '.join(SPLIT_BY[1:])}, got "
+                             f"{self.split_by!r}")
+        if self.split_mode not in SPLIT_MODES:
+            raise ValueError(f"{where}: split_mode must be one of {', '.join(SPLIT_MODES)}, got {self.split_mode!r}")
+        if isinstance(self.split_seed, bool) or not isinstance(self.split_seed, int):
+            raise ValueError(f"{where}: split_seed must be an integer, got {self.split_seed!r}")
+        if (isinstance(self.split_ratio, bool) or not isinstance(self.split_ratio, (int, float))
+                or not 0 < self.split_ratio < 1):
+            raise ValueError(f"{where}: split_ratio must be a number between 0 and 1 (exclusive), got "
+                             f"{self.split_ratio!r}")
+        if self.split_index != "all" and self.split_mode == "file" and not self.split_file:
             raise ValueError(f"{where}: split_index {self.split_index} needs a split_file; use split_index: all "
                              "for the whole dataset, or make one with scripts/make_splits.py")
         if self.eval_key not in ("val", "test"):
@@ -285,13 +317,16 @@ def build_dataset(
     Args:
         entry: a :class:`DatasetEntry`, its dict form, or a registered name.
         phase: 'train' (the split's 'train' part, train transform) or 'val' / 'test' (the held-out part named by
-            ``entry.eval_key``, full images). With ``split_index: all`` every phase gets every row.
+            ``entry.eval_key``, full images). With ``split_index: all`` every phase gets every row. The split is
+            the entry's split file, or computed from the meta file (``split_mode: computed``); ``exclude_patches``
+            then drops patch rows.
         transform: replaces the phase's default transform (a callable on a (3, H, W) tensor).
         data_root: data root for an entry given as a dict or name without one.
 
     Raises:
         FileNotFoundError: the meta file, the split file, or (without ``skip_missing``) image files are missing.
-        ValueError: bad meta rows, labels outside mos_range, a split index or row out of range, an empty result.
+        ValueError: bad meta rows, labels outside mos_range, a split index or row out of range, a reference image on
+            both sides of the split (``split_by: reference``), an empty result.
     """
     if not isinstance(entry, DatasetEntry):
         entry = DatasetEntry.from_dict(entry, data_root=data_root)
@@ -306,17 +341,17 @@ def build_dataset(
         rows = list(range(len(table)))
         part = "all"
     else:
-        split_file = entry.split_path
-        if not os.path.isfile(split_file):
-            raise FileNotFoundError(f"dataset {entry.name!r}: split file not found: {split_file} "
-                                    f"({entry._root_hint()}); make one with scripts/make_splits.py")
-        splits = load_split_file(split_file)
         part = "train" if phase == "train" else entry.eval_key
-        rows = split_indices(splits, entry.split_index, part, len(table), split_file)
+        splits, source = _splits_of(entry, table)
+        rows = split_indices(splits, entry.split_index, part, len(table), source)
         if phase != "train":
-            check_disjoint(splits, entry.split_index, entry.eval_key, len(table), split_file)
+            check_disjoint(splits, entry.split_index, entry.eval_key, len(table), source)
+        if entry.split_by == "reference":
+            check_grouped(splits, entry.split_index, entry.eval_key, table.groups(), source)
         if not rows:
-            raise ValueError(f"dataset {entry.name!r}: {split_file}: split {entry.split_index} part {part!r} is empty")
+            raise ValueError(f"dataset {entry.name!r}: {source}: split {entry.split_index} part {part!r} is empty")
+    if entry.exclude_patches:
+        rows = _whole_pictures(entry, table, rows, part)
 
     validate_range(table, entry.mos_range, entry.range_check, rows)
 
@@ -330,6 +365,40 @@ def build_dataset(
     logger.info("dataset %s (%s, split %s/%s): %d images from %s", entry.name, phase, entry.split_index, part,
                 len(ds), meta)
     return ds
+
+
+def _splits_of(entry: DatasetEntry, table: MetaTable) -> tuple[dict, str]:
+    """The entry's splits and a name for messages: its split file, or splits computed from the meta table."""
+    if entry.split_mode == "computed":
+        grouped = entry.split_by == "reference"
+        if grouped and table.kind not in ("fr", "custom"):
+            raise ValueError(f"dataset {entry.name!r}: split_by 'reference' needs the meta file's reference column "
+                             f"(kind 'fr', or a custom file's 'group' column); {table.file} is kind {table.kind!r}")
+        splits = make_splits(len(table), table.groups(), entry.split_index, train_ratio=entry.split_ratio,
+                             seed=entry.split_seed, eval_key=entry.eval_key, count="groups" if grouped else "rows")
+        return splits, f"{table.file} (splits computed with seed {entry.split_seed}, ratio {entry.split_ratio:g})"
+    split_file = entry.split_path
+    if not os.path.isfile(split_file):
+        raise FileNotFoundError(f"dataset {entry.name!r}: split file not found: {split_file} "
+                                f"({entry._root_hint()}); make one with scripts/make_splits.py")
+    return load_split_file(split_file), split_file
+
+
+def is_patch(path: str) -> bool:
+    """Whether a meta row's image is a patch of a picture (pyiqa's FLIVE naming, :data:`PATCH_MARK`)."""
+    return PATCH_MARK in os.path.basename(path)
+
+
+def _whole_pictures(entry: DatasetEntry, table: MetaTable, rows: list[int], part: str) -> list[int]:
+    """``rows`` without the patch rows (``exclude_patches``), the count logged."""
+    kept = [i for i in rows if not is_patch(table.records[i].path)]
+    if len(kept) < len(rows):
+        logger.info("dataset %s (%s): %d patch row(s) left out (exclude_patches), %d whole pictures kept",
+                    entry.name, part, len(rows) - len(kept), len(kept))
+    if not kept:
+        raise ValueError(f"dataset {entry.name!r}: every one of the {len(rows)} row(s) of part {part!r} in "
+                         f"{table.file} is a patch ('{PATCH_MARK}' in its file name); exclude_patches leaves none")
+    return kept
 
 
 def _check_files(entry: DatasetEntry, table: MetaTable, rows: list[int]) -> list[int]:

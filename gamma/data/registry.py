@@ -89,7 +89,8 @@ DATASETS: dict[str, DatasetInfo] = {
               _M + "meta_info_AIGCIQA2023Dataset.csv", _M + "aigciqa2023_10split.pkl", num_images=2400),
         # FLIVE / PaQ-2-PiQ (Ying et al., CVPR 2020), for ATTIQA's tables: pyiqa's meta file and its one official
         # split (train / val / test; the held-out part is 'test'). pyiqa's file lists the ~40k whole pictures first,
-        # then their patches; the official split indexes both (docs/paper-protocols.md).
+        # then their patches; the official split indexes both (an entry's exclude_patches leaves the patches out;
+        # docs/paper-protocols.md).
         _info("flive", "FLIVE", "MOS", 0, 100, "nr", "FLIVE_Database/database",
               _M + "meta_info_FLIVEDataset.csv", _M + "flive_official.pkl", eval_key="test"),
     )

@@ -122,6 +122,29 @@ def check_disjoint(splits: dict, split_index: int, eval_key: str, n_rows: int, f
     return len(shared)
 
 
+def leaking_groups(splits: dict, split_index: int, eval_key: str, groups: Sequence[object],
+                   file: str = "<splits>") -> list[object]:
+    """The groups (reference images) with rows on both sides of split ``split_index``, in order of first row."""
+    n = len(groups)
+    train = {groups[r] for r in split_indices(splits, split_index, "train", n, file)}
+    held = {groups[r] for r in split_indices(splits, split_index, eval_key, n, file)}
+    both = train & held
+    return list(dict.fromkeys(g for g in groups if g in both))
+
+
+def check_grouped(splits: dict, split_index: int, eval_key: str, groups: Sequence[object],
+                  file: str = "<splits>") -> None:
+    """Raise ``ValueError`` when split ``split_index`` puts a reference image on both sides (for an entry that asks
+    for reference-grouped splits: ``split_by: reference``); the message gives the count of leaking references."""
+    leaks = leaking_groups(splits, split_index, eval_key, groups, file)
+    if leaks:
+        shown = ", ".join(map(str, leaks[:_SHOW])) + (" ..." if len(leaks) > _SHOW else "")
+        raise ValueError(f"{file}: split {split_index} puts {len(leaks)} of {len(set(groups))} reference image(s) on "
+                         f"both sides ('train' and {eval_key!r}): {shown}; the entry asks for reference-grouped "
+                         "splits (split_by: reference). Use split_mode: computed, or a file written by "
+                         "scripts/make_splits.py, or split_by: null to accept the file as it is")
+
+
 # ------------------------------------------------------------------------------------------------------ making
 
 
@@ -132,11 +155,14 @@ def make_splits(
     train_ratio: float = 0.8,
     seed: int = 123,
     eval_key: str = "val",
+    count: str = "rows",
 ) -> dict[int, dict[str, list[int]]]:
     """Seeded random train/held-out splits in the pyiqa format, grouped so that no group is on both sides.
 
     Groups (reference images for full-reference sets, image paths otherwise) are shuffled and taken into the train
-    part until it holds the number of items closest to ``train_ratio * n_items``, keeping both parts non-empty.
+    part until it holds the number of items closest to ``train_ratio * n_items`` (``count='rows'``), or the first
+    ``round(train_ratio * n_groups)`` of them (``count='groups'``: PromptIQA's official toolkit.py, which shuffles the
+    reference indices and trains on the first 80 %), keeping both parts non-empty.
     Without ``groups`` every item is its own group. Row lists are sorted. The result depends only on the arguments.
 
     Args:
@@ -146,6 +172,7 @@ def make_splits(
         train_ratio: target fraction of rows in the train part, in (0, 1).
         seed: random seed.
         eval_key: name of the held-out part ('val' as pyiqa, or 'test').
+        count: what ``train_ratio`` counts, 'rows' or 'groups'.
 
     Returns:
         ``{i: {'train': rows, eval_key: rows}}`` for i in 1..n_splits.
@@ -158,6 +185,8 @@ def make_splits(
         raise ValueError(f"train_ratio must be in (0, 1), got {train_ratio!r}")
     if eval_key not in ("val", "test"):
         raise ValueError(f"eval_key must be 'val' or 'test', got {eval_key!r}")
+    if count not in ("rows", "groups"):
+        raise ValueError(f"count must be 'rows' or 'groups', got {count!r}")
     if groups is None:
         gid = np.arange(n_items)
     else:
@@ -175,8 +204,11 @@ def make_splits(
     out: dict[int, dict[str, list[int]]] = {}
     for k in range(1, n_splits + 1):
         order = rng.permutation(n_groups)
-        cum = np.cumsum(sizes[order])[:-1]  # train sizes for prefixes of 1..G-1 groups
-        n_train_groups = int(np.argmin(np.abs(cum - target))) + 1
+        if count == "groups":
+            n_train_groups = min(max(round(train_ratio * n_groups), 1), n_groups - 1)
+        else:
+            cum = np.cumsum(sizes[order])[:-1]  # train sizes for prefixes of 1..G-1 groups
+            n_train_groups = int(np.argmin(np.abs(cum - target))) + 1
         in_train = np.zeros(n_groups, dtype=bool)
         in_train[order[:n_train_groups]] = True
         mask = in_train[gid]
@@ -223,6 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--eval-key", choices=("val", "test"), help="name of the held-out part (default val; AVA test)")
     p.add_argument("--group-by", choices=("auto", "none"), default="auto",
                    help="auto: reference image (fr) or 'group' column (custom), else image path; none: every row alone")
+    p.add_argument("--count", choices=("rows", "groups"), default="rows",
+                   help="what --train-ratio counts: rows (default), or groups (PromptIQA's official split: 80%% of the "
+                   "reference images)")
+    p.add_argument("--check", action="store_true",
+                   help="read the split pickle given as -o and report, per split, the groups (reference images) on "
+                   "both sides, instead of writing one")
     p.add_argument("--all", action="store_true", help="one split whose held-out part is the whole dataset")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
     args = p.parse_args(argv)
@@ -239,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kind is None:
         kind = _guess_kind(args.meta)
     eval_key = eval_key or "val"
+    if args.check:
+        return _report_leaks(args.meta, kind, args.output, eval_key)
     if os.path.exists(args.output) and not args.force:
         p.error(f"{args.output} exists; pass --force to overwrite")
     try:
@@ -247,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             splits = all_split(len(table), eval_key)
         else:
             groups = None if args.group_by == "none" else table.groups()
-            splits = make_splits(len(table), groups, args.n_splits, args.train_ratio, args.seed, eval_key)
+            splits = make_splits(len(table), groups, args.n_splits, args.train_ratio, args.seed, eval_key,
+                                 count=args.count)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -257,6 +298,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {len(splits)} split(s) of {len(table)} rows ({n_groups} groups, kind {kind}) to {args.output}: "
           f"split 1 has {len(first['train'])} train / {len(first[eval_key])} {eval_key}")
     return 0
+
+
+def _report_leaks(meta: str, kind: str, split_file: str, eval_key: str) -> int:
+    """``--check``: print, per split of ``split_file``, how many groups of ``meta`` sit on both sides."""
+    try:
+        table = read_meta(meta, kind)
+        splits = load_split_file(split_file)
+        groups = table.groups()
+        counts = {k: len(leaking_groups(splits, k, eval_key, groups, split_file)) for k in sorted(splits)}
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for k, n in counts.items():
+        print(f"{split_file}: split {k}: {n} of {len(set(groups))} group(s) on both sides")
+    return 1 if any(counts.values()) else 0
 
 
 def _guess_kind(meta: str) -> str:

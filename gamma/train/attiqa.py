@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._files import atomic_write
@@ -45,14 +46,14 @@ from ..hub import resolve_weights
 from ..io import list_image_files
 from ..metrics import evaluate_scores
 from ..prompts import ATTRIBUTES
-from ..teacher import MEASURED, label_images, read_labels
+from ..teacher import MEASURED, check_prompts, label_images, read_labels
 from ..weights import read_checkpoint, save_checkpoint
 from .checkpoint import LAST, write_json
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, cleanup, setup
 from .evaluate import METRICS, autocast
-from .loop import Objective, Run, train
-from .run_folder import run_dir_of
+from .loop import Objective, Run, build_datasets, build_model, train
+from .run_folder import run_dir_of, split_config
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +105,24 @@ def check_pretrain(cfg: TrainConfig) -> None:
         raise ConfigError(f"attiqa.resize ({a.resize}) must be 0 or at least attiqa.crop_size ({a.crop_size})")
     if not cfg.data and not a.folders:
         raise ConfigError("stage attiqa_pretrain has no images: list data entries or attiqa.folders")
+    if a.prompts is not None:
+        if a.teacher == MEASURED:
+            raise ConfigError(f"attiqa.prompts: the {MEASURED!r} teacher has no prompts; give a CLIP-layout teacher")
+        read_prompts(a.prompts)
+
+
+def read_prompts(path: str) -> dict[str, tuple[str, str]]:
+    """The teacher's prompt pairs from ``attiqa.prompts``: a YAML file ``{attribute: [positive, negative]}`` naming
+    each of the five attributes (:func:`gamma.teacher.check_prompts`).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not five pairs (the message names the file).
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return check_prompts(yaml.safe_load(fh))
+    except (OSError, yaml.YAMLError, ValueError) as exc:
+        raise ConfigError(f"attiqa.prompts: {path}: {exc}") from None
 
 
 def check_student(cfg: TrainConfig) -> None:
@@ -222,20 +241,39 @@ def pretraining_objective(cfg: TrainConfig, dist: DistInfo) -> tuple[Objective, 
     labels = {e.name: read_labels(_cache_dir(cfg, e.name)).as_dict() for e in (*train_entries, *eval_entries)}
     train_sets = [TeacherLabelled(build_dataset(e, "train"), labels[e.name]) for e in train_entries]
     eval_sets = {e.name: TeacherLabelled(build_dataset(e, e.eval_key), labels[e.name]) for e in eval_entries}
-    margin = a.margin
+    margin, kind = a.margin, a.loss
 
     def loss_sum(pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """The ranking loss of the micro-batch's real samples (pairs within it), weighted by their number."""
+        """The loss of the micro-batch's real samples, weighted by their number: the ranking loss of the pairs
+        within it, or (``attiqa.loss: l2``) :func:`attribute_l2_loss`."""
         real = batch["weight"].to(pred.device) > 0
         n = int(real.sum())
-        if n < 2:  # no pair: a zero that still reaches every parameter (DDP expects gradients)
+        if n < (2 if kind == "ranking" else 1):  # no pair: a zero that still reaches every parameter (DDP)
             return pred.sum() * 0.0
         teacher = batch["teacher"].to(pred.device, non_blocking=True).float()
+        if kind == "l2":
+            return attribute_l2_loss(pred[real], teacher[real]) * n
         return attribute_ranking_loss(pred[real], teacher[real], margin) * n
 
     objective = Objective(train_sets=train_sets, eval_sets=eval_sets, loss_sum=loss_sum, evaluate=head_agreement,
                           configure_model=lambda m: m.set_stage("pretrain"))
     return objective, {e.name: str(_cache_dir(cfg, e.name)) for e in (*train_entries, *eval_entries)}
+
+
+def attribute_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The L2 pretraining loss of ATTIQA's Table 7 ablation: per attribute, the mean over the batch of
+    ``(pred - target) ** 2`` (the teacher's score values, not their order), summed over the attributes as the ranking
+    loss is.
+
+    Raises:
+        ValueError: shapes differ or are not (B, A), or the targets are not finite.
+    """
+    if pred.dim() != 2 or pred.shape != target.shape:
+        raise ValueError(f"pred and target must both be (batch, attributes), got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError("teacher targets contain NaN or infinite values")
+    return (pred - target.to(pred.dtype)).square().mean(dim=0).sum()
 
 
 def _label_all(cfg: TrainConfig, train_entries: list[DatasetEntry], eval_entries: list[DatasetEntry]) -> None:
@@ -254,7 +292,54 @@ def _label_all(cfg: TrainConfig, train_entries: list[DatasetEntry], eval_entries
                 model = model.to("cuda" if cfg.device == "auto" else cfg.device)
         label_images(list(dict.fromkeys(paths)), model if model is not None else MEASURED, _cache_dir(cfg, name),
                      root=entry.image_root, batch_size=a.teacher_batch_size, chunk_size=a.chunk_size,
-                     on_error="skip")
+                     on_error="skip", prompts=read_prompts(a.prompts) if a.prompts is not None else None)
+
+
+# ------------------------------------------------------------------------------------------------ feature analysis
+FEATURES_FILE = "feature_similarity.json"
+
+
+def feature_similarity(cfg: TrainConfig, all_splits: bool = False) -> dict[str, Any]:
+    """The paper's feature analysis (Table 5) after stage ``attiqa_finetune`` (``attiqa.feature_similarity``): the
+    cosine similarity of each held-out picture's pooled backbone feature (2048-d, averaged over the test crops) under
+    the starting weights and under the fine-tuned ones (the run's ``last.pth``), averaged over each held-out set.
+
+    Written to each split's ``feature_similarity.json`` by the main process (rank 0; other processes return {}).
+
+    Returns:
+        ``{split index: {'datasets': {name: {'cosine': mean, 'images': n}}, 'mean': mean over datasets}}``.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    out: dict[str, Any] = {}
+    for k in (cfg.splits if all_splits else [cfg.split_index]):
+        cfg_k = split_config(cfg, k) if all_splits else cfg
+        run_dir = run_dir_of(cfg_k)
+        before = build_model(cfg_k).to(device).eval()  # the run's start: same weights, same seed
+        after = create_model(None, pretrained=run_dir / LAST).to(device).eval()
+        for m in (before, after):
+            m.set_crop_protocol(mode=cfg.eval.crop_mode, num=cfg.eval.crops, seed=cfg.eval.crop_seed)
+        _, held = build_datasets(cfg_k)
+        per = {name: {"cosine": float(np.mean(sims)), "images": len(sims)}
+               for name, ds in held.items() if (sims := _feature_cosines(before, after, ds, device))}
+        result = {"datasets": per, "mean": float(np.mean([v["cosine"] for v in per.values()])) if per else None}
+        write_json(run_dir / FEATURES_FILE, result)
+        logger.info("split %d: backbone features before vs after fine-tuning, mean cosine similarity %s", k,
+                    ", ".join(f"{n} {v['cosine']:.4f}" for n, v in per.items()))
+        out[str(k)] = result
+    return out
+
+
+@torch.no_grad()
+def _feature_cosines(before: AttiqaModel, after: AttiqaModel, ds: Dataset, device: torch.device) -> list[float]:
+    """Per picture of ``ds``: cosine similarity of the two models' crop-averaged pooled backbone features."""
+    sims = []
+    for i in range(len(ds)):
+        img = ds[i]["img"][None].to(device)
+        a, b = before.crop_features(img), after.crop_features(img)
+        sims.append(float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).item()))
+    return sims
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

@@ -211,6 +211,18 @@ class AttiqaCfg:
     resize: int = 340  # folder images: short side resized to this first (0 = keep) ...
     crop_size: int = 320  # ... then a random crop of this side (and a random flip)
     margin: float = 0.1  # of the margin-ranking loss (the paper's)
+    # The teacher's prompt pairs: a YAML file mapping each of the five attributes to [positive, negative] (ATTIQA's
+    # Table 7: the pairs of median or lowest proxy-task score); None: Table 1's pairs. A CLIP teacher only.
+    prompts: str | None = None
+    # Pretraining loss: 'ranking' (the paper's margin ranking on in-batch pairs) or 'l2' (its Table 7 ablation: the
+    # mean squared difference between the student's attribute outputs and the teacher scores, summed over attributes).
+    loss: Literal["ranking", "l2"] = "ranking"
+    # Stage attiqa_finetune: 'full' (backbone, heads' hidden layers and regressor train) or 'linear_probe' (the
+    # paper's linear probing: backbone and heads frozen, one regression MLP, the regressor, trained).
+    finetune: Literal["full", "linear_probe"] = "full"
+    # Stage attiqa_finetune: after training, the cosine similarity of the pooled backbone features before (the
+    # starting weights) and after fine-tuning, on each held-out set (the paper's feature analysis, Table 5).
+    feature_similarity: bool = False
     teacher_batch_size: int = 32  # images per teacher forward
     chunk_size: int = 256  # images per cached label file (what a kill can lose)
     output: str = "attiqa_pretrained.pth"  # the pretrained student, relative to the run folder
@@ -305,11 +317,25 @@ class TrainConfig:
             raise ConfigError(f"data: more than one entry named {dup[0]!r}; results are keyed by name, so give each "
                               "entry its own name")
         self._check_eval()
+        self._check_attiqa()
         for i, name in enumerate(self.eval.datasets or []):
             if name not in names:
                 raise ConfigError(f"eval.datasets.{i}: no dataset entry named {name!r}{suggest(name, names)}; "
                                   f"entries: {', '.join(names) or '(none)'}")
 
+
+    def _check_attiqa(self) -> None:
+        """ATTIQA options that only one stage reads are an error elsewhere (a silently ignored ablation)."""
+        a = self.attiqa
+        if a.prompts is not None and self.stage != "attiqa_pretrain":
+            raise ConfigError(f"attiqa.prompts: the teacher's prompts apply to stage attiqa_pretrain, not {self.stage}")
+        if a.loss != "ranking" and self.stage != "attiqa_pretrain":
+            raise ConfigError(f"attiqa.loss: {a.loss!r} is a pretraining loss; it applies to stage attiqa_pretrain, "
+                              f"not {self.stage}")
+        for key, value, default in (("finetune", a.finetune, "full"), ("feature_similarity", a.feature_similarity,
+                                                                           False)):
+            if value != default and self.stage != "attiqa_finetune":
+                raise ConfigError(f"attiqa.{key}: applies to stage attiqa_finetune, not {self.stage}")
 
     def _check_eval(self) -> None:
         sets = self.eval.prompt_sets

@@ -158,6 +158,8 @@ def build_model(cfg: TrainConfig) -> GammaModel:
         model = create_model(m.name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **m.overrides)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}") from exc
+    if cfg.stage == "attiqa_finetune" and cfg.attiqa.finetune == "linear_probe":
+        model.set_stage("probe")  # only the regressor trains (docs/attiqa.md#trainer-stages)
     return model
 
 

@@ -79,7 +79,10 @@ def attiqa_finetune(cfg: TrainConfig, resume: bool = False, all_splits: bool = F
     """Stage ``attiqa_finetune``: MOS training of an ATTIQA student (docs/attiqa.md#trainer-stages), run as stage
     ``gamma`` runs (one split, or every split and the median table)."""
     attiqa.check_student(cfg)
-    return train_gamma(cfg, resume=resume, all_splits=all_splits)
+    result = train_gamma(cfg, resume=resume, all_splits=all_splits)
+    if cfg.attiqa.feature_similarity:  # the paper's feature analysis (docs/attiqa.md#option-files)
+        result["feature_similarity"] = attiqa.feature_similarity(cfg, all_splits=all_splits)
+    return result
 
 
 STAGES: dict[str, Stage] = {

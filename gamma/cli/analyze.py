@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         scorer = Scorer(args.weights, model=args.model, prompt_set=args.prompt_set, device=args.device,
                         batch_size=args.batch_size, crops=args.crops, num_crops=args.num_crops, num_workers=0)
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError.from_library(exc) from None
     model = scorer.model
     if not isinstance(model, GammaModel):
         raise UsageError(f"gamma analyze reads Gamma's MoAE routers and experts; {args.weights or args.model} holds a "
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             for row in rows:
                 print(f"{row['setting']:<16} SRCC {row['srcc']:.4f}  PLCC {row['plcc']:.4f}  ({row['images']} images)")
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError.from_library(exc) from None
     for path in written:
         print(f"wrote {path}")
     return 0

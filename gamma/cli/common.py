@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,9 +14,33 @@ logger = logging.getLogger("gamma.cli")
 class UsageError(Exception):
     """A problem with the command line or the setup; printed without a traceback, exit status 2."""
 
+    @classmethod
+    def from_library(cls, exc: BaseException) -> UsageError:
+        """A library error, its Python keyword arguments (``prompt_set='sdp'``) said as the options that set them
+        (``--prompt-set sdp``)."""
+        return cls(cli_words(str(exc)))
+
 
 class PeerError(Exception):
     """Sharded scoring: rank 0 reports the error (once); the other processes exit with the same status, silently."""
+
+
+# Python keyword arguments in library messages -> the command line's options (a "(CLI: --x)" hint already there wins).
+_CLI_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"\b(?:allow_slow|allow_unsafe|prompt_set|precision|prompt)=\S+ \(CLI: (--[\w-]+)\)"), r"\1"),
+    (re.compile(r"\ballow_slow=True\b"), "--allow-slow"),
+    (re.compile(r"\ballow_unsafe=True\b"), "--allow-unsafe-pickle"),
+    (re.compile(r"\bprompt_set=(['\"])(\w+)\1"), r"--prompt-set \2"),
+    (re.compile(r"\bprecision=(['\"])(\w+)\1"), r"--precision \2"),
+    (re.compile(r"\bprompt=(['\"])([^'\"]+)\1"), r"--isp \2"),
+)
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the Python keyword arguments it names said as command-line options."""
+    for pattern, replacement in _CLI_WORDS:
+        message = pattern.sub(replacement, message)
+    return message
 
 
 def positive_int(text: str) -> int:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         written = convert_checkpoint(args.source, dest, precision=args.precision, prompt_set=args.prompt_set,
                                      allow_unsafe=args.allow_unsafe_pickle)
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError.from_library(exc) from None
     size = written.stat().st_size / 2**20
     print(f"wrote {written} ({size:,.0f} MiB, {args.precision} weights)")
     return 0

@@ -68,6 +68,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=PRECISIONS, help="how the image tower computes: fp32 (exact), bf16, fp16, "
                    "int8 (CPU), auto (the fastest this device runs well); default: as the weights are stored (fp32 "
                    "for the release's files). Under torchrun each process applies it for its own device")
+    s.add_argument("--allow-slow", action="store_true", help="with --precision: run it even where this device runs "
+                   "it slower than fp32 (a warning instead of an error; e.g. to measure its agreement)")
     s.add_argument("--crops", choices=CROP_MODES,
                    help="test-time crop protocol (default: random, the release's 10 seeded random crops)")
     s.add_argument("--num-crops", type=positive_int, help="crops per image for random/grid (default 10)")

@@ -57,7 +57,7 @@ def resolve_options(args: argparse.Namespace) -> None:
         try:
             args.isp_pairs = read_prompt_file(args.isp)
         except PromptFileError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError.from_library(exc) from None
     elif args.adapt_outputs is not None or args.isp_flip:
         raise UsageError(f"{'--adapt-outputs' if args.adapt_outputs else '--isp-flip'} applies together with --isp")
 
@@ -97,13 +97,15 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
     if args.model is not None and args.weights is None:
         logger.warning("--model %s without --weights: random weights (tests and demos only)", args.model)
         torch.manual_seed(0)  # the same random weights on every run, so that --resume continues consistently
+    # --allow-slow: the model is built as stored, then put into the precision with the device check relaxed.
+    slow = args.allow_slow and args.precision not in (None, "fp32")
     try:
         scorer = Scorer(
             args.weights,
             model=args.model,
             prompt_set=args.prompt_set,
             device=device,
-            precision=args.precision,
+            precision=None if slow else args.precision,
             batch_size=args.batch_size,
             crops=args.crops,
             num_crops=args.num_crops,
@@ -119,11 +121,13 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             backend=args.promptiqa_backend,
         )
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError.from_library(exc) from None
     except (RuntimeError, AssertionError) as exc:  # torch: unknown device, or CUDA not available
         if device is None:
             raise
         raise UsageError(f"cannot use device {str(device)!r}: {str(exc).splitlines()[0]}") from None
+    if slow:
+        _allow_slow(scorer, args.precision)
     if scorer.is_promptiqa:
         return _setup_promptiqa(scorer, args)
     if scorer.model.config.prompt_set == "sdp" and args.scene is None:
@@ -136,7 +140,7 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
         try:
             scorer.model.scene_index(args.scene, 1, scorer.device)
         except ValueError as exc:
-            raise UsageError(str(exc)) from None
+            raise UsageError.from_library(exc) from None
         scorer.scene = args.scene
     if args.isp_pairs is not None:
         try:
@@ -144,6 +148,16 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
         except (NotEnoughPairsError, PromptFileError) as exc:
             raise UsageError(f"cannot adapt to --isp {args.isp}: {exc}") from None
     return scorer
+
+
+def _allow_slow(scorer: Scorer, precision: str) -> None:
+    """``--precision P --allow-slow``: P even where this device runs it slower than fp32 (a warning, not an error)."""
+    if scorer.is_promptiqa:
+        raise UsageError(f"--precision {precision} applies to Gamma models; PromptIQA runs in fp32")
+    try:
+        scorer.model = scorer.model.to_precision(precision, allow_slow=True).eval()
+    except ValueError as exc:
+        raise UsageError.from_library(exc) from None
 
 
 def _setup_promptiqa(scorer: Scorer, args: argparse.Namespace) -> Scorer:
@@ -163,7 +177,7 @@ def _setup_promptiqa(scorer: Scorer, args: argparse.Namespace) -> Scorer:
     try:
         scorer.set_prompt(args.isp_pairs)
     except PromptFileError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError.from_library(exc) from None
     return scorer
 
 

@@ -67,7 +67,7 @@ def score_sharded(args: argparse.Namespace) -> int:
     try:
         info = distributed.setup(device=args.device or "auto", timeout_s=_SHARD_TIMEOUT_S)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError.from_library(exc) from None
     try:
         return _score_share(args, info)
     finally:

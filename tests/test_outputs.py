@@ -290,6 +290,11 @@ def test_cli_scores_with_promptiqa_and_a_prompt_file(photos, prompt_dir, piqa_fi
     h = read_rows(tmp_path / "h.csv")
     assert h[0] == ["name", "score", "mos"] and [r[1] for r in h[1:]] == [r[1] for r in rows[1:]]
     assert_close([float(r[2]) for r in h[1:]], [100 * float(r[1]) for r in h[1:]], rtol=0, atol=1e-3)
+    # The option's former name, --prompt-file, still works (with a warning): the same rows.
+    old = tmp_path / "old.csv"
+    assert main(["score", *map(str, photos), "--model", "promptiqa_test", "--weights", str(piqa_file),
+                 "--prompt-file", str(csv_path), *FAST, "--out", str(old)]) == 0
+    assert read_rows(old) == rows
 
 
 @pytest.mark.parametrize("case", ["missing image", "undecodable image", "not a number", "one pair", "out of range",

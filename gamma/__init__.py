@@ -26,8 +26,7 @@ _EXPORTS: dict[str, str] = {
 
 # Submodules reachable as attributes after a plain ``import gamma`` (gamma.io.load_image, gamma.weights...).
 _SUBMODULES = frozenset({"adapt", "analysis", "archs", "cli", "config", "data", "factory", "hub", "io", "metrics",
-                         "prompt_file", "prompts", "pyiqa_plugin", "reference", "scorer", "teacher", "train",
-                         "weights"})
+                         "prompt_file", "prompts", "pyiqa_plugin", "scorer", "train", "weights"})
 
 __all__ = [
     "ATTRIBUTES",

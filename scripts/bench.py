@@ -4,9 +4,9 @@ Everything that is compared is measured in the same run, interleaved (A B C A B 
 
 - **ours**: :class:`gamma.GammaModel` (cached text features, fused experts, class-token-only last block, deduplicated
   crops, ``inference_mode``);
-- **reference**: :class:`gamma.reference.ReleaseReference`, the release's forward written literally (text tower over 77
-  tokens on every call, experts in a Python loop, crops one after another) on the *same* weights; the max abs score
-  difference is reported (fp32: must be <= 1e-5);
+- **reference**: :class:`gamma.testing.reference.ReleaseReference`, the release's forward written literally (text
+  tower over 77 tokens on every call, experts in a Python loop, crops one after another) on the *same* weights; the max
+  abs score difference is reported (fp32: must be <= 1e-5);
 - **matmul**: the machine's own rate for a large square fp32 ``torch.mm``, the ceiling for the model's FLOP rate;
 - **floor**: the same CLIP backbone without MoAE (:func:`gamma.archs.clip.build_clip` with ``moae_layers=0``: open_clip
   modules, QuickGELU, the class-token-only last block; random init, image encoding only), which a model with dense MoAE
@@ -65,7 +65,7 @@ from gamma.archs.clip import build_clip  # noqa: E402
 from gamma.config import GammaConfig  # noqa: E402
 from gamma.data import synthetic as syn  # noqa: E402
 from gamma.data.photos import distorted_photos  # noqa: E402
-from gamma.reference import ReleaseReference  # noqa: E402
+from gamma.testing.reference import ReleaseReference  # noqa: E402
 
 logger = logging.getLogger("bench")
 

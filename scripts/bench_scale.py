@@ -144,8 +144,8 @@ def make_photos(folder: Path, count: int) -> Path:
 
 def bench_shards(folder: Path, weights: Path, images: int, crops: str, rounds: int, threads: int) -> dict[str, Any]:
     listing = make_photos(folder / "photos", images)
-    common = ["-v", "score", "--list", str(listing), "--weights", str(weights), "--prompt", "naive", "--crops", crops,
-              "--no-progress", "--workers", "1", "--overwrite"]
+    common = ["-v", "score", "--list", str(listing), "--weights", str(weights), "--prompt-set", "naive",
+              "--crops", crops, "--no-progress", "--workers", "1", "--overwrite"]
 
     def rate(cmd: list[str], env: dict[str, str]) -> float:
         _, text = run(cmd, REPO, env)

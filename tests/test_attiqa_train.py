@@ -19,12 +19,12 @@ from skimage import data as skdata
 import gamma
 from gamma.archs import AttiqaModel, attribute_ranking_loss
 from gamma.prompts import ATTRIBUTES
-from gamma.teacher import SETTINGS_FILE, measure_attributes, read_labels
 from gamma.train import loop
 from gamma.train.attiqa import FOLDER_LIST, head_agreement, pretraining_objective
 from gamma.train.config import ConfigError, load_config
 from gamma.train.distributed import DistInfo
 from gamma.train.main import main
+from gamma.train.teacher import SETTINGS_FILE, measure_attributes, read_labels
 from gamma.weights import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

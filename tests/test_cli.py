@@ -128,7 +128,8 @@ def test_setup_errors_exit_two_with_a_message(image_dir, tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert "gamma: error: no weight file for 'gamma'" in err and str(tmp_path / "empty" / "Gamma.pth") in err
     assert main(["score", str(image_dir), "--model", "gamma_test_sdp", "--no-progress"]) == 2
-    assert "--scene" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pass --scene" in err and "auto" in err  # the missing-scene message names every choice
     assert main(["score", str(image_dir), *FAST, "--out", str(tmp_path / "s.xlsx")]) == 2
     assert main(["score", str(image_dir), *FAST, "--scene", "mars"]) == 2
     assert "unknown scene" in capsys.readouterr().err
@@ -166,6 +167,105 @@ def test_version_and_list(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "gamma_test" in out and "Gamma.pth" in out and "underwater" in out and "grid" in out
+
+
+def _renamed_warnings(caplog, old: str) -> int:
+    return sum(r.getMessage().startswith(f"{old} is now called") for r in caplog.records)
+
+
+def test_renamed_options_give_the_same_result_and_warn_once(image_dir, tmp_path, caplog, capsys):
+    one = str(image_dir / "coffee.jpg")
+    assert main(["score", one, *FAST, "--prompt-set", "quality"]) == 0
+    new = capsys.readouterr().out
+    assert _renamed_warnings(caplog, "--prompt") == 0
+    assert main(["score", one, *FAST, "--prompt", "naive", "--prompt", "quality"]) == 0  # the last one counts
+    assert capsys.readouterr().out == new
+    assert _renamed_warnings(caplog, "--prompt") == 1
+    assert main(["score", one, *FAST]) == 0
+    assert capsys.readouterr().out != new  # the option reached the model (naive prompts score otherwise)
+    # --prompt-flip is --isp-flip: refused the same way without --isp, naming the new options.
+    caplog.clear()
+    assert main(["score", one, *FAST, "--prompt-flip"]) == 2
+    assert "--isp-flip applies together with --isp" in capsys.readouterr().err
+    assert _renamed_warnings(caplog, "--prompt-flip") == 1
+    # gamma convert and gamma analyze take --prompt-set, and --prompt as before.
+    weights = tmp_path / "naive.pt"
+    from gamma.weights import read_checkpoint, save_checkpoint
+
+    save_checkpoint(gamma.create_model("gamma_test"), weights)
+    for flag, dest in (("--prompt-set", "a.safetensors"), ("--prompt", "b.safetensors")):
+        assert main(["convert", str(weights), str(tmp_path / dest), flag, "sdp"]) == 0
+        assert read_checkpoint(tmp_path / dest).config.prompt_set == "sdp"
+    args = gamma.cli.build_parser().parse_args(["analyze", "routing", "a=b", "--prompt", "sdp"])
+    assert args.prompt_set == "sdp" and args.renamed_options == {"--prompt": "--prompt-set"}
+    for command in (["score", "--help"], ["convert", "--help"]):  # --help shows only the new names
+        with pytest.raises(SystemExit):
+            main(command)
+        text = capsys.readouterr().out
+        assert "--prompt-set" in text and "--prompt " not in text and "--prompt-file" not in text
+
+
+def test_verbose_before_or_after_the_command(image_dir, tmp_path, capsys):
+    one = str(image_dir / "coffee.jpg")
+    for argv in (["-v", "score", one], ["score", one, "-v"], ["score", "-v", one], ["score", one]):
+        assert main([*argv, *FAST, "--out", str(tmp_path / "v.csv"), "--overwrite"]) == 0
+        assert ("rate:" in capsys.readouterr().err) == ("-v" in argv), argv
+    parse = gamma.cli.build_parser().parse_args
+    assert parse(["analyze", "routing", "a=b", "-v"]).verbose and parse(["-v", "analyze", "routing", "a=b"]).verbose
+    assert not parse(["analyze", "routing", "a=b"]).verbose and not parse(["list"]).verbose
+
+
+def test_a_command_is_one_module_and_one_name(monkeypatch, capsys):
+    """What `gamma demo` / `gamma report` will do: a module with NAME, add_parser and run, and its name in COMMANDS."""
+    import argparse
+    import types
+
+    from gamma import cli
+    from gamma.cli.common import UsageError
+
+    hello = types.ModuleType("gamma.cli.hello")
+    hello.NAME = "hello"
+    hello.add_parser = lambda sub: _hello_parser(sub)
+
+    def run(args: argparse.Namespace) -> int:
+        if args.who == "nobody":
+            raise UsageError("--who nobody: say hello to someone")
+        print(f"hello {args.who}{' (verbose)' if args.verbose else ''}")
+        return 0
+
+    hello.run = run
+    monkeypatch.setitem(sys.modules, "gamma.cli.hello", hello)
+    monkeypatch.setattr(cli, "COMMANDS", (*cli.COMMANDS, "hello"))
+    assert main(["hello", "--who", "you", "-v"]) == 0
+    assert capsys.readouterr().out == "hello you (verbose)\n"
+    assert main(["hello", "--who", "nobody"]) == 2
+    assert capsys.readouterr().err == "gamma: error: --who nobody: say hello to someone\n"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    listed = capsys.readouterr().out
+    assert listed.index("score") < listed.index("train") < listed.index("hello  ") and "greets" in listed
+
+
+def _hello_parser(subparsers):
+    parser = subparsers.add_parser("hello", help="greets")
+    parser.add_argument("--who", required=True)
+    return parser
+
+
+def test_allow_slow_runs_a_precision_this_cpu_runs_slowly(image_dir, monkeypatch, caplog, capsys):
+    from gamma.archs import precision
+
+    one = str(image_dir / "coffee.jpg")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset({"avx512_bf16"}))  # a CPU that runs bf16 well
+    assert main(["score", one, *FAST, "--precision", "bf16"]) == 0
+    fast_row = capsys.readouterr().out.splitlines()[1]
+    monkeypatch.setattr(precision, "cpu_flags", lambda: frozenset())  # one without AVX512-BF16 or AMX
+    assert main(["score", one, *FAST, "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "slower than fp32" in err and "--allow-slow" in err and "allow_slow=True" not in err
+    assert main(["score", one, *FAST, "--precision", "bf16", "--allow-slow"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == fast_row  # the same bf16 model, built the other way
+    assert any("slower than fp32" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 - Gamma: attribute scores, the level distribution and the automatic scene as columns (values equal the model API's),
   through resume and sharded runs;
 - PromptIQA scoring against a prompt file (the same reader for prompt and targets, the prompt encoded once);
-- adapting Gamma to a prompt file (gamma.adapt through Scorer.adapt and --prompt-file);
+- adapting Gamma to a prompt file (gamma.adapt through Scorer.adapt and --isp);
 - the pyiqa metric ``promptiqa``.
 
 Tiny models (gamma_test, gamma_test_sdp, promptiqa_test) saved as real checkpoint files; real skimage pictures.
@@ -277,7 +277,7 @@ def test_cli_scores_with_promptiqa_and_a_prompt_file(photos, prompt_dir, piqa_fi
     csv_path = write_prompt(prompt_dir, scores)
     out = tmp_path / "p.csv"
     assert main(["score", *map(str, photos), "--model", "promptiqa_test", "--weights", str(piqa_file),
-                 "--prompt-file", str(csv_path), *FAST, "--out", str(out)]) == 0
+                 "--isp", str(csv_path), *FAST, "--out", str(out)]) == 0
     rows = read_rows(out)
     assert rows[0] == ["name", "score"]
     expected = _promptiqa_expected(gamma.create_model(pretrained=piqa_file), photos, read_prompt_file(csv_path),
@@ -285,11 +285,16 @@ def test_cli_scores_with_promptiqa_and_a_prompt_file(photos, prompt_dir, piqa_fi
     assert_close([float(r[1]) for r in rows[1:]], expected, rtol=0, atol=1e-6)
     # The same prompt on a 0..100 scale with --mos-range: the same scores, and a mos column.
     hundred = write_prompt(prompt_dir, [100 * s for s in scores], "hundred.csv")
-    assert main(["score", *map(str, photos), "--weights", str(piqa_file), "--prompt-file", str(hundred),
+    assert main(["score", *map(str, photos), "--weights", str(piqa_file), "--isp", str(hundred),
                  "--mos-range", "0", "100", *FAST, "--out", str(tmp_path / "h.csv")]) == 0
     h = read_rows(tmp_path / "h.csv")
     assert h[0] == ["name", "score", "mos"] and [r[1] for r in h[1:]] == [r[1] for r in rows[1:]]
     assert_close([float(r[2]) for r in h[1:]], [100 * float(r[1]) for r in h[1:]], rtol=0, atol=1e-3)
+    # The option's former name, --prompt-file, still works (with a warning): the same rows.
+    old = tmp_path / "old.csv"
+    assert main(["score", *map(str, photos), "--model", "promptiqa_test", "--weights", str(piqa_file),
+                 "--prompt-file", str(csv_path), *FAST, "--out", str(old)]) == 0
+    assert read_rows(old) == rows
 
 
 @pytest.mark.parametrize("case", ["missing image", "undecodable image", "not a number", "one pair", "out of range",
@@ -311,11 +316,11 @@ def test_a_bad_prompt_file_is_a_clear_error(case, photos, prompt_dir, piqa_file,
     (prompt_dir / "ispp" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(PromptFileError, match=message):
         Scorer(piqa_file, device="cpu", prompt=bad)
-    assert main(["score", str(photos[0]), "--weights", str(piqa_file), "--prompt-file", str(bad), *FAST]) == 2
+    assert main(["score", str(photos[0]), "--weights", str(piqa_file), "--isp", str(bad), *FAST]) == 2
     err = capsys.readouterr().err
     assert bad.name in err and "Traceback" not in err
     if case != "out of range":  # any scale is fine for adapting Gamma; the rest is wrong for every model
-        assert main(["score", str(photos[0]), "--weights", str(naive_file), "--prompt-file", str(bad), *FAST]) == 2
+        assert main(["score", str(photos[0]), "--weights", str(naive_file), "--isp", str(bad), *FAST]) == 2
         assert bad.name in capsys.readouterr().err
 
 
@@ -324,7 +329,7 @@ def test_promptiqa_without_a_prompt_says_what_to_pass(photos, piqa_file, capsys)
     with pytest.raises(ValueError, match=r"prompt='isp.csv'"):
         scorer.score(photos[0])
     assert main(["score", str(photos[0]), "--weights", str(piqa_file), *FAST]) == 2
-    assert "--prompt-file" in capsys.readouterr().err
+    assert "--isp" in capsys.readouterr().err
     for option in (["--attributes"], ["--scene", "face"], ["--crops", "center"]):
         assert main(["score", str(photos[0]), "--weights", str(piqa_file), *option, *FAST]) == 2
         capsys.readouterr()
@@ -360,7 +365,7 @@ def test_adapt_refuses_three_pairs_or_fewer(prompt_dir, naive_file, photos, caps
     with pytest.raises(NotEnoughPairsError, match="at least 4 .* got 3"):
         scorer.adapt(write_prompt(prompt_dir, [1, 2, 3], "three.csv"))
     assert scorer.adaptation is None and scorer.columns() == ["name", "score"]
-    assert main(["score", str(photos[0]), "--weights", str(naive_file), "--prompt-file",
+    assert main(["score", str(photos[0]), "--weights", str(naive_file), "--isp",
                  str(prompt_dir / "three.csv"), *FAST]) == 2
     assert "at least 4" in capsys.readouterr().err
 
@@ -410,7 +415,7 @@ def test_adapt_on_all_outputs_is_ridge_on_the_model_apis_outputs(prompt_dir, sdp
 def test_cli_adapts_gamma_to_a_prompt_file(prompt_dir, naive_file, photos, tmp_path, capsys):
     csv_path = write_prompt(prompt_dir, [62, 20, 75, 41, 58], "cli.csv")
     out = tmp_path / "a.csv"
-    assert main(["score", *map(str, photos), "--weights", str(naive_file), "--crops", "center", "--prompt-file",
+    assert main(["score", *map(str, photos), "--weights", str(naive_file), "--crops", "center", "--isp",
                  str(csv_path), *FAST, "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert f"adapted to {csv_path} (column adapted): monotone map of score" in err and "leave-one-out" in err
@@ -419,7 +424,7 @@ def test_cli_adapts_gamma_to_a_prompt_file(prompt_dir, naive_file, photos, tmp_p
     expected = Scorer(naive_file, device="cpu", crops="center", prompt=csv_path).score(photos)["adapted"]
     assert_close([float(r[2]) for r in rows[1:]], expected, rtol=0, atol=1e-5)
     assert main(["score", str(photos[0]), "--weights", str(naive_file), "--adapt-outputs", "all", *FAST]) == 2
-    assert "--prompt-file" in capsys.readouterr().err
+    assert "--isp" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ pyiqa

@@ -11,7 +11,7 @@ from helpers import assert_close, max_abs, perturb_moae
 
 import gamma
 from gamma.archs.clip import ClassTokenBlock
-from gamma.reference import ReleaseReference
+from gamma.testing.reference import ReleaseReference
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""GammaModel scores what the release's forward (gamma.reference, written independently) scores on the same weights."""
+"""GammaModel scores what the release's forward (gamma.testing.reference, written independently) scores on the same
+weights."""
 
 import ast
 import inspect
@@ -8,10 +9,10 @@ import torch
 from helpers import assert_close, perturbed_gamma
 
 import gamma
-import gamma.reference
+import gamma.testing.reference
 from gamma.archs import CropProtocol
 from gamma.archs.moae_kernels import FusedExperts
-from gamma.reference import ReleaseReference, release_forward, release_offsets
+from gamma.testing.reference import ReleaseReference, release_forward, release_offsets
 
 # fp32 scores of two implementations, within the levels' range 0.1 to 1.1.
 SCORE_TOL = {"rtol": 1e-5, "atol": 5e-6}
@@ -83,7 +84,7 @@ def test_reference_infers_the_architecture(models):
 
 
 def test_reference_is_independent_of_the_model_code():
-    tree = ast.parse(inspect.getsource(gamma.reference))
+    tree = ast.parse(inspect.getsource(gamma.testing.reference))
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not [m for m in imported if "archs" in m or m in ("gamma", "factory", "weights")], imported

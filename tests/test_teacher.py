@@ -19,7 +19,7 @@ from gamma.archs.crops import CropProtocol
 from gamma.data.transforms import resize_short_side
 from gamma.io import ImageDecodeError, load_image
 from gamma.prompts import ATTRIBUTES
-from gamma.teacher import LABELS_FILE, SKIPPED_FILE, label_images, read_labels
+from gamma.train.teacher import LABELS_FILE, SKIPPED_FILE, label_images, read_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_malformed_cache_file_is_named(clip_file, folder, tmp_path):
 @pytest.mark.slow
 def test_resumes_after_sigkill(clip_file, folder, tmp_path):
     cache = tmp_path / "cache"
-    code = ("import sys, time, gamma, gamma.teacher as t\n"
+    code = ("import sys, time, gamma, gamma.train.teacher as t\n"
             "m = gamma.create_model(None, pretrained=sys.argv[1])\n"
             "orig = m.attributes\n"
             "def slow(x):\n"

@@ -2,7 +2,7 @@
 
 ATTIQA (Kwon et al., "ATTIQA: Generalizable Image Quality Feature Extractor using Attribute-aware Pretraining", ACCV
 2024) pretrains this network on the *order* of five zero-shot CLIP attribute scores (the teacher, computed by
-:meth:`gamma.GammaModel.attributes`; cached by :mod:`gamma.teacher`) with a margin-ranking loss
+:meth:`gamma.GammaModel.attributes`; cached by :mod:`gamma.train.teacher`) with a margin-ranking loss
 (:func:`attribute_ranking_loss`), then fine-tunes it to MOS with a regressor fed by the heads' hidden features. The
 choices the paper leaves open are listed, with reasons, in docs/attiqa.md.
 """

@@ -9,7 +9,7 @@ stage. What is ATTIQA's:
 - **images**: the training part of every ``data`` entry (its MOS unused; the split keeps the held-out part unseen by
   pretraining, so fine-tuning on the same entries is evaluated on pictures pretraining never saw) and every image under
   ``attiqa.folders`` (unlabelled, e.g. ImageNet; short side ``attiqa.resize``, random ``attiqa.crop_size`` crop);
-- **teacher labels**: computed once per image before training (:func:`gamma.teacher.label_images`, by rank 0) and
+- **teacher labels**: computed once per image before training (:func:`gamma.train.teacher.label_images`, by rank 0) and
   cached under ``attiqa.labels_dir/<dataset>/``, so a rerun or a resumed run reuses them and a killed labelling
   resumes; the teacher is a CLIP-layout checkpoint or ``measured`` (pixel statistics, the offline demo);
 - **evaluation**: each head's agreement with the teacher (SRCC / PLCC / KRCC of its output against the teacher's
@@ -46,7 +46,6 @@ from ..hub import resolve_weights
 from ..io import list_image_files
 from ..metrics import evaluate_scores
 from ..prompts import ATTRIBUTES
-from ..teacher import MEASURED, check_prompts, label_images, read_labels
 from ..weights import read_checkpoint, save_checkpoint
 from .checkpoint import LAST, write_json
 from .config import ConfigError, TrainConfig
@@ -54,6 +53,7 @@ from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object
 from .evaluate import METRICS, autocast
 from .loop import Objective, Run, build_datasets, build_model, train
 from .run_folder import run_dir_of, split_config
+from .teacher import MEASURED, check_prompts, label_images, read_labels
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def check_pretrain(cfg: TrainConfig) -> None:
 
 def read_prompts(path: str) -> dict[str, tuple[str, str]]:
     """The teacher's prompt pairs from ``attiqa.prompts``: a YAML file ``{attribute: [positive, negative]}`` naming
-    each of the five attributes (:func:`gamma.teacher.check_prompts`).
+    each of the five attributes (:func:`gamma.train.teacher.check_prompts`).
 
     Raises:
         ConfigError: the file is missing, not YAML, or not five pairs (the message names the file).

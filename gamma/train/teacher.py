@@ -39,14 +39,14 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from ._files import atomic_write
-from .archs.crops import CropProtocol
-from .archs.gamma import GammaModel
-from .archs.moae import MoAE
-from .data.transforms import resize_short_side
-from .factory import create_model
-from .io import ImageDecodeError, list_image_files, load_image
-from .prompts import ATTRIBUTE_PROMPTS, ATTRIBUTES
+from .._files import atomic_write
+from ..archs.crops import CropProtocol
+from ..archs.gamma import GammaModel
+from ..archs.moae import MoAE
+from ..data.transforms import resize_short_side
+from ..factory import create_model
+from ..io import ImageDecodeError, list_image_files, load_image
+from ..prompts import ATTRIBUTE_PROMPTS, ATTRIBUTES
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class MeasuredTeacher:
     settings = {
         "format_version": FORMAT_VERSION,
         "teacher": MEASURED,
+        # recorded in teacher.json: kept when the module moved to gamma.train, so earlier caches stay valid
         "score": "gamma.teacher.measure_attributes: sharpness, RMS contrast, mean luminance, Hasler-Suesstrunk "
                  "colourfulness, Immerkaer noise (version 1)",
         "preprocess": "none: the whole decoded picture",

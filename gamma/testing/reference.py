@@ -25,7 +25,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from .prompts import NAIVE_PROMPTS, QUALITY_PROMPTS, SDP_PROMPTS, canonical_scene
+from ..prompts import NAIVE_PROMPTS, QUALITY_PROMPTS, SDP_PROMPTS, canonical_scene
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -923,7 +923,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze_arguments(a)
 
     sub.add_parser("train", help="train or fine-tune (arguments are passed to gamma.train)", add_help=False)
+    for module in _tool_modules():  # gamma demo / report / plot: each module registers itself
+        module.add_parser(sub)
     return parser
+
+
+def _tool_modules() -> list[Any]:
+    from . import demo, plots, report
+
+    return [demo, report, plots]
 
 
 def _add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
@@ -976,6 +984,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(lambda: _list(args))
     if args.command == "convert":
         return _run(lambda: _convert(args))
+    if getattr(args, "tool_run", None) is not None:  # demo, report, plot (their add_parser sets tool_run)
+        return _run(lambda: args.tool_run(args))
     return _run(lambda: _analyze(args))
 
 

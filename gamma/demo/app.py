@@ -266,13 +266,14 @@ def _table_adapted(rows: list[dict[str, Any]]) -> Any:
 def build_app(service: DemoService, *, concurrency: int = DEFAULT_CONCURRENCY) -> Any:
     """A FastAPI app: ``POST /score`` (multipart ``file``) and the page at ``/``."""
     import gradio as gr
-    from fastapi import FastAPI, Request, UploadFile
-    from fastapi.responses import JSONResponse
+    from fastapi import FastAPI
+    from starlette.datastructures import UploadFile
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
 
     app = FastAPI(title="gamma demo")
     limit = service.max_upload_bytes
 
-    @app.post("/score")
     async def score(request: Request) -> JSONResponse:
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit + 65536:
@@ -289,8 +290,14 @@ def build_app(service: DemoService, *, concurrency: int = DEFAULT_CONCURRENCY) -
             return JSONResponse({"error": str(exc)}, status_code=413 if len(data) > limit else 422)
         return JSONResponse(result)
 
+    app.router.add_route("/score", score, methods=["POST"])  # a plain Starlette route: the request as is
     blocks = build_blocks(service, concurrency=concurrency)
-    return gr.mount_gradio_app(app, blocks, path="/", max_file_size=limit, footer_links=["api"])
+    app = gr.mount_gradio_app(app, blocks, path="/", max_file_size=limit, footer_links=["api"])
+    # Gradio checks that a file named in a request was uploaded (is in its upload folder) only once the Blocks count
+    # as launched, which mount_gradio_app does not set (gradio 6.31): without this, an API call naming a file in the
+    # server's working or temp folder would have gradio copy it and serve it back. tests/test_demo_page.py checks it.
+    blocks.has_launched = True
+    return app
 
 
 _SCORE_SEMAPHORE: Any = None

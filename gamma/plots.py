@@ -165,6 +165,21 @@ def routing_heatmap_figure(weights: np.ndarray, rows: Sequence[str], *, title: s
     return fig
 
 
+def distribution_figure(probabilities: Mapping[str, float], name: str = "") -> Any:
+    """The level distribution (``bad`` ... ``perfect`` -> probability) as a bar chart; returns the Figure."""
+    fig = _figure(5.0, 2.8)
+    ax = fig.subplots()
+    levels = list(probabilities)
+    ax.bar(levels, [probabilities[k] for k in levels], color="#4477aa")
+    for x, level in enumerate(levels):
+        ax.text(x, probabilities[level] + 0.01, f"{probabilities[level]:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, max(0.5, 1.15 * max(probabilities.values(), default=0)))
+    ax.set_ylabel("probability")
+    ax.set_title(f"level distribution {name}".strip(), fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def plot_routing_heatmaps(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> Path:
     """``gamma analyze routing`` rows as heat maps: one panel per MoAE block, groups (datasets / scenes) x experts.
 

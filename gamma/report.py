@@ -131,7 +131,8 @@ def _scatter(df: Any, columns: list[str]) -> bytes:
     fig = _figure(3.4 * cols, 3.0 * rows)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, column in zip(axes.flat, columns, strict=False):
-        ax.scatter(sample[column], sample["score"], s=6, alpha=0.5, color="#aa3377", linewidths=0)
+        ax.scatter(sample[column], sample["score"], s=24 if len(sample) <= 500 else 5, alpha=0.6, color="#aa3377",
+                   linewidths=0)
         ax.set_xlabel(column)
         ax.set_ylabel("score")
     for ax in list(axes.flat)[len(columns):]:

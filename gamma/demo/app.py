@@ -78,14 +78,12 @@ def _table(rows: list[dict[str, Any]]) -> Any:
 def build_blocks(service: DemoService, *, concurrency: int = DEFAULT_CONCURRENCY) -> Any:
     """The page's :class:`gradio.Blocks` (queue not yet configured)."""
     import gradio as gr
-    import pandas as pd
 
-    from ..plots import routing_heatmap_figure
+    from ..plots import distribution_figure, routing_heatmap_figure
 
     ready = service.weights is not None
     header = service.describe()
     scenes = service.scenes if ready else []
-    empty_dist = pd.DataFrame({"level": [], "probability": []})
 
     def score_tab(files: Any, scene: str, precision: str, lo: Any, hi: Any) -> tuple[Any, ...]:
         try:
@@ -93,15 +91,14 @@ def build_blocks(service: DemoService, *, concurrency: int = DEFAULT_CONCURRENCY
             rows = service.score_many(uploads, scene=scene or None, precision=_precision(precision),
                                       mos_range=_mos_range(lo, hi), skip_errors=True)
         except DemoInputError as exc:
-            return "", f"**Error:** {exc}", empty_dist, None, {"error": str(exc)}
+            return "", f"**Error:** {exc}", None, None, {"error": str(exc)}
         first = rows[0]
         errors = [r["error"] for r in rows if "error" in r]
         message = "\n\n".join(f"**Error:** {e}" for e in errors) or f"Scored {len(rows)} image(s)."
         shown = f"{first['score']:.6f}" if "score" in first else ""
         if "mos" in first:
             shown += f"  (MOS {first['mos']:.3f})"
-        dist = pd.DataFrame({"level": list(first.get("distribution", {})),
-                             "probability": list(first.get("distribution", {}).values())})
+        dist = distribution_figure(first["distribution"], first["name"]) if "distribution" in first else None
         return shown, message, dist, _table(rows), rows[0] if len(rows) == 1 else rows
 
     def api_score(file: Any) -> dict[str, Any]:
@@ -171,14 +168,13 @@ def build_blocks(service: DemoService, *, concurrency: int = DEFAULT_CONCURRENCY
                                             visible=bool(scenes))
                         precision = gr.Dropdown(["stored", *PRECISIONS], value="stored", label="precision")
                     with gr.Row():
-                        lo = gr.Number(label="MOS range: low (optional)", value=None)
+                        lo = gr.Number(label="MOS range: low (optional; equal values: none)", value=None)
                         hi = gr.Number(label="MOS range: high", value=None)
                     go = gr.Button("Score", variant="primary", elem_id="score-button")
                 with gr.Column():
                     shown = gr.Textbox(label="score (first image)", elem_id="score-value", interactive=False)
                     message = gr.Markdown(elem_id="score-message")
-                    dist = gr.BarPlot(empty_dist, x="level", y="probability", title="level distribution",
-                                      y_lim=[0, 1], sort=None)
+                    dist = gr.Plot(label="level distribution (first image)")
                     table = gr.Dataframe(label="scores (attributes: higher is better)", interactive=False)
                     json_out = gr.JSON(label="JSON")
             go.click(score_tab, [files, scene, precision, lo, hi], [shown, message, dist, table, json_out],

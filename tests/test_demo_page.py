@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -224,3 +225,50 @@ def test_report_opens_without_console_errors(workdir, browser):
     assert all(browser.execute_script("return arguments[0].naturalWidth", img) > 0 for img in images)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert errors == []
+
+
+# ------------------------------------------------------------------------------------------------ the other tabs
+def test_rank_adapt_and_experts_through_the_api(server, workdir):
+    """The Rank, Adapt and Experts events over HTTP with gradio's own client (files uploaded, as the page does)."""
+    from gradio_client import Client, handle_file
+
+    url, _ = server
+    root, weights = workdir
+    names = ("astronaut", "chelsea", "coffee", "rocket", "camera")
+    for name in names:
+        if not (root / f"{name}.jpg").exists():
+            _photo(root / f"{name}.jpg", name)
+    files = [str(root / f"{n}.jpg") for n in names]
+    client = Client(url, verbose=False)
+    gallery, table, csv_path, message = client.predict([handle_file(f) for f in files], "", api_name="/rank")
+    from gamma.scorer import Scorer
+
+    expected = Scorer(weights).score(files)
+    order = [Path(f).name for f in expected.sort_values("score", ascending=False)["name"]]
+    assert [row[0] for row in table["data"]] == order and "Ranked 5" in message
+    lines = Path(csv_path).read_text().splitlines()
+    assert lines[0] == "rank,name,score,error" and [ln.split(",")[1] for ln in lines[1:]] == order
+
+    mos = {"astronaut.jpg": 70, "chelsea.jpg": 55, "coffee.jpg": 40, "rocket.jpg": 62, "camera.jpg": 30}
+    text = "\n".join(f"{k}, {v}" for k, v in mos.items())
+    report, adapted = client.predict([handle_file(f) for f in files], text, None, [handle_file(files[0])], "",
+                                     api_name="/adapt")
+    assert "in-sample" in report and "leave-one-out" in report and "5 pairs" in report
+    assert adapted["headers"][:3] == ["name", "score", "adapted"] and 30 <= adapted["data"][0][2] <= 70
+    report, _ = client.predict([handle_file(f) for f in files[:2]], text, None, None, "", api_name="/adapt")
+    assert "at least 4" in report  # refuses to fit two pairs
+
+    _, message = client.predict(handle_file(files[0]), "", api_name="/experts")
+    assert "Mean router weight" in message
+    weights_, labels = server[1].routing(Path(files[0]).read_bytes(), "astronaut.jpg")
+    assert labels == ["image block 2", "image block 3"] and np.allclose(weights_.sum(axis=1), 1, atol=1e-6)
+
+
+def test_import_gamma_and_help_load_no_gradio_or_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, gamma, gamma.cli; gamma.cli.build_parser().format_help(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'gradio', 'matplotlib', 'fastapi', 'selenium'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

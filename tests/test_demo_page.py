@@ -272,3 +272,20 @@ def test_import_gamma_and_help_load_no_gradio_or_matplotlib():
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'gradio', 'matplotlib', 'fastapi', 'selenium'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_without_weights_the_page_and_the_service_say_so(tmp_path, monkeypatch):
+    from gamma.cli import build_parser
+    from gamma.demo import make_service
+    from gamma.demo.app import build_blocks
+    from gamma.demo.service import DemoInputError
+
+    monkeypatch.setenv("GAMMA_HOME", str(tmp_path))
+    monkeypatch.delenv("GAMMA_WEIGHTS", raising=False)
+    service = make_service(build_parser().parse_args(["demo"]))
+    assert service.weights is None and "no weight file for 'gamma'" in service.missing
+    assert str(tmp_path / "Gamma.pth") in service.missing
+    with pytest.raises(DemoInputError, match="no weight file"):
+        service.score_bytes(b"\x89PNG", "a.png")
+    page = json.dumps(build_blocks(service).config["components"])
+    assert "No weights found" in page and "gamma demo --weights FILE" in page

@@ -60,6 +60,8 @@ def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) ->
         FileNotFoundError: no ``metrics.jsonl`` in ``run_dir``.
         ValueError: it holds neither training nor evaluation records.
     """
+    from matplotlib.ticker import MaxNLocator
+
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
@@ -98,6 +100,7 @@ def plot_training_curves(run_dir: str | os.PathLike, path: str | os.PathLike) ->
             i = epochs.index(best_epoch)
             ax.plot(best_epoch, means[i], "*", color="red", ms=12, label=f"best (epoch {best_epoch})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(metric.upper())
         ax.set_title(f"held-out {metric.upper()} per dataset")
         if ax.has_data():

@@ -39,6 +39,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="a group of images (folder, file or glob) and its name, e.g. koniq10k=data/koniq/512x384 "
                         "or mine=photos/:natural; a dataset or scene name gives SDP models their scene")
     r.add_argument("--max-images", type=int, help="use at most this many images per group")
+    r.add_argument("--plot", action="store_true", help="also draw routing_heatmap.png: groups x experts per block")
 
     e = sub.add_parser("experts", parents=[common], help="SRCC/PLCC with all experts and with each one alone (Table 6)")
     e.add_argument("meta", help="CSV: image path (relative to --root), MOS; more columns ignored")
@@ -74,6 +75,10 @@ def run(args: argparse.Namespace) -> int:
             rows = routing_statistics(model, groups, scenes=scenes, batch_size=args.batch_size,
                                       device=scorer.device, max_images=args.max_images)
             written = write_routing(rows, args.out_dir)
+            if args.plot:  # the heat maps of gamma.plots (Fig. 4-5 kind)
+                from ..plots import plot_routing_heatmaps
+
+                written.append(plot_routing_heatmaps(rows, Path(args.out_dir) / "routing_heatmap.png"))
         else:
             paths, labels = read_labels(args.meta, args.root)
             rows = single_expert_evaluation(model, paths, labels, scene=args.scene, batch_size=args.batch_size,

@@ -1,4 +1,4 @@
-"""``gamma report``: one HTML page about a scores file (gamma/report.py); its arguments and ``run`` live with the tool."""
+"""``gamma report``: one HTML page about a scores file; its arguments and ``run`` live in gamma/report.py."""
 
 from ..report import add_parser, run
 

@@ -12,7 +12,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from .._files import atomic_write
 from .checkpoint import LAST, RunLock, json_safe
 from .config import ConfigError, TrainConfig, resolve_entries, save_config
 from .distributed import DistInfo, broadcast_object
+from .evaluate import median_table, write_table
 
 try:  # optional: metrics also go to TensorBoard when it is installed
     from torch.utils.tensorboard import SummaryWriter
@@ -218,4 +219,30 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{key}/"))
         else:
             out[key] = v
+    return out
+
+
+def run_all_splits(cfg: TrainConfig, dist: DistInfo, train_split: Callable[..., dict[str, Any]],
+                   resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate every split of ``cfg.splits`` in turn with ``train_split(cfg_k, dist, resume=...)`` (a
+    stage's one-split run, e.g. :func:`gamma.train.loop.train`), then write the median table (rank 0).
+
+    With ``resume``, splits whose ``results.json`` says finished are read, not re-run, and an interrupted split
+    continues from its checkpoint.
+    """
+    results = []
+    for k in cfg.splits:
+        cfg_k = split_config(cfg, k)
+        previous = finished_results(cfg_k) if resume else None
+        if previous is not None:
+            results.append(previous)
+            continue
+        logger.info("split %d of %s", k, cfg.splits)
+        results.append(train_split(cfg_k, dist, resume=resume and (run_dir_of(cfg_k) / "last.pth").exists()))
+    out: dict[str, Any] = {"splits": results}
+    table = median_table(results)
+    out["table"] = table
+    if dist.is_main:
+        out["files"] = {k: str(v) for k, v in write_table(table, Path(cfg.output_dir) / cfg.name, cfg.name).items()}
+        logger.info("median table over %d split(s) written to %s", len(results), out["files"]["md"])
     return out

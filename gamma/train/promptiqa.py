@@ -334,11 +334,19 @@ def _to(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torc
     return [x.to(device, non_blocking=True) for x in images]
 
 
-def chunk_loader(run: Run, train_sets: Sequence[IQADataset], epoch: int, start_step: int) -> DataLoader:
-    """The epoch's chunks from ``start_step`` on, each image read as the run's model reads it."""
+def chunk_loader(run: Run, train_sets: Sequence[IQADataset], epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
+    """The epoch's chunks from ``start_step`` on, each image read as the run's model reads it.
+
+    The DataLoader draws its workers' base seed from the global generator when an epoch starts (as it always has for
+    this stage); resuming mid-epoch it must not draw again, because the checkpoint's generator state is already past
+    that draw (the dropout of the remaining steps then repeats the uninterrupted run's)."""
     view = SeededView([model_view(run.model, ds, run.cfg.promptiqa.decode) for ds in train_sets])
-    return DataLoader(view, batch_sampler=_ChunkSampler(run.plan, epoch, start_step), num_workers=run.cfg.workers,
-                      collate_fn=collate, pin_memory=run.dist.device.type == "cuda")
+    loader = DataLoader(view, batch_sampler=_ChunkSampler(run.plan, epoch, start_step), num_workers=run.cfg.workers,
+                        collate_fn=collate, pin_memory=run.dist.device.type == "cuda")
+    if start_step == 0:
+        return iter(loader)
+    with torch.random.fork_rng(devices=[]):
+        return iter(loader)
 
 
 def objective(cfg: TrainConfig, dist: DistInfo) -> Callable[[Path], Objective]:

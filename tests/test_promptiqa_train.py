@@ -547,6 +547,16 @@ def test_fr_labels_script_writes_ssim_labels(tmp_path):
     assert float(out[1][2]) > float(out[2][2]) > float(out[3][2])  # more blur, lower SSIM
 
 
+def test_tiny_run_matches_the_recorded_reference(workspace):
+    """A 3-epoch PromptIQA run gives the figures recorded when the stage had its own loop
+    (tests/data/loop_reference.json; the shared loop reproduced them bit for bit on the recording machine)."""
+    from test_train import check_against_reference
+
+    recorded = json.loads((REPO / "tests" / "data" / "loop_reference.json").read_text())["promptiqa"]
+    check_against_reference(run_stage(workspace, "reference_3", "epochs=3", "eval.every=1", "max_steps_per_epoch=4"),
+                            recorded)
+
+
 # ------------------------------------------------------------------------------------------------ DDP
 @pytest.mark.slow
 def test_two_process_ddp_trains_what_one_process_trains(workspace):

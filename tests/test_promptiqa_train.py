@@ -493,7 +493,7 @@ def test_vit_weights_load_timm_layout():
 def test_option_files_resolve(monkeypatch):
     monkeypatch.setenv("PROMPTIQA_WEIGHTS", "promptiqa_paper_12.pth")
     files = sorted((REPO / "options" / "promptiqa").glob("*.yml"))
-    assert len(files) >= 12
+    assert len(files) >= 17
     for f in files:
         load_config(f)
     six = load_config(REPO / "options/promptiqa/official_6.yml")
@@ -555,6 +555,55 @@ def test_tiny_run_matches_the_recorded_reference(workspace):
     recorded = json.loads((REPO / "tests" / "data" / "loop_reference.json").read_text())["promptiqa"]
     check_against_reference(run_stage(workspace, "reference_3", "epochs=3", "eval.every=1", "max_steps_per_epoch=4"),
                             recorded)
+
+
+# ------------------------------------------------------------------------------------------------ Tables 5 and 6
+@pytest.fixture(scope="module")
+def promptiqa_file(workspace) -> Path:
+    torch.manual_seed(4)
+    return save_checkpoint(gamma.create_model("promptiqa_test"), workspace / "promptiqa_test.pth")
+
+
+def _predictions(result: dict) -> dict[str, list[float]]:
+    out = {}
+    for f in sorted((Path(result["run_dir"]) / "predictions_final").glob("*.csv")):
+        with open(f) as fh:
+            out[f.stem] = [float(row["pred"]) for row in csv.DictReader(fh)]
+    return out
+
+
+def test_table5_prompt_strategies_at_toy_size(workspace, promptiqa_file, monkeypatch):
+    """Each Table 5 option file's prompt strategy, on a tiny model and the synthetic sets: random ISP images, random
+    ISP scores, both (each changes every set's scores, reproducibly from promptiqa.isp_seed), and inversion."""
+    monkeypatch.setenv("PROMPTIQA_WEIGHTS", str(promptiqa_file))
+    toy = ["eval_only=true", "model.name=null", f"model.pretrained={promptiqa_file}"]
+    standard = _predictions(run_stage(workspace, "t5_standard", *toy))
+    for what in ("images", "scores", "both"):
+        shipped = load_config(REPO / "options" / "promptiqa" / f"table5_random_{what}.yml")
+        assert shipped.eval_only and shipped.eval.datasets == ["tid2013", "koniq10k", "gfiqa20k", "agiqa3k", "uwiqa"]
+        assert shipped.promptiqa.isp_random == what
+        setting = f"promptiqa.isp_random={what}"
+        r = _predictions(run_stage(workspace, f"t5_{what}", *toy, setting))
+        assert set(r) == set(standard) == set(NAMES)
+        for name in NAMES:
+            assert not np.allclose(r[name], standard[name], rtol=0, atol=1e-7), (what, name)
+        again = _predictions(run_stage(workspace, f"t5_{what}_again", *toy, setting))
+        assert again == r
+    inverted = load_config(REPO / "options" / "promptiqa" / "table5_inverted.yml")
+    assert inverted.promptiqa.inverted_isps and inverted.promptiqa.isp_random == "none"
+    r = run_stage(workspace, "t5_inverted", *toy, "promptiqa.inverted_isps=true")
+    assert set(r["final"]["adaptation"]["PromptIQA (t5_inverted)"]) == set(stage.PROMPT_VARIANTS)
+
+
+def test_table6_without_mixed_training_at_toy_size(workspace):
+    """Table 6, w/o mixed training: one dataset trained and tested (ablation_single_dataset.yml, one data entry and
+    the reconstituted requirements); at toy size, chunks come from that dataset only."""
+    shipped = load_config(REPO / "options" / "promptiqa" / "ablation_single_dataset.yml")
+    assert [e.name for e in shipped.data] == ["koniq10k"] and len(shipped.eval_data) == 6
+    assert shipped.stage == "promptiqa" and not shipped.eval_only
+    one = load_config(workspace / "base.yml").data[0].to_dict()
+    r = run_stage(workspace, "t6_single", f"data=[{json.dumps(one)}]", "max_steps_per_epoch=3")
+    assert r["finished"] and set(r["final"]["datasets"]) == {NAMES[0]} and r["global_step"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ DDP

@@ -168,6 +168,8 @@ class PromptIQACfg:
     isp_sampling: Literal["interval", "random"] = "interval"  # how the test ISPP is drawn from the training part
     isp_draws: int = 1  # random sampling: prompts drawn per dataset and evaluation (mean and std reported)
     isp_seed: int = 0  # seed of random sampling and of the ISPP flips
+    # PromptIQA's Table 5: the test ISPP's images, scores or both replaced by uniform random numbers (isp_seed)
+    isp_random: Literal["none", "images", "scores", "both"] = "none"
     ispp_flip: bool = False  # the official test quirk: ISPP images flipped upside down (p = 0.5) for every test batch
     inverted_isps: bool = False  # also score with every ISP score inverted (1 - s): the adaptation table's second half
     # Models without a prompt input (a Gamma model, eval_only): 'none' scores as they are, 'fit' maps them with a

@@ -149,6 +149,13 @@ def score_with_prompt(model: PromptedIQA, test: Dataset, isp_images: list[torch.
     return full
 
 
+def random_images(images: Sequence[torch.Tensor], rng: np.random.Generator) -> list[torch.Tensor]:
+    """PromptIQA's Table 5 "random" ISPP images: each replaced by uniform random numbers of its shape, spanning the
+    value range of the real prompt images (what the model's input normalisation gives)."""
+    lo, hi = min(float(x.min()) for x in images), max(float(x.max()) for x in images)
+    return [torch.from_numpy(rng.uniform(lo, hi, tuple(x.shape))).to(x.dtype) for x in images]
+
+
 def _to(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
     if isinstance(images, torch.Tensor):
         return images.to(device, non_blocking=True)
@@ -195,11 +202,17 @@ class Evaluator:
         """Scores of ``s``'s test images by ``model`` with the ISPP of draw ``draw`` (its scores inverted or not)."""
         rows = self.prompt_rows(s, draw)
         isp_scores = np.asarray(s.prompt_source.labels, dtype=np.float64)[rows]
+        noise = self.cfg.promptiqa.isp_random
+        rng = np.random.default_rng(mix_seed(self.cfg.promptiqa.isp_seed, zlib.crc32(s.name.encode()), draw, 0x5A))
+        if noise in ("scores", "both"):
+            isp_scores = rng.uniform(0.0, 1.0, len(rows))
         if inverted:
             isp_scores = 1.0 - isp_scores
         if isinstance(model, PromptedIQA):
             view = model_view(model, s.prompt_source, self.cfg.promptiqa.decode)
             images = [view[int(i)]["img"] for i in rows]
+            if noise in ("images", "both"):
+                images = random_images(images, rng)
             test = model_view(model, s.test, self.cfg.promptiqa.decode)
             return score_with_prompt(model, test, images, isp_scores, self.cfg, self.dist,
                                      mix_seed(self.cfg.promptiqa.isp_seed, zlib.crc32(s.name.encode()), draw))

@@ -80,6 +80,7 @@ from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also re
     mix_seed,
     model_view,
     resolve_gamma,
+    to_device,
 )
 from .run_folder import run_all_splits
 from .sampling import SeededView, Slot
@@ -321,17 +322,11 @@ def train_step(run: Run, batches: Iterator[dict[str, Any]], step: int) -> tuple[
             images = random_vertical_flip(images, p.vflip_p, gen)
         sync = run.net.no_sync() if run.dist.enabled and j < len(mine) - 1 else nullcontext()
         with sync:
-            pred = run.net(_to(images, dev), target.to(dev))
+            pred = run.net(to_device(images, dev), target.to(dev))
             loss = F.l1_loss(pred.float(), target.to(dev))
             (loss / len(mine)).backward()  # DDP averages over processes: the gradient of the mean over all chunks
         loss_sum += loss.detach().double()
     return loss_sum, float(plan.per_step)
-
-
-def _to(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        return images.to(device, non_blocking=True)
-    return [x.to(device, non_blocking=True) for x in images]
 
 
 def chunk_loader(run: Run, train_sets: Sequence[IQADataset], epoch: int, start_step: int) -> Iterator[dict[str, Any]]:

@@ -134,14 +134,14 @@ def score_with_prompt(model: PromptedIQA, test: Dataset, isp_images: list[torch.
     same_size = len({tuple(x.shape) for x in isp_images}) == 1
     prompt_images: torch.Tensor | list[torch.Tensor] = torch.stack(isp_images) if same_size else isp_images
     scores = torch.as_tensor(isp_scores, dtype=torch.float32)
-    isp = None if cfg.promptiqa.ispp_flip else model.encode_prompt(_to(prompt_images, dev), scores)
+    isp = None if cfg.promptiqa.ispp_flip else model.encode_prompt(to_device(prompt_images, dev), scores)
     out: list[float] = []
     for b, batch in enumerate(loader):
         if cfg.promptiqa.ispp_flip:
             gen = torch.Generator().manual_seed(mix_seed(flip_seed, dist.rank, b))
             flipped = [random_vertical_flip(x[None], 0.5, gen)[0] for x in isp_images]
-            isp = model.encode_prompt(_to(torch.stack(flipped) if same_size else flipped, dev), scores)
-        out.extend(model(_to(batch["img"], dev), prompt=isp).double().cpu().tolist())
+            isp = model.encode_prompt(to_device(torch.stack(flipped) if same_size else flipped, dev), scores)
+        out.extend(model(to_device(batch["img"], dev), prompt=isp).double().cpu().tolist())
     parts = all_gather_objects(out, dist)
     full = np.empty(len(test), dtype=np.float64)
     for rank, part in enumerate(parts):
@@ -156,7 +156,8 @@ def random_images(images: Sequence[torch.Tensor], rng: np.random.Generator) -> l
     return [torch.from_numpy(rng.uniform(lo, hi, tuple(x.shape))).to(x.dtype) for x in images]
 
 
-def _to(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+def to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """A batch of images (a tensor, or a list of differently sized ones) on ``device``."""
     if isinstance(images, torch.Tensor):
         return images.to(device, non_blocking=True)
     return [x.to(device, non_blocking=True) for x in images]

@@ -20,8 +20,6 @@ computes the same losses as an uninterrupted one, from an epoch boundary or from
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -41,7 +39,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .._files import atomic_write
 from ..archs import GammaModel
 from ..archs.precision import check_precision, resolve_precision
 from ..data import IQADataset, build_dataset, collate
@@ -51,10 +48,10 @@ from ..weights import load_into
 from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
-from .evaluate import METRICS, autocast, evaluate, headline_prompt_set, median_table, write_table
-from .run_folder import MetricsLog, flatten, open_run
+from .evaluate import autocast, evaluate, median_table, write_table
+from .run_folder import MetricsLog, flatten, log_summary, open_run, run_results, write_predictions
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
-from .selection import best_per_dataset, block, carve_holdout, metric_value, selection_view
+from .selection import block, metric_value, selection_view, split_off_holdouts
 
 logger = logging.getLogger(__name__)
 
@@ -196,19 +193,6 @@ def build_datasets(cfg: TrainConfig) -> tuple[list[IQADataset], dict[str, IQADat
         if wanted is None or e.name in wanted:
             held[e.name] = build_dataset(e, e.eval_key)
     return train, held
-
-
-def split_off_holdouts(cfg: TrainConfig, train: list[IQADataset]) -> tuple[list[IQADataset], dict[str, IQADataset]]:
-    """``eval.holdout_fraction`` of each training dataset held out (seeded by the run seed) to choose the best epoch:
-    (what is trained on, holdouts by name)."""
-    kept, holdouts = [], {}
-    for ds in train:
-        rest, holdout = carve_holdout(ds, cfg.eval.holdout_fraction, cfg.seed)
-        kept.append(rest)
-        holdouts[ds.entry.name] = holdout
-        logger.info("%s: %d of %d training images held out to choose the best epoch (eval.select_on: "
-                    "train_holdout); %d trained on", ds.entry.name, len(holdout), len(ds), len(rest))
-    return kept, holdouts
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -549,20 +533,6 @@ def improves(best: dict[str, Any] | None, mean: dict[str, float], metric: str = 
     return score is not None and math.isfinite(score) and (best is None or score > metric_value(best["mean"], metric))
 
 
-def write_predictions(run: Run, predictions: dict[str, list[float]], folder_name: str = "predictions") -> None:
-    folder = run.run_dir / folder_name
-    folder.mkdir(exist_ok=True)
-    for name, scores in predictions.items():
-        ds = run.eval_sets[name]
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "mos", "label", "pred"])
-        for path, raw, label, pred in zip(ds.paths, ds.mos_raw, ds.labels, scores, strict=True):
-            w.writerow([os.path.relpath(path, ds.entry.image_root), f"{raw:.6g}", f"{label:.6f}", f"{pred:.6f}"])
-        text = buf.getvalue()
-        atomic_write(folder / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
-
-
 def _should_eval(cfg: TrainConfig, epoch: int) -> bool:
     """Evaluate after 1-based ``epoch``?"""
     if epoch == cfg.epochs:
@@ -636,54 +606,12 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False,
                 if dist.is_main:
                     logger.warning("%s", exc)  # (here, so that train.log has it too)
                 raise
-        results = _results(run, time.perf_counter() - t0)
+        results = run_results(run, time.perf_counter() - t0)
         if objective is not None and objective.results is not None:
             objective.results(run, results)
         if dist.is_main:
             write_json(run_dir / "results.json", results)
             if results["final"] or results["best"]:
                 write_table(median_table([results]), run_dir, cfg.name)
-            _log_summary(results)
+            log_summary(results)
         return results
-
-
-def _results(run: Run, seconds: float) -> dict[str, Any]:
-    """What ``results.json`` holds: the run's figures at the final epoch (the headline), at the best epoch and at
-    each dataset's own best epoch (:mod:`gamma.train.selection`), the evaluated epochs and the whole history."""
-    cfg, p = run.cfg, run.progress
-    evals = [h for h in p.history if h["kind"] == "eval"]
-    finished = p.epoch >= cfg.epochs or cfg.eval_only
-    final = block(evals[-1]) if evals and finished else None
-    best = None if p.best is None else {**p.best, "selected_on": cfg.eval.select_on}
-    out = {
-        "run_dir": str(run.run_dir),
-        "name": cfg.name,
-        "split_index": cfg.split_index,
-        "finished": finished,
-        "eval_only": cfg.eval_only,
-        "epochs": p.epoch,
-        "global_step": p.global_step,
-        "seconds": seconds,
-        "headline": "final",
-        "final": final,
-        "best": best,
-        "best_per_dataset": best_per_dataset(evals, cfg.eval.select_metric),
-        "evaluated_epochs": [h["epoch"] for h in evals],
-        "selection": {"on": cfg.eval.select_on, "metric": cfg.eval.select_metric,
-                      "holdout_fraction": cfg.eval.holdout_fraction if run.select_sets else None,
-                      "holdout_images": {n: len(d) for n, d in run.select_sets.items()}},
-        "history": p.history,
-        "step_losses": list(run.step_losses),
-    }
-    if cfg.eval.prompt_sets:
-        out["headline_prompt_set"] = headline_prompt_set(run.model.config.prompt_set, cfg.eval.prompt_sets)
-    return out
-
-
-def _log_summary(results: dict[str, Any]) -> None:
-    for kind in ("final", "best"):
-        part = results.get(kind)
-        if part:
-            means = ", ".join(f"{m.upper()} {part['mean'][m]:.4f}" for m in METRICS)
-            logger.info("%s: epoch %s (mean over datasets: %s)", kind, part["epoch"], means)
-    logger.info("results in %s", results["run_dir"])

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..data import IQADataset
 from ..data.transforms import TestTransform
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .evaluate import mean_metrics
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,19 @@ def metric_value(row: Mapping[str, Any], metric: str) -> float | None:
         srcc, plcc = row.get("srcc"), row.get("plcc")
         return None if srcc is None or plcc is None else float(srcc) + float(plcc)
     return row.get(metric)
+
+
+def split_off_holdouts(cfg: TrainConfig, train: list[IQADataset]) -> tuple[list[IQADataset], dict[str, IQADataset]]:
+    """``eval.holdout_fraction`` of each training dataset held out (seeded by the run seed) to choose the best epoch:
+    (what is trained on, holdouts by name)."""
+    kept, holdouts = [], {}
+    for ds in train:
+        rest, holdout = carve_holdout(ds, cfg.eval.holdout_fraction, cfg.seed)
+        kept.append(rest)
+        holdouts[ds.entry.name] = holdout
+        logger.info("%s: %d of %d training images held out to choose the best epoch (eval.select_on: "
+                    "train_holdout); %d trained on", ds.entry.name, len(holdout), len(ds), len(rest))
+    return kept, holdouts
 
 
 def selection_view(record: Mapping[str, Any] | None) -> Mapping[str, Any] | None:

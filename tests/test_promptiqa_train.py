@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import assert_close, launch_ddp
+from helpers import assert_close, interrupt_at, launch_ddp
 
 import gamma
 from gamma.adapt import MIN_PAIRS
@@ -27,8 +27,10 @@ from gamma.data.synthetic import generate
 from gamma.factory import list_models, load_vit_weights
 from gamma.scorer import ADAPT_OUTPUTS
 from gamma.train import promptiqa as stage
+from gamma.train.checkpoint import load_training_state
 from gamma.train.config import ConfigError, load_config
 from gamma.train.evaluate import predict
+from gamma.train.loop import TrainingInterrupted
 from gamma.train.main import main
 from gamma.weights import CheckpointError, read_checkpoint, save_checkpoint
 
@@ -134,6 +136,25 @@ def test_learning_rate_is_the_official_half_cosine(workspace):
     assert stage.lr_at(cfg, 50) == pytest.approx(1e-5) and stage.lr_at(cfg, 75) == pytest.approx(stage.lr_at(cfg, 25))
 
 
+def test_cosine_tmax_climbs_back_as_pytorchs_cosine_annealing(workspace):
+    """lr_schedule: cosine_tmax is CosineAnnealingLR(T_max=50) stepped once per epoch: down to min_lr over 50 epochs,
+    then back up (cosine_restart jumps back to lr at epoch 50)."""
+    cfg = load_config(workspace / "base.yml", ["epochs=100", "optim.lr=1e-5", "optim.min_lr=1e-7",
+                                               "promptiqa.cosine_period=50", "promptiqa.lr_schedule=cosine_tmax"])
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=50, eta_min=1e-7)
+    for epoch in range(100):
+        assert stage.lr_at(cfg, epoch) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+        opt.step()
+        sched.step()
+    assert stage.lr_at(cfg, 50) == pytest.approx(1e-7) and stage.lr_at(cfg, 75) > stage.lr_at(cfg, 60)
+    restart = load_config(workspace / "base.yml", ["epochs=100", "optim.lr=1e-5", "optim.min_lr=1e-7",
+                                                   "promptiqa.cosine_period=50"])
+    assert restart.promptiqa.lr_schedule == "cosine_restart" and stage.lr_at(restart, 50) == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        load_config(workspace / "base.yml", ["promptiqa.lr_schedule=cosine"])
+
+
 # ------------------------------------------------------------------------------------------------ training
 @pytest.fixture(scope="module")
 def recorded(workspace):
@@ -177,6 +198,39 @@ def test_stage_applies_label_augmentation_to_prompts_and_targets_together(worksp
         pair = calls[2 * step : 2 * step + 2]
         expected = np.mean([float(F.l1_loss(pred, scores)) for _, scores, pred in pair])
         assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_shared_label_draw_gives_every_chunk_of_a_step_the_same_draw(workspace, monkeypatch):
+    """promptiqa.label_draw: step (the official code): every chunk of a step starts from the same random state, so
+    each chunk's scale divisor is c = max S + u (1 - max S) with one u per step, and the flips agree."""
+    calls = []
+    original = PromptedIQA.score_leave_one_out
+
+    def spy(self, images, scores):
+        calls.append(torch.as_tensor(scores).detach().clone())
+        return original(self, images, scores)
+
+    monkeypatch.setattr(PromptedIQA, "score_leave_one_out", spy)
+    run_stage(workspace, "shared_draw", "promptiqa.scale_p=0.5", "promptiqa.flip_p=0.5", "promptiqa.label_draw=step",
+              "max_steps_per_epoch=6")
+    cfg = load_config(workspace / "base.yml", ["promptiqa.scale_p=0.5", "promptiqa.flip_p=0.5"])
+    sets = [build_dataset(e, "train") for e in cfg.data]
+    plan = stage.ChunkPlan([len(d) for d in sets], 11, 2, cfg.seed)
+    labels, chunks = np.concatenate([d.labels for d in sets]), plan.chunks(0)
+    draws = set()
+    for step in range(6):
+        augs = []
+        for pos in (2 * step, 2 * step + 1):
+            raw = torch.as_tensor(labels[chunks[pos]], dtype=torch.float32)
+            aug = draw_label_augment(raw, 0.5, 0.5, stage.step_generator(cfg.seed, 0, step))
+            assert_close(calls[pos], aug.apply(raw), rtol=0, atol=1e-7)
+            top = float(raw.max())
+            augs.append((aug.flip, aug.scale != 1.0, (aug.scale - top) / (1 - top) if aug.scale != 1.0 else None))
+        assert augs[0][:2] == augs[1][:2]  # one draw for the step: scaled and flipped alike
+        if augs[0][2] is not None:
+            assert augs[0][2] == pytest.approx(augs[1][2], abs=1e-6)  # the same u
+        draws.add(augs[0][:2])
+    assert len(draws) >= 2
 
 
 def test_stage_flips_training_images_upside_down(workspace, recorded):
@@ -234,6 +288,38 @@ def test_stage_resume_repeats_the_uninterrupted_run(workspace):
     a = read_checkpoint(Path(whole["run_dir"]) / "last.pth").state_dict
     b = read_checkpoint(Path(resumed["run_dir"]) / "last.pth").state_dict
     assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_sigint_mid_epoch_saves_and_resume_ends_as_the_uninterrupted_run(workspace, monkeypatch):
+    """A real SIGINT inside a PromptIQA epoch: the run finishes the step, writes a resumable checkpoint and stops with
+    a message naming it; --resume ends with the uninterrupted run's losses, weights and figures."""
+    args = ["epochs=2", "max_steps_per_epoch=4", "eval.every=1"]
+    whole = run_stage(workspace, "sig_whole", *args)
+    with monkeypatch.context() as mp:
+        interrupt_at(mp, 2)  # SIGINT while step 2 is logged: the loop stops after step 3, inside epoch 1
+        with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT; resumable checkpoint: .*last\.pth"):
+            run_stage(workspace, "sig_cut", *args)
+    run_dir = workspace / "exp" / "sig_cut" / "split_1"
+    progress = load_training_state(run_dir / "last.pth").extra["progress"]
+    assert (progress["epoch"], progress["step_in_epoch"], progress["global_step"]) == (0, 3, 3)
+    resumed = main(["-opt", str(workspace / "base.yml"), "name=sig_cut", *args, "--resume"])
+    assert_close(resumed["step_losses"], whole["step_losses"][3:], rtol=1e-5, atol=1e-7)
+    assert_close(read_checkpoint(run_dir / "last.pth").state_dict,
+                 read_checkpoint(Path(whole["run_dir"]) / "last.pth").state_dict, rtol=1e-4, atol=1e-6)
+    for kind in ("final", "best"):
+        assert resumed[kind]["epoch"] == whole[kind]["epoch"]
+        assert_close(resumed[kind]["mean"], whole[kind]["mean"], rtol=1e-4, atol=1e-5)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]  # epoch 1's evaluation is not lost
+
+
+def test_best_epoch_by_srcc_plus_plcc_as_the_official_code(workspace):
+    """eval.select_metric: srcc+plcc keeps the evaluation with the largest sum of SRCC + PLCC over datasets."""
+    r = run_stage(workspace, "sel_sum", "epochs=3", "max_steps_per_epoch=3", "eval.every=1",
+                  "eval.select_metric=srcc+plcc")
+    evals = [h for h in r["history"] if h["kind"] == "eval"]
+    sums = [sum(d["srcc"] + d["plcc"] for d in h["datasets"].values()) for h in evals]
+    assert r["best"]["epoch"] == evals[int(np.argmax(sums))]["epoch"]
+    assert r["selection"]["metric"] == "srcc+plcc"
 
 
 def test_stage_refuses_bad_settings(workspace):
@@ -407,7 +493,7 @@ def test_vit_weights_load_timm_layout():
 def test_option_files_resolve(monkeypatch):
     monkeypatch.setenv("PROMPTIQA_WEIGHTS", "promptiqa_paper_12.pth")
     files = sorted((REPO / "options" / "promptiqa").glob("*.yml"))
-    assert len(files) >= 12
+    assert len(files) >= 17
     for f in files:
         load_config(f)
     six = load_config(REPO / "options/promptiqa/official_6.yml")
@@ -459,6 +545,65 @@ def test_fr_labels_script_writes_ssim_labels(tmp_path):
         direct = float(metric(str(tmp_path / "dist" / dist), str(tmp_path / "ref" / ref)).item())
         assert float(value) == pytest.approx(direct, abs=2e-6)
     assert float(out[1][2]) > float(out[2][2]) > float(out[3][2])  # more blur, lower SSIM
+
+
+def test_tiny_run_matches_the_recorded_reference(workspace):
+    """A 3-epoch PromptIQA run gives the figures recorded when the stage had its own loop
+    (tests/data/loop_reference.json; the shared loop reproduced them bit for bit on the recording machine)."""
+    from test_train import check_against_reference
+
+    recorded = json.loads((REPO / "tests" / "data" / "loop_reference.json").read_text())["promptiqa"]
+    check_against_reference(run_stage(workspace, "reference_3", "epochs=3", "eval.every=1", "max_steps_per_epoch=4"),
+                            recorded)
+
+
+# ------------------------------------------------------------------------------------------------ Tables 5 and 6
+@pytest.fixture(scope="module")
+def promptiqa_file(workspace) -> Path:
+    torch.manual_seed(4)
+    return save_checkpoint(gamma.create_model("promptiqa_test"), workspace / "promptiqa_test.pth")
+
+
+def _predictions(result: dict) -> dict[str, list[float]]:
+    out = {}
+    for f in sorted((Path(result["run_dir"]) / "predictions_final").glob("*.csv")):
+        with open(f) as fh:
+            out[f.stem] = [float(row["pred"]) for row in csv.DictReader(fh)]
+    return out
+
+
+def test_table5_prompt_strategies_at_toy_size(workspace, promptiqa_file, monkeypatch):
+    """Each Table 5 option file's prompt strategy, on a tiny model and the synthetic sets: random ISP images, random
+    ISP scores, both (each changes every set's scores, reproducibly from promptiqa.isp_seed), and inversion."""
+    monkeypatch.setenv("PROMPTIQA_WEIGHTS", str(promptiqa_file))
+    toy = ["eval_only=true", "model.name=null", f"model.pretrained={promptiqa_file}"]
+    standard = _predictions(run_stage(workspace, "t5_standard", *toy))
+    for what in ("images", "scores", "both"):
+        shipped = load_config(REPO / "options" / "promptiqa" / f"table5_random_{what}.yml")
+        assert shipped.eval_only and shipped.eval.datasets == ["tid2013", "koniq10k", "gfiqa20k", "agiqa3k", "uwiqa"]
+        assert shipped.promptiqa.isp_random == what
+        setting = f"promptiqa.isp_random={what}"
+        r = _predictions(run_stage(workspace, f"t5_{what}", *toy, setting))
+        assert set(r) == set(standard) == set(NAMES)
+        for name in NAMES:
+            assert not np.allclose(r[name], standard[name], rtol=0, atol=1e-7), (what, name)
+        again = _predictions(run_stage(workspace, f"t5_{what}_again", *toy, setting))
+        assert again == r
+    inverted = load_config(REPO / "options" / "promptiqa" / "table5_inverted.yml")
+    assert inverted.promptiqa.inverted_isps and inverted.promptiqa.isp_random == "none"
+    r = run_stage(workspace, "t5_inverted", *toy, "promptiqa.inverted_isps=true")
+    assert set(r["final"]["adaptation"]["PromptIQA (t5_inverted)"]) == set(stage.PROMPT_VARIANTS)
+
+
+def test_table6_without_mixed_training_at_toy_size(workspace):
+    """Table 6, w/o mixed training: one dataset trained and tested (ablation_single_dataset.yml, one data entry and
+    the reconstituted requirements); at toy size, chunks come from that dataset only."""
+    shipped = load_config(REPO / "options" / "promptiqa" / "ablation_single_dataset.yml")
+    assert [e.name for e in shipped.data] == ["koniq10k"] and len(shipped.eval_data) == 6
+    assert shipped.stage == "promptiqa" and not shipped.eval_only
+    one = load_config(workspace / "base.yml").data[0].to_dict()
+    r = run_stage(workspace, "t6_single", f"data=[{json.dumps(one)}]", "max_steps_per_epoch=3")
+    assert r["finished"] and set(r["final"]["datasets"]) == {NAMES[0]} and r["global_step"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ DDP

@@ -397,3 +397,22 @@ def test_unified_options_run_unchanged_on_a_release_data_root(tmp_path, monkeypa
     assert all(m["n"] == 2 for m in out["best"]["datasets"].values())
     saved = load_config(tmp_path / "runs" / "gamma_unified_sdp" / "split_1" / "config.yaml")
     assert saved.model.overrides == {"prompt_set": "sdp"} and saved.data[0].data_root == str(tmp_path / "data")
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def check_against_reference(result: dict, recorded: dict) -> None:
+    """A tiny run against its recorded figures: losses to rounding (they differ only by floating-point summation
+    order on another CPU), PLCC closely, SRCC to one swapped pair of ranks among 20 test images."""
+    assert_close(result["step_losses"], recorded["step_losses"], rtol=1e-4, atol=1e-6)
+    for name, want in recorded["final_datasets"].items():
+        got = result["final"]["datasets"][name]
+        assert_close(got["plcc"], want["plcc"], rtol=0, atol=2e-3, msg=f"{name} plcc")
+        assert_close(got["srcc"], want["srcc"], rtol=0, atol=0.02, msg=f"{name} srcc")
+    assert result["best"]["epoch"] == recorded["best_epoch"]
+
+
+def test_tiny_run_matches_the_recorded_reference(workspace):
+    """A 3-epoch run gives the figures recorded before the training loop took other stages' hooks
+    (tests/data/loop_reference.json)."""
+    recorded = json.loads((Path(__file__).parent / "data" / "loop_reference.json").read_text())["gamma"]
+    check_against_reference(run(workspace, "name=reference_3", "epochs=3"), recorded)

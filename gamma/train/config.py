@@ -101,7 +101,8 @@ class EvalCfg:
     # Paper Table 15: score the same weights with each of these prompt sets (naive | quality | sdp), one table row each;
     # None = the model's own prompt set only. The model's own set (else the first listed) selects the best epoch.
     prompt_sets: list[str] | None = None
-    select_metric: Literal["srcc", "plcc", "krcc"] = "srcc"  # best epoch = highest mean of this over datasets
+    # best epoch = highest mean of this over datasets; 'srcc+plcc': of SRCC + PLCC (the official PromptIQA 'best')
+    select_metric: Literal["srcc", "plcc", "krcc", "srcc+plcc"] = "srcc"
     # Where the best epoch is chosen: 'test' = on the held-out part itself (as the release does; optimistic), or
     # 'train_holdout' = on a seeded holdout carved from each training part (those images are then not trained on).
     select_on: Literal["test", "train_holdout"] = "test"
@@ -153,13 +154,22 @@ class PromptIQACfg:
     scale_p: float = 0.5  # random scaling: all labels of a chunk divided by c ~ U(max S, 1)
     flip_p: float = 0.1  # random flipping: S -> 1 - S (drawn after the scaling, independently)
     vflip_p: float = 0.5  # each training image flipped upside down (the official "RandHorizontalFlip" flips H)
-    cosine_period: int | None = None  # epochs per cosine cycle, restarting after each; None: one half cosine per run
+    cosine_period: int | None = None  # epochs per cosine cycle (the paper's 50); None: one half cosine per run
+    # How the learning rate goes on after a cycle: 'cosine_restart' back to optim.lr at once (the paper's "cosine
+    # annealing for every 50 epochs" read as restarts), 'cosine_tmax' climbing back up as PyTorch's
+    # CosineAnnealingLR(T_max=cosine_period) does (the official code's unused --T_max 50).
+    lr_schedule: Literal["cosine_restart", "cosine_tmax"] = "cosine_restart"
+    # The label augmentation's draw: 'chunk' one draw per chunk (gamma's default), 'step' one draw per step shared by
+    # every chunk of every process (the official code: each process reseeds `random` with the same seed).
+    label_draw: Literal["chunk", "step"] = "chunk"
     decode: Literal["cv2", "pil"] = "cv2"  # PromptIQA's image loader: the official OpenCV path, or PIL
     vit_weights: str | None = None  # timm vit_base_patch8_224 state_dict the backbone starts from (no model.pretrained)
     isp_count: int | None = None  # ISPs in a test prompt; None: chunk - 1 (the official 10)
     isp_sampling: Literal["interval", "random"] = "interval"  # how the test ISPP is drawn from the training part
     isp_draws: int = 1  # random sampling: prompts drawn per dataset and evaluation (mean and std reported)
     isp_seed: int = 0  # seed of random sampling and of the ISPP flips
+    # PromptIQA's Table 5: the test ISPP's images, scores or both replaced by uniform random numbers (isp_seed)
+    isp_random: Literal["none", "images", "scores", "both"] = "none"
     ispp_flip: bool = False  # the official test quirk: ISPP images flipped upside down (p = 0.5) for every test batch
     inverted_isps: bool = False  # also score with every ISP score inverted (1 - s): the adaptation table's second half
     # Models without a prompt input (a Gamma model, eval_only): 'none' scores as they are, 'fit' maps them with a

@@ -20,8 +20,6 @@ computes the same losses as an uninterrupted one, from an epoch boundary or from
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import os
@@ -29,7 +27,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +39,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .._files import atomic_write
 from ..archs import GammaModel
 from ..archs.precision import check_precision, resolve_precision
 from ..data import IQADataset, build_dataset, collate
@@ -51,10 +48,10 @@ from ..weights import load_into
 from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
-from .evaluate import METRICS, autocast, evaluate, headline_prompt_set, median_table, write_table
-from .run_folder import MetricsLog, flatten, open_run
+from .evaluate import autocast, evaluate, median_table, write_table
+from .run_folder import MetricsLog, flatten, log_summary, open_run, run_results, write_predictions
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
-from .selection import best_per_dataset, block, carve_holdout, selection_view
+from .selection import block, metric_value, selection_view, split_off_holdouts
 
 logger = logging.getLogger(__name__)
 
@@ -89,22 +86,46 @@ def mse_sum(pred: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
 @dataclass(frozen=True)
 class Objective:
     """What a stage trains on and for, when it is not Gamma's MOS regression on the ``data`` entries (ATTIQA
-    pretraining, :mod:`gamma.train.attiqa`). Everything else (optimiser, schedule, checkpoints, resume, DDP, signals,
-    run folder) is the loop's own.
+    pretraining, :mod:`gamma.train.attiqa`; PromptIQA and Gamma + ISP, :mod:`gamma.train.promptiqa`). Everything else
+    (optimiser, checkpoints, resume, DDP, signals, best and final, run folder) is the loop's own.
 
     ``train_sets`` / ``eval_sets``: datasets whose items are those of :class:`gamma.data.IQADataset` plus whatever
-    ``loss_sum`` reads. ``loss_sum(pred, batch)``: the sum over the micro-batch's real samples of their loss, as
-    :func:`mse_sum` (the step's loss is that sum over all micro-batches and processes divided by the number of real
-    samples). ``evaluate(run)``: the figures of an evaluation, ``{'datasets': {name: {metric: value}}, 'mean': {...},
-    'predictions': {eval-set name: [...]}}`` as :func:`gamma.train.evaluate.evaluate` returns them.
+    ``loss_sum`` reads (the held-out predictions are written with the ``eval_sets``' paths and labels).
+    ``loss_sum(pred, batch)``: the sum over the micro-batch's real samples of their loss, as :func:`mse_sum` (the step's
+    loss is that sum over all micro-batches and processes divided by the number of real samples). ``evaluate(run)``:
+    the figures of an evaluation, ``{'datasets': {name: {metric: value}}, 'mean': {...}, 'predictions': {eval-set
+    name: [...]}}`` as :func:`gamma.train.evaluate.evaluate` returns them, optionally ``'selection'`` (the figures on
+    ``select_sets``) and ``'record'`` (more keys for the run's history, not for the metrics log).
     ``configure_model(model)``: called on the new model before its trainable parameters go to the optimiser.
+
+    The optional hooks replace one more part of Gamma's recipe each:
+
+    - ``build_model(cfg)``: the model (else :func:`build_model`); ``wrap(model)``: the module the training step calls
+      (what DDP wraps; else the model);
+    - ``plan(cfg, dist, sizes)``: the epoch plan (``steps_per_epoch``; else :class:`~gamma.train.sampling.EpochPlan`);
+      ``loader(run, epoch, start_step)``: the iterable of the epoch's batches from ``start_step`` on;
+      ``step(run, batches, step)``: one step's forward and backward passes, returning this process's loss sum (a
+      float64 tensor) and the divisor that makes the sum over all processes the step's loss (else Gamma's micro-batches
+      through ``loss_sum``);
+    - ``lr_at(epoch)``: the learning rate of each 0-based epoch (else ``optim.scheduler``);
+    - ``select_sets``: holdouts chosen by the objective (its ``evaluate`` then returns ``'selection'``), instead of the
+      loop carving them for ``eval.select_on: train_holdout``;
+    - ``results(run, out)``: adds the stage's own entries to ``results.json``.
     """
 
     train_sets: list[torch.utils.data.Dataset]
     eval_sets: dict[str, torch.utils.data.Dataset]
-    loss_sum: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]
+    loss_sum: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor] | None
     evaluate: Callable[[Run], dict[str, Any]]
     configure_model: Callable[[torch.nn.Module], None] | None = None
+    build_model: Callable[[TrainConfig], torch.nn.Module] | None = None
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None
+    plan: Callable[[TrainConfig, DistInfo, list[int]], Any] | None = None
+    loader: Callable[[Run, int, int], Iterable[dict[str, Any]]] | None = None
+    step: Callable[[Run, Iterator[dict[str, Any]], int], tuple[torch.Tensor, float]] | None = None
+    lr_at: Callable[[int], float] | None = None
+    select_sets: dict[str, torch.utils.data.Dataset] | None = None
+    results: Callable[[Run, dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -136,7 +157,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None
     scaler: torch.amp.GradScaler
-    plan: EpochPlan
+    plan: EpochPlan | Any  # the objective's own plan has at least `steps_per_epoch`; None when evaluating only
     train_view: SeededView
     eval_sets: dict[str, IQADataset]
     log: MetricsLog | None  # rank 0 only
@@ -174,19 +195,6 @@ def build_datasets(cfg: TrainConfig) -> tuple[list[IQADataset], dict[str, IQADat
         if wanted is None or e.name in wanted:
             held[e.name] = build_dataset(e, e.eval_key)
     return train, held
-
-
-def split_off_holdouts(cfg: TrainConfig, train: list[IQADataset]) -> tuple[list[IQADataset], dict[str, IQADataset]]:
-    """``eval.holdout_fraction`` of each training dataset held out (seeded by the run seed) to choose the best epoch:
-    (what is trained on, holdouts by name)."""
-    kept, holdouts = [], {}
-    for ds in train:
-        rest, holdout = carve_holdout(ds, cfg.eval.holdout_fraction, cfg.seed)
-        kept.append(rest)
-        holdouts[ds.entry.name] = holdout
-        logger.info("%s: %d of %d training images held out to choose the best epoch (eval.select_on: "
-                    "train_holdout); %d trained on", ds.entry.name, len(holdout), len(ds), len(rest))
-    return kept, holdouts
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -227,9 +235,12 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     if not cfg.eval_only and not train_sets:
         raise ConfigError("data: no training datasets; list at least one entry under data:")
     select_sets: dict[str, IQADataset] = {}
-    if cfg.eval.select_on == "train_holdout" and not cfg.eval_only:
+    if objective is not None and objective.select_sets is not None:
+        select_sets = objective.select_sets
+    elif cfg.eval.select_on == "train_holdout" and not cfg.eval_only:
         train_sets, select_sets = split_off_holdouts(cfg, train_sets)
-    model = build_model(cfg).to(dist.device)
+    own = objective is not None and objective.build_model is not None
+    model = (objective.build_model(cfg) if own else build_model(cfg)).to(dist.device)
     if objective is not None and objective.configure_model is not None:
         objective.configure_model(model)
     if cfg.eval.precision != "fp32":  # fail now, not after the first epoch
@@ -241,24 +252,29 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     if not params:
         raise ConfigError("the model has no trainable parameters")
     o = cfg.optim
-    optimizer = torch.optim.Adam(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    lr_at = objective.lr_at if objective is not None else None
+    optimizer = torch.optim.Adam(params, lr=lr_at(0) if lr_at else o.lr, betas=o.betas, eps=o.eps,
+                                 weight_decay=o.weight_decay)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=o.min_lr)
-                 if o.scheduler == "cosine" else None)
+                 if o.scheduler == "cosine" and lr_at is None else None)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
-    net: torch.nn.Module = model
+    net: torch.nn.Module = objective.wrap(model) if objective is not None and objective.wrap is not None else model
     if dist.enabled and not cfg.eval_only:
-        net = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+        net = DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                                       find_unused_parameters=cfg.ddp.find_unused_parameters)
     sizes = [len(d) for d in train_sets] or [1]
-    if cfg.drop_last and train_sets and sum(sizes) < cfg.batch_size:
-        raise ConfigError(f"drop_last: the training set has {sum(sizes)} images, fewer than one batch of "
-                          f"{cfg.batch_size}, so every batch would be dropped; set drop_last=false or a smaller "
-                          "batch_size")
-    plan = EpochPlan(sizes, cfg.batch_size, cfg.seed, cfg.sampler, dist.world_size, dist.rank, cfg.grad_accum,
-                     cfg.max_steps_per_epoch, drop_last=cfg.drop_last)
+    if objective is not None and objective.plan is not None:
+        plan = objective.plan(cfg, dist, sizes) if train_sets else None
+    else:
+        if cfg.drop_last and train_sets and sum(sizes) < cfg.batch_size:
+            raise ConfigError(f"drop_last: the training set has {sum(sizes)} images, fewer than one batch of "
+                              f"{cfg.batch_size}, so every batch would be dropped; set drop_last=false or a smaller "
+                              "batch_size")
+        plan = EpochPlan(sizes, cfg.batch_size, cfg.seed, cfg.sampler, dist.world_size, dist.rank, cfg.grad_accum,
+                         cfg.max_steps_per_epoch, drop_last=cfg.drop_last)
     if train_sets:
         logger.info("training on %d images from %d dataset(s) (%s); %d steps per epoch of %d images, %d epochs, "
-                    "%d process%s", plan.total, len(train_sets),
+                    "%d process%s", sum(sizes), len(train_sets),
                     ", ".join(f"{d.entry.name} {len(d)}" for d in train_sets), plan.steps_per_epoch, cfg.batch_size,
                     cfg.epochs, dist.world_size, "es" if dist.world_size > 1 else "")
         logger.info("model: %s; %.1f M parameters, %.1f M trainable", cfg.model.name or cfg.model.pretrained,
@@ -278,12 +294,22 @@ def restore(run: Run, path: Path) -> None:
         run.scheduler.load_state_dict(ex["scheduler"])
     if ex.get("scaler") is not None:
         run.scaler.load_state_dict(ex["scaler"])
-    run.progress = Progress(**ex["progress"])
+    run.progress = Progress(**_progress_fields(ex["progress"]))
     set_rng_state(ex["rng"])
     _warn_config_changes(ex.get("train_config") or {}, config_to_dict(run.cfg), path)
     p = run.progress
     logger.info("resumed from %s: epoch %d, step %d of it (global step %d)", path, p.epoch + 1, p.step_in_epoch,
                 p.global_step)
+
+
+def _progress_fields(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's counters as :class:`Progress` fields (a stage-promptiqa checkpoint of gamma <= 0.x kept its
+    loss as ``loss_sum`` over ``loss_steps`` steps)."""
+    out = dict(saved)
+    if "loss_sum" in out:
+        steps = out.pop("loss_steps", 0)
+        out["epoch_loss_sum"], out["epoch_samples"] = out.pop("loss_sum"), steps
+    return {k: v for k, v in out.items() if k in Progress.__dataclass_fields__}
 
 
 def _warn_config_changes(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
@@ -343,9 +369,14 @@ def train_one_epoch(run: Run) -> None:
         NonFiniteLossError: a step's loss is NaN/inf (checked over all processes before the weights change).
         TrainingInterrupted: a stop signal arrived; a resumable checkpoint was written first.
     """
-    cfg, p, plan = run.cfg, run.progress, run.plan
+    cfg, p, plan, obj = run.cfg, run.progress, run.plan, run.objective
+    if obj is not None and obj.lr_at is not None:
+        for group in run.optimizer.param_groups:
+            group["lr"] = obj.lr_at(p.epoch)
     run.net.train()
-    batches = iter(make_loader(run, p.epoch, p.step_in_epoch))
+    own_loader = obj is not None and obj.loader is not None
+    batches = iter(obj.loader(run, p.epoch, p.step_in_epoch) if own_loader else make_loader(run, p.epoch,
+                                                                                              p.step_in_epoch))
     bar = None
     if cfg.log.progress and run.dist.is_main:
         bar = tqdm(total=plan.steps_per_epoch, initial=p.step_in_epoch, desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
@@ -354,8 +385,7 @@ def train_one_epoch(run: Run) -> None:
     t0 = time.perf_counter()
     try:
         for step in range(p.step_in_epoch, plan.steps_per_epoch):
-            n_real = plan.samples_in_step(step)
-            step_loss, stop_asked = _forward_backward(run, batches, n_real)
+            step_loss, n_real, stop_asked = _forward_backward(run, batches, step)
             if not math.isfinite(step_loss):
                 raise _non_finite_loss(run, step_loss, step)
             _update_weights(run)
@@ -384,17 +414,32 @@ def train_one_epoch(run: Run) -> None:
     del batches  # (its worker processes end now, not at the next epoch's start)
 
 
-def _forward_backward(run: Run, batches: Iterator[dict[str, Any]], n_real: int) -> tuple[float, bool]:
-    """Forward and backward passes of one optimiser step's micro-batches (gradients accumulate in the parameters).
+def _forward_backward(run: Run, batches: Iterator[dict[str, Any]], step: int) -> tuple[float, float, bool]:
+    """Forward and backward passes of one optimiser step (gradients accumulate in the parameters): Gamma's
+    micro-batches, or the objective's ``step``.
 
     Returns:
-        the step's mean squared error over all processes' ``n_real`` samples, and whether any process was asked to
-        stop (both agreed on by every process in one all-reduce).
+        the step's mean loss over all processes, what it is the mean over (the step's real samples), and whether any
+        process was asked to stop (agreed on by every process in the same all-reduce as the loss).
     """
-    cfg, dev, world = run.cfg, run.dist.device, run.dist.world_size
+    dev = run.dist.device
     run.optimizer.zero_grad(set_to_none=True)
+    if run.objective is not None and run.objective.step is not None:
+        local, n_real = run.objective.step(run, batches, step)
+    else:
+        n_real = run.plan.samples_in_step(step)
+        local = _micro_batches(run, batches, n_real)
+    flags = torch.stack([local.to(dev, torch.float64),
+                         torch.tensor(float(run.stop_signal != 0), dtype=torch.float64, device=dev)])
+    flags = all_reduce_sum(flags, run.dist)
+    return float(flags[0]) / n_real, n_real, float(flags[1]) > 0
+
+
+def _micro_batches(run: Run, batches: Iterator[dict[str, Any]], n_real: int) -> torch.Tensor:
+    """Gamma's step: ``grad_accum`` micro-batches through ``loss_sum``; returns this process's loss sum."""
+    cfg, dev, world = run.cfg, run.dist.device, run.dist.world_size
     sq_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    loss_sum = run.objective.loss_sum if run.objective is not None else mse_sum
+    loss_sum = run.objective.loss_sum if run.objective is not None and run.objective.loss_sum else mse_sum
     for micro in range(cfg.grad_accum):
         batch = next(batches)
         images = batch["img"].to(dev, non_blocking=True)
@@ -408,9 +453,7 @@ def _forward_backward(run: Run, batches: Iterator[dict[str, Any]], n_real: int) 
             loss = sq * (world / n_real)
             run.scaler.scale(loss).backward()
         sq_sum += sq.detach().double()
-    flags = torch.stack([sq_sum, torch.tensor(float(run.stop_signal != 0), dtype=torch.float64, device=dev)])
-    flags = all_reduce_sum(flags, run.dist)
-    return float(flags[0]) / n_real, float(flags[1]) > 0
+    return sq_sum
 
 
 def _non_finite_loss(run: Run, step_loss: float, step: int) -> NonFiniteLossError:
@@ -455,7 +498,11 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
               "mean": result["mean"], "datasets": result["datasets"]}
     if "prompt_sets" in result:
         record["prompt_sets"] = result["prompt_sets"]
-    if run.select_sets:
+    extra = result.get("record", {})
+    record.update(extra)
+    if "selection" in result:
+        record["selection"] = result["selection"]
+    elif run.select_sets:
         chosen_on = evaluate(run.model, run.select_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp,
                              workers=workers, dist_info=run.dist, progress=cfg.log.progress, headline_only=True)
         record["selection"] = {"mean": chosen_on["mean"], "datasets": chosen_on["datasets"]}
@@ -465,7 +512,7 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     if improved:
         p.best = block(record)
     if run.dist.is_main:
-        run.log.write(record)
+        run.log.write({k: v for k, v in record.items() if k not in extra})
         summary = ", ".join(f"{n} {v['srcc']:.3f}/{v['plcc']:.3f}" for n, v in result["datasets"].items())
         chosen = (f"; holdout mean {record['selection']['mean']['srcc']:.4f}/{record['selection']['mean']['plcc']:.4f}"
                   if "selection" in record else "")
@@ -476,7 +523,7 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
                 save_best(run.run_dir, run.model, cfg.checkpoint.format, {"epoch": epoch, **record},
                           config_to_dict(cfg))
             write_predictions(run, result["predictions"])
-        if epoch == cfg.epochs and not cfg.eval_only:
+        if epoch == cfg.epochs or cfg.eval_only:  # (an evaluation-only run's one evaluation is its final)
             write_predictions(run, result["predictions"], "predictions_final")
     return record
 
@@ -484,22 +531,8 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
 def improves(best: dict[str, Any] | None, mean: dict[str, float], metric: str = "srcc") -> bool:
     """Whether an evaluation with mean metrics ``mean`` beats ``best``: the mean over datasets must rise (one dataset
     improving while the mean falls is not better; the release's defect)."""
-    score = mean[metric]
-    return math.isfinite(score) and (best is None or score > best["mean"][metric])
-
-
-def write_predictions(run: Run, predictions: dict[str, list[float]], folder_name: str = "predictions") -> None:
-    folder = run.run_dir / folder_name
-    folder.mkdir(exist_ok=True)
-    for name, scores in predictions.items():
-        ds = run.eval_sets[name]
-        buf = io.StringIO()
-        w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["path", "mos", "label", "pred"])
-        for path, raw, label, pred in zip(ds.paths, ds.mos_raw, ds.labels, scores, strict=True):
-            w.writerow([os.path.relpath(path, ds.entry.image_root), f"{raw:.6g}", f"{label:.6f}", f"{pred:.6f}"])
-        text = buf.getvalue()
-        atomic_write(folder / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))
+    score = metric_value(mean, metric)
+    return score is not None and math.isfinite(score) and (best is None or score > metric_value(best["mean"], metric))
 
 
 def _should_eval(cfg: TrainConfig, epoch: int) -> bool:
@@ -551,10 +584,14 @@ def _finish_epoch_eval(run: Run, epoch: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ one run
-def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False, objective: Objective | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False,
+          objective: Objective | Callable[[Path], Objective] | None = None) -> dict[str, Any]:
     """Run one training (one split): returns its results (also written to ``results.json``). ``objective``
-    replaces Gamma's data, loss and evaluation (:class:`Objective`)."""
+    replaces Gamma's data, loss and evaluation (:class:`Objective`); given as a function of the run folder, it is
+    built once the folder is locked (a stage that writes files there first)."""
     with open_run(cfg, dist, resume) as (run_dir, log):
+        if callable(objective) and not isinstance(objective, Objective):
+            objective = objective(run_dir)
         run = prepare(cfg, dist, run_dir, log, objective)
         if resume and (run_dir / LAST).exists():
             restore(run, run_dir / LAST)
@@ -571,52 +608,12 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False, objective: Obj
                 if dist.is_main:
                     logger.warning("%s", exc)  # (here, so that train.log has it too)
                 raise
-        results = _results(run, time.perf_counter() - t0)
+        results = run_results(run, time.perf_counter() - t0)
+        if objective is not None and objective.results is not None:
+            objective.results(run, results)
         if dist.is_main:
             write_json(run_dir / "results.json", results)
             if results["final"] or results["best"]:
                 write_table(median_table([results]), run_dir, cfg.name)
-            _log_summary(results)
+            log_summary(results)
         return results
-
-
-def _results(run: Run, seconds: float) -> dict[str, Any]:
-    """What ``results.json`` holds: the run's figures at the final epoch (the headline), at the best epoch and at
-    each dataset's own best epoch (:mod:`gamma.train.selection`), the evaluated epochs and the whole history."""
-    cfg, p = run.cfg, run.progress
-    evals = [h for h in p.history if h["kind"] == "eval"]
-    finished = p.epoch >= cfg.epochs or cfg.eval_only
-    final = block(evals[-1]) if evals and finished else None
-    best = None if p.best is None else {**p.best, "selected_on": cfg.eval.select_on}
-    out = {
-        "run_dir": str(run.run_dir),
-        "name": cfg.name,
-        "split_index": cfg.split_index,
-        "finished": finished,
-        "eval_only": cfg.eval_only,
-        "epochs": p.epoch,
-        "global_step": p.global_step,
-        "seconds": seconds,
-        "headline": "final",
-        "final": final,
-        "best": best,
-        "best_per_dataset": best_per_dataset(evals, cfg.eval.select_metric),
-        "evaluated_epochs": [h["epoch"] for h in evals],
-        "selection": {"on": cfg.eval.select_on, "metric": cfg.eval.select_metric,
-                      "holdout_fraction": cfg.eval.holdout_fraction if run.select_sets else None,
-                      "holdout_images": {n: len(d) for n, d in run.select_sets.items()}},
-        "history": p.history,
-        "step_losses": list(run.step_losses),
-    }
-    if cfg.eval.prompt_sets:
-        out["headline_prompt_set"] = headline_prompt_set(run.model.config.prompt_set, cfg.eval.prompt_sets)
-    return out
-
-
-def _log_summary(results: dict[str, Any]) -> None:
-    for kind in ("final", "best"):
-        part = results.get(kind)
-        if part:
-            means = ", ".join(f"{m.upper()} {part['mean'][m]:.4f}" for m in METRICS)
-            logger.info("%s: epoch %s (mean over datasets: %s)", kind, part["epoch"], means)
-    logger.info("results in %s", results["run_dir"])

@@ -1,5 +1,6 @@
 """The run folder ``<output_dir>/<name>/split_<k>/`` of every stage: where it is, what a fresh or resumed run may
-find in it, its ``train.log`` and its metrics log (``metrics.jsonl``, ``metrics.csv``, TensorBoard under ``tb/``).
+find in it, its ``train.log`` and its metrics log (``metrics.jsonl``, ``metrics.csv``, TensorBoard under ``tb/``),
+what a run writes at the end (``results.json``'s content, predictions), and the runner over all splits.
 
 Checkpoints and the folder's lock are in :mod:`gamma.train.checkpoint`.
 """
@@ -12,7 +13,8 @@ import io
 import json
 import logging
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from .._files import atomic_write
 from .checkpoint import LAST, RunLock, json_safe
 from .config import ConfigError, TrainConfig, resolve_entries, save_config
 from .distributed import DistInfo, broadcast_object
+from .evaluate import METRICS, headline_prompt_set, median_table, write_table
+from .selection import best_per_dataset, block
 
 try:  # optional: metrics also go to TensorBoard when it is installed
     from torch.utils.tensorboard import SummaryWriter
@@ -219,3 +223,88 @@ def flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def run_all_splits(cfg: TrainConfig, dist: DistInfo, train_split: Callable[..., dict[str, Any]],
+                   resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate every split of ``cfg.splits`` in turn with ``train_split(cfg_k, dist, resume=...)`` (a
+    stage's one-split run, e.g. :func:`gamma.train.loop.train`), then write the median table (rank 0).
+
+    With ``resume``, splits whose ``results.json`` says finished are read, not re-run, and an interrupted split
+    continues from its checkpoint.
+    """
+    results = []
+    for k in cfg.splits:
+        cfg_k = split_config(cfg, k)
+        previous = finished_results(cfg_k) if resume else None
+        if previous is not None:
+            results.append(previous)
+            continue
+        logger.info("split %d of %s", k, cfg.splits)
+        results.append(train_split(cfg_k, dist, resume=resume and (run_dir_of(cfg_k) / "last.pth").exists()))
+    out: dict[str, Any] = {"splits": results}
+    table = median_table(results)
+    out["table"] = table
+    if dist.is_main:
+        out["files"] = {k: str(v) for k, v in write_table(table, Path(cfg.output_dir) / cfg.name, cfg.name).items()}
+        logger.info("median table over %d split(s) written to %s", len(results), out["files"]["md"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ results
+def run_results(run: Any, seconds: float) -> dict[str, Any]:
+    """What ``results.json`` holds for a :class:`gamma.train.loop.Run`: the run's figures at the final epoch (the
+    headline), at the best epoch and at each dataset's own best epoch (:mod:`gamma.train.selection`), the evaluated
+    epochs and the whole history."""
+    cfg, p = run.cfg, run.progress
+    evals = [h for h in p.history if h["kind"] == "eval"]
+    finished = p.epoch >= cfg.epochs or cfg.eval_only
+    final = block(evals[-1]) if evals and finished else None
+    best = None if p.best is None else {**p.best, "selected_on": cfg.eval.select_on}
+    out = {
+        "run_dir": str(run.run_dir),
+        "name": cfg.name,
+        "split_index": cfg.split_index,
+        "finished": finished,
+        "eval_only": cfg.eval_only,
+        "epochs": p.epoch,
+        "global_step": p.global_step,
+        "seconds": seconds,
+        "headline": "final",
+        "final": final,
+        "best": best,
+        "best_per_dataset": best_per_dataset(evals, cfg.eval.select_metric),
+        "evaluated_epochs": [h["epoch"] for h in evals],
+        "selection": {"on": cfg.eval.select_on, "metric": cfg.eval.select_metric,
+                      "holdout_fraction": cfg.eval.holdout_fraction if run.select_sets else None,
+                      "holdout_images": {n: len(d) for n, d in run.select_sets.items()}},
+        "history": p.history,
+        "step_losses": list(run.step_losses),
+    }
+    if cfg.eval.prompt_sets:
+        out["headline_prompt_set"] = headline_prompt_set(run.model.config.prompt_set, cfg.eval.prompt_sets)
+    return out
+
+
+def log_summary(results: dict[str, Any]) -> None:
+    for kind in ("final", "best"):
+        part = results.get(kind)
+        if part:
+            means = ", ".join(f"{m.upper()} {part['mean'][m]:.4f}" for m in METRICS)
+            logger.info("%s: epoch %s (mean over datasets: %s)", kind, part["epoch"], means)
+    logger.info("results in %s", results["run_dir"])
+
+
+def write_predictions(run: Any, predictions: dict[str, list[float]], folder_name: str = "predictions") -> None:
+    """``<run_dir>/<folder_name>/<dataset>.csv``: path, raw MOS, normalised label and prediction of each image."""
+    folder = run.run_dir / folder_name
+    folder.mkdir(exist_ok=True)
+    for name, scores in predictions.items():
+        ds = run.eval_sets[name]
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["path", "mos", "label", "pred"])
+        for path, raw, label, pred in zip(ds.paths, ds.mos_raw, ds.labels, scores, strict=True):
+            w.writerow([os.path.relpath(path, ds.entry.image_root), f"{raw:.6g}", f"{label:.6f}", f"{pred:.6f}"])
+        text = buf.getvalue()
+        atomic_write(folder / f"{name}.csv", lambda tmp, t=text: Path(tmp).write_text(t, encoding="utf-8"))

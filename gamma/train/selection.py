@@ -4,7 +4,8 @@ A run evaluates after the epochs of its schedule (``eval.every``, always after t
 
 - ``final``: the evaluation after the last epoch, the weights the run ends with. The headline figure: it involves
   no choice that looks at the test images.
-- ``best``: the evaluated epoch whose mean ``eval.select_metric`` over datasets is highest. With ``eval.select_on:
+- ``best``: the evaluated epoch whose mean ``eval.select_metric`` over datasets is highest (``srcc+plcc``: of the
+  two summed, the official PromptIQA choice). With ``eval.select_on:
   test`` (the default, as the release does) the held-out part itself decides, so the figure is optimistic; with
   ``train_holdout`` a seeded share of each training part (:func:`carve_holdout`, not trained on) decides, and the
   held-out figures of that epoch are reported.
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..data import IQADataset
 from ..data.transforms import TestTransform
-from .config import ConfigError
+from .config import ConfigError, TrainConfig
 from .evaluate import mean_metrics
 
 logger = logging.getLogger(__name__)
@@ -77,6 +78,28 @@ def carve_holdout(ds: IQADataset, fraction: float, seed: int) -> tuple[IQADatase
     return train, holdout
 
 
+def metric_value(row: Mapping[str, Any], metric: str) -> float | None:
+    """``row[metric]``, or for ``srcc+plcc`` the sum of the two (the official PromptIQA code keeps the epoch with the
+    largest sum of SRCC + PLCC over datasets; with a fixed set of datasets the mean's largest is the sum's)."""
+    if metric == "srcc+plcc":
+        srcc, plcc = row.get("srcc"), row.get("plcc")
+        return None if srcc is None or plcc is None else float(srcc) + float(plcc)
+    return row.get(metric)
+
+
+def split_off_holdouts(cfg: TrainConfig, train: list[IQADataset]) -> tuple[list[IQADataset], dict[str, IQADataset]]:
+    """``eval.holdout_fraction`` of each training dataset held out (seeded by the run seed) to choose the best epoch:
+    (what is trained on, holdouts by name)."""
+    kept, holdouts = [], {}
+    for ds in train:
+        rest, holdout = carve_holdout(ds, cfg.eval.holdout_fraction, cfg.seed)
+        kept.append(rest)
+        holdouts[ds.entry.name] = holdout
+        logger.info("%s: %d of %d training images held out to choose the best epoch (eval.select_on: "
+                    "train_holdout); %d trained on", ds.entry.name, len(holdout), len(ds), len(rest))
+    return kept, holdouts
+
+
 def selection_view(record: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     """The part of an evaluation record that the best epoch is chosen on: its holdout figures when it has them."""
     if record is None:
@@ -113,7 +136,7 @@ def _per_dataset_best(evals: Sequence[tuple[int, Mapping[str, Any]]], metric: st
     for name in names:
         best: tuple[float, int, Mapping[str, Any]] | None = None
         for epoch, per in evals:
-            value = per.get(name, {}).get(metric)
+            value = metric_value(per.get(name, {}), metric)
             if value is None or not math.isfinite(value):
                 continue
             if best is None or value >= best[0]:

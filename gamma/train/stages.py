@@ -36,11 +36,10 @@ from .._files import atomic_write
 from . import attiqa, pretrain
 from .checkpoint import write_json
 from .config import TrainConfig, config_to_dict, load_config
-from .distributed import DistInfo, cleanup, setup
-from .evaluate import median_table, write_table
+from .distributed import cleanup, setup
 from .loop import train
 from .promptiqa import run as train_promptiqa
-from .run_folder import finished_results, run_dir_of, split_config
+from .run_folder import run_all_splits
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ def train_gamma(cfg: TrainConfig, resume: bool = False, all_splits: bool = False
     dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
     try:
         if all_splits:
-            return run_all_splits(cfg, dist, resume=resume)
+            return run_all_splits(cfg, dist, train, resume=resume)
         return train(cfg, dist, resume=resume)
     finally:
         cleanup(dist)
@@ -167,27 +166,3 @@ def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict
     for line in text.strip().splitlines():
         logger.info("%s", line)
     return summary
-
-
-def run_all_splits(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[str, Any]:
-    """Train and evaluate every split of ``cfg.splits`` in turn, then write the median table (rank 0).
-
-    With ``resume``, splits whose ``results.json`` says finished are read, not re-run, and an interrupted split
-    continues from its checkpoint.
-    """
-    results = []
-    for k in cfg.splits:
-        cfg_k = split_config(cfg, k)
-        previous = finished_results(cfg_k) if resume else None
-        if previous is not None:
-            results.append(previous)
-            continue
-        logger.info("split %d of %s", k, cfg.splits)
-        results.append(train(cfg_k, dist, resume=resume and (run_dir_of(cfg_k) / "last.pth").exists()))
-    out: dict[str, Any] = {"splits": results}
-    table = median_table(results)
-    out["table"] = table
-    if dist.is_main:
-        out["files"] = {k: str(v) for k, v in write_table(table, Path(cfg.output_dir) / cfg.name, cfg.name).items()}
-        logger.info("median table over %d split(s) written to %s", len(results), out["files"]["md"])
-    return out

@@ -5,7 +5,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import perturb_moae
+from helpers import assert_close, perturb_moae
 from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from skimage import data as skdata
 
@@ -99,12 +99,12 @@ def test_attribute_text_features_are_cached(tiny_model):
     x = torch.rand(1, 3, 224, 224)
     with torch.no_grad():
         tiny_model.attributes(x)
-        first = tiny_model._text_cache.entries["attributes"][1]
+        first = tiny_model._text_cache.entries["attributes"][2]
         tiny_model.attributes(x)
-        assert tiny_model._text_cache.entries["attributes"][1] is first
+        assert tiny_model._text_cache.entries["attributes"][2] is first
         tiny_model.moae_modules()[-1].scale.fill_(0.5)  # a text-tower weight changes: recomputed
         tiny_model.attributes(x)
-    assert tiny_model._text_cache.entries["attributes"][1] is not first
+    assert tiny_model._text_cache.entries["attributes"][2] is not first
 
 
 # ------------------------------------------------------------------------------------------ distribution
@@ -295,3 +295,20 @@ def test_measure_auto_scene_script_counts_every_held_out_image(clip_file, tmp_pa
         assert all(0 <= v <= 1 for v in acc.values())
         assert acc["all"] == pytest.approx((acc["a"] * 4 + acc["b"] * 2) / 6)
     assert sum(result["confusion_describe"].values()) == 6
+
+
+def test_text_cache_follows_a_swapped_prompt_buffer(tiny_model):
+    """Replacing a prompt buffer (as the ATTIQA teacher does for other prompt pairs) is never served stale features."""
+    x = torch.rand(1, 3, 224, 224)
+    with torch.no_grad():
+        before = tiny_model.attributes(x)
+        saved = tiny_model.attribute_tokens
+        tiny_model.attribute_tokens = saved.flip(1)  # positive and negative prompts swapped
+        try:
+            swapped = tiny_model.attributes(x)
+        finally:
+            tiny_model.attribute_tokens = saved
+        again = tiny_model.attributes(x)
+    for a in before:
+        assert_close(swapped[a], 1 - before[a], rtol=1e-4, atol=1e-5)  # two-way softmax: p(neg first) = 1 - p
+        assert torch.equal(again[a], before[a])

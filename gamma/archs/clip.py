@@ -197,7 +197,8 @@ class TextFeatureCache:
 
     def __init__(self, clip: CLIP) -> None:
         self.params = text_parameters(clip)
-        self.entries: dict[str, tuple[tuple, torch.Tensor, bool]] = {}  # name -> (key, features, inference tensor?)
+        # name -> (key, tokens, features, inference tensor?)
+        self.entries: dict[str, tuple[tuple, torch.Tensor, torch.Tensor, bool]] = {}
 
     def __call__(self, clip: CLIP, name: str, tokens: torch.Tensor, routing: tuple) -> torch.Tensor:
         """Features (..., E) of ``tokens`` (..., C), cached under ``name``; ``routing`` keys the experts' masks."""
@@ -205,15 +206,17 @@ class TextFeatureCache:
         key = (tuple((p.data_ptr(), p._version, p.dtype) for p in self.params), routing, tokens.device,
                autocast_state(tokens.device))
         entry = self.entries.get(name)
-        # An inference-mode tensor may only be reused where autograd is off.
-        if not needs_grad and entry is not None and entry[0] == key and not (entry[2] and torch.is_grad_enabled()):
-            return entry[1]
+        # The same prompts (tokens compared by value: a caller may swap a model's prompt buffer) under the same key; an
+        # inference-mode tensor may only be reused where autograd is off.
+        if (not needs_grad and entry is not None and entry[0] == key and torch.equal(entry[1], tokens)
+                and not (entry[3] and torch.is_grad_enabled())):
+            return entry[2]
         *lead, ctx = tokens.shape
         feats = F.normalize(encode_text(clip, tokens.reshape(-1, ctx)), dim=-1).view(*lead, -1)
         if needs_grad:
             self.entries.pop(name, None)
         else:
-            self.entries[name] = (key, feats, torch.is_inference_mode_enabled())
+            self.entries[name] = (key, tokens.clone(), feats, torch.is_inference_mode_enabled())
         return feats
 
     def clear(self) -> None:

@@ -345,7 +345,7 @@ class GammaModel(TrainableModule):
         tokens = tokenize(level_prompts(prompt_set), config.text.context_length)  # (S, 5, C)
         self.prompt_tokens = tokens.to(self.prompt_tokens.device)
         self.config = config
-        self._text_cache.clear()  # its key covers the text weights, not the prompts
+        self._text_cache.clear()  # not needed for correctness (prompts are compared by value); frees the old features
 
     def scene_index(self, scene: str | Sequence[str] | None, batch: int, device: torch.device) -> torch.Tensor | None:
         """Row of :meth:`text_features` for each image (B,), or None for single-set prompts.

@@ -200,9 +200,7 @@ def label_images(
     finally:
         model.crop_protocol = protocol
         model.train(was_training)
-        if model.attribute_tokens is not tokens:
-            model.attribute_tokens = tokens
-            model._text_cache.pop("attributes", None)
+        model.attribute_tokens = tokens  # the text cache compares prompts by value: nothing to invalidate
 
 
 def check_prompts(prompts: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, str]]:
@@ -235,7 +233,6 @@ def _use_prompts(model: GammaModel, pairs: Mapping[str, tuple[str, str]]) -> Non
     ctx = model.attribute_tokens.shape[-1]
     tokens = open_clip.tokenize([p for a in ATTRIBUTES for p in pairs[a]], context_length=ctx)
     model.attribute_tokens = tokens.view(len(ATTRIBUTES), 2, ctx).to(model.attribute_tokens.device)
-    model._text_cache.pop("attributes", None)
 
 
 def _label(files: list[str], keys: list[str], model: GammaModel | MeasuredTeacher, cache: Path, settings: dict,

@@ -48,9 +48,10 @@ from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
 from ..hub import resolve_weights
 from ..weights import load_into
-from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
+from .checkpoint import (LAST, load_training_state, rank_rng_state, rng_state, save_best, save_training_state,
+                         set_rng_state, write_json)
 from .config import ConfigError, TrainConfig, config_to_dict
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from .evaluate import METRICS, autocast, evaluate, headline_prompt_set, median_table, write_table
 from .run_folder import MetricsLog, flatten, open_run
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
@@ -277,7 +278,7 @@ def restore(run: Run, path: Path) -> None:
     if ex.get("scaler") is not None:
         run.scaler.load_state_dict(ex["scaler"])
     run.progress = Progress(**ex["progress"])
-    set_rng_state(ex["rng"])
+    set_rng_state(rank_rng_state(ex, run.dist.rank, run.dist.world_size), run.dist.device)
     _warn_config_changes(ex.get("train_config") or {}, config_to_dict(run.cfg), path)
     p = run.progress
     logger.info("resumed from %s: epoch %d, step %d of it (global step %d)", path, p.epoch + 1, p.step_in_epoch,
@@ -321,11 +322,14 @@ def _stop_on_signals(run: Run):
 
 
 def save_state(run: Run, name: str = LAST) -> Path | None:
-    """Write the resumable checkpoint (rank 0; other ranks wait)."""
+    """Write the resumable checkpoint (rank 0; other ranks wait). Every rank must call it: it gathers each rank's
+    RNG state and ends in a barrier."""
     path = run.run_dir / name
+    rng_per_rank = all_gather_objects(rng_state(run.dist.device), run.dist)
     if run.dist.is_main:
         save_training_state(path, run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
-                            progress=run.progress.to_dict(), train_config=config_to_dict(run.cfg))
+                            progress=run.progress.to_dict(), train_config=config_to_dict(run.cfg),
+                            rng_per_rank=rng_per_rank)
     barrier(run.dist)
     return path
 
@@ -527,7 +531,7 @@ def fit(run: Run) -> None:
         evaluating = _should_eval(cfg, done)
         p.epoch, p.step_in_epoch, p.pending_eval = done, 0, evaluating
         save_state(run)
-        if cfg.checkpoint.keep_epochs and run.dist.is_main:
+        if cfg.checkpoint.keep_epochs:  # every rank: save_state ends in collectives (it writes on rank 0 only)
             save_state(run, f"epoch_{done:03d}.pth")
         if evaluating:
             _finish_epoch_eval(run, done)

@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ARG001 - pyte
     skip = pytest.mark.skip(reason="needs a CUDA device (none here); run `pytest -m cuda` or scripts/gpu_check.py "
                                    "on a GPU machine")
     for item in items:
-        if "cuda" in item.keywords:
+        if item.get_closest_marker("cuda") is not None:
             item.add_marker(skip)
 
 

@@ -6,6 +6,7 @@ skips them where CUDA is absent; scripts/gpu_check.py runs them on a GPU machine
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,118 @@ def test_two_process_keep_epochs_and_every_steps_finish(workspace):
         ckpt = load_training_state(run_dir / name)
         per_rank = ckpt.extra["rng_per_rank"]
         assert len(per_rank) == 2 and all(s["cuda"] == [] for s in per_rank)  # CPU run: no CUDA state
+
+
+@pytest.mark.slow
+def test_chained_stages_share_one_process_group(tmp_path, monkeypatch):
+    """``pretrain.then`` under 2 processes: the process group is created once per process (main joins it and hands it
+    to every stage; no stage destroys and re-creates it), the pretraining runs on rank 0 alone, and the follow-up
+    stage trains from its backbone on both ranks."""
+    import torch.distributed as dist
+    from test_demo import REPO, TINY
+
+    inits = tmp_path / "inits.txt"
+    real_init, real_destroy = dist.init_process_group, dist.destroy_process_group
+
+    def counting_init(*args, **kwargs):
+        with open(inits, "a") as fh:
+            fh.write(f"init {os.environ['RANK']}\n")
+        return real_init(*args, **kwargs)
+
+    def counting_destroy(*args, **kwargs):
+        with open(inits, "a") as fh:
+            fh.write(f"destroy {os.environ['RANK']}\n")
+        return real_destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "init_process_group", counting_init)  # (inherited by the forked ranks)
+    monkeypatch.setattr(dist, "destroy_process_group", counting_destroy)
+    monkeypatch.chdir(REPO)
+    tiny = [t for t in TINY if not t.startswith(("epochs=", "batch_size="))]
+    argv = ["-opt", "options/demo.yml", f"data_root={tmp_path / 'data'}", f"output_dir={tmp_path / 'exp'}", *tiny,
+            "epochs=1", "batch_size=16", "max_steps_per_epoch=2", "device=cpu", "pretrain.synthetic.num_contents=24",
+            'pretrain.then=["options/demo_gamma.yml epochs=1 max_steps_per_epoch=2 model.overrides.moae_layers=1 '
+            'device=cpu eval.crops=1", "options/demo_nomoae.yml epochs=1 max_steps_per_epoch=1 device=cpu '
+            'eval.crops=1"]']
+    launch_ddp(2, [argv], timeout=240)
+    lines = sorted(inits.read_text().split("\n")[:-1])
+    assert lines == ["destroy 0", "destroy 1", "init 0", "init 1"]
+    first = json.loads((tmp_path / "exp" / "demo_clip" / "split_1" / "results.json").read_text())
+    assert first["steps"] == 2 and len(first["summary"]["runs"]) == 2
+    follow = json.loads((tmp_path / "exp" / "demo_gamma" / "split_1" / "results.json").read_text())
+    log = (tmp_path / "exp" / "demo_gamma" / "split_1" / "train.log").read_text()
+    assert follow["finished"] and "2 processes" in log
+
+
+# ------------------------------------------------------------------------------------------------ devices
+@pytest.mark.parametrize(("requested", "local_rank", "world", "count", "want"), [
+    (None, 0, 1, 2, 0), (1, 0, 1, 2, 1),  # one process: the named device
+    (None, 1, 2, 2, 1), (None, 3, 4, 4, 3),  # torchrun: cuda:LOCAL_RANK
+    (None, 1, 2, 1, 0), (0, 1, 2, 1, 0),  # each task sees one GPU (CUDA_VISIBLE_DEVICES per task)
+])
+def test_cuda_index_of_each_process(requested, local_rank, world, count, want):
+    from gamma.train.distributed import cuda_index
+
+    assert cuda_index(requested, local_rank, world, count) == want
+
+
+@pytest.mark.parametrize(("requested", "local_rank", "world", "count", "match"), [
+    (1, 0, 2, 2, "every process on one GPU"), (0, 1, 2, 2, "every process on one GPU"),
+    (None, 2, 4, 2, "LOCAL_RANK 2 but only 2"), (2, 0, 1, 2, "does not exist"), (None, 0, 1, 0, "no CUDA device"),
+])
+def test_cuda_index_refuses_shared_or_missing_gpus(requested, local_rank, world, count, match):
+    from gamma.train.distributed import cuda_index
+
+    with pytest.raises(ValueError, match=match):
+        cuda_index(requested, local_rank, world, count)
+
+
+def test_rng_state_of_a_cpu_run_never_touches_cuda(monkeypatch):
+    """A CPU run on a GPU host must not initialise CUDA (memory on GPU 0, and "Cannot re-initialize CUDA in forked
+    subprocess" in DDP children): no torch.cuda call at all."""
+    from gamma.train import checkpoint
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("CUDA touched in a CPU run")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("get_rng_state_all", "get_rng_state", "set_rng_state", "device_count", "current_device"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+    state = checkpoint.rng_state(torch.device("cpu"))
+    assert state["cuda"] == [] and state["cuda_devices"] == []
+    checkpoint.set_rng_state({**state, "cuda": [torch.zeros(8, dtype=torch.uint8)], "cuda_devices": [0]}, "cpu")
+
+
+def test_rank_rng_state_is_each_ranks_own():
+    from gamma.train.checkpoint import rank_rng_state
+
+    extra = {"rng": "r0", "rng_per_rank": ["r0", "r1"]}
+    assert [rank_rng_state(extra, r, 2) for r in (0, 1)] == ["r0", "r1"]
+    assert rank_rng_state(extra, 2, 3) == "r0"  # another world size: rank 0's
+    assert rank_rng_state({"rng": "old"}, 1, 2) == "old"  # a checkpoint from before per-rank states
+
+
+# ------------------------------------------------------------------------------------------------ precision
+def test_evaluation_ignores_the_training_autocast(workspace):
+    """``amp=bf16`` is for the training forward: evaluation scores in fp32 (bf16 autocast rounded every score)."""
+    from gamma.train.main import main
+
+    base = ["-opt", str(workspace / "base.yml"), "eval_only=true"]
+    fp32 = main([*base, "name=eval_fp32"])
+    bf16 = main([*base, "name=eval_bf16", "amp=bf16"])
+    assert bf16["history"][0]["datasets"] == fp32["history"][0]["datasets"]
+    run_dir = workspace / "runs"
+    assert ((run_dir / "eval_bf16" / "split_1" / "predictions" / "alpha.csv").read_text()
+            == (run_dir / "eval_fp32" / "split_1" / "predictions" / "alpha.csv").read_text())
+
+
+def test_tf32_mode_sets_and_restores_the_flags():
+    from gamma.archs import precision
+
+    before = precision._tf32_flags()
+    with precision.tf32_mode(True):
+        assert all(f in ("tf32", True) for f in precision._tf32_flags())
+        with precision.exact_fp32():
+            assert all(f in ("ieee", False) for f in precision._tf32_flags())
+        assert all(f in ("tf32", True) for f in precision._tf32_flags())
+    assert precision._tf32_flags() == before
+    assert not torch.cuda.is_initialized()

@@ -121,8 +121,9 @@ def test_bench_script_runs(tmp_path):
     import bench
 
     out = tmp_path / "bench.json"
-    bench.main(["--device", "cpu", "--variant", "gamma_test", "--batches", "2", "--rounds", "1", "--skip", "train,agreement",
-                "--threads", "1", "--matmul-size", "256", "--precision", "bf16,int8", "--photos", "8",
+    bench.main(["--device", "cpu", "--variant", "gamma_test", "--batches", "2", "--rounds", "1",
+                "--skip", "train,agreement", "--threads", "1", "--matmul-size", "256", "--precision", "bf16,int8",
+                "--photos", "8",
                 "--precision-image", "240x320", "--out", str(out)])
     res = json.loads(out.read_text())
     # The script reports the largest absolute difference; scores lie within the score levels (~0.2 to ~1), where an

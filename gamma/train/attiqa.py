@@ -49,7 +49,7 @@ from ..teacher import MEASURED, label_images, read_labels
 from ..weights import read_checkpoint, save_checkpoint
 from .checkpoint import LAST, write_json
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, cleanup, setup
+from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, cleanup, setup, wait_for_main
 from .evaluate import METRICS, autocast
 from .loop import Objective, Run, train
 from .run_folder import run_dir_of
@@ -214,6 +214,7 @@ def pretraining_objective(cfg: TrainConfig, dist: DistInfo) -> tuple[Objective, 
             _label_all(cfg, train_entries, eval_entries)
         except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
             error = exc
+    wait_for_main(dist)  # labelling may outlast ddp.timeout_s: the other ranks wait without NCCL's watchdog
     error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
     if error is not None:
         raise error

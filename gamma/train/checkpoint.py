@@ -2,8 +2,9 @@
 
 A training checkpoint is our model checkpoint (:func:`gamma.weights.save_checkpoint`: config + weights, written
 atomically, loadable with ``weights_only=True``) with the training state in its extras: optimiser, scheduler and
-grad-scaler state, progress counters, best metric, evaluation history and the RNG states of torch (CPU and CUDA),
-numpy and Python of every process (each rank resumes its own streams). All of it is plain tensors, numbers, strings, lists and dicts.
+grad-scaler state, progress counters, best metric, evaluation history and the RNG states of torch (CPU and the CUDA
+device in use), numpy and Python of every process (each rank resumes its own streams). All of it is plain tensors,
+numbers, strings, lists and dicts.
 """
 
 from __future__ import annotations

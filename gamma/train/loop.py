@@ -43,13 +43,21 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..archs import GammaModel
-from ..archs.precision import check_precision, resolve_precision
+from ..archs.precision import check_precision, resolve_precision, tf32_mode
 from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
 from ..hub import resolve_weights
 from ..weights import load_into
-from .checkpoint import (LAST, load_training_state, rank_rng_state, rng_state, save_best, save_training_state,
-                         set_rng_state, write_json)
+from .checkpoint import (
+    LAST,
+    load_training_state,
+    rank_rng_state,
+    rng_state,
+    save_best,
+    save_training_state,
+    set_rng_state,
+    write_json,
+)
 from .config import ConfigError, TrainConfig, config_to_dict
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from .evaluate import METRICS, autocast, evaluate, headline_prompt_set, median_table, write_table
@@ -401,7 +409,7 @@ def _forward_backward(run: Run, batches: Iterator[dict[str, Any]], n_real: int) 
         batch = next(batches)
         images = batch["img"].to(dev, non_blocking=True)
         sync = run.net.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-        with sync:
+        with sync, tf32_mode(cfg.tf32):  # TF32 only when asked for (train: tf32); evaluation is exact fp32
             with autocast(dev, cfg.amp):
                 pred = run.net(images, scene=batch["scene"])
             sq = loss_sum(pred.float(), batch)  # (), summed over the micro-batch's real samples
@@ -450,7 +458,7 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     if run.objective is not None:
         result = run.objective.evaluate(run)
     else:
-        result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp, workers=workers,
+        result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, workers=workers,
                           dist_info=run.dist, progress=cfg.log.progress)
     record = {"kind": "eval", "epoch": epoch, "step": p.global_step,
               "train_loss": p.epoch_loss_sum / p.epoch_samples if p.epoch_samples else None,
@@ -458,8 +466,8 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     if "prompt_sets" in result:
         record["prompt_sets"] = result["prompt_sets"]
     if run.select_sets:
-        chosen_on = evaluate(run.model, run.select_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp,
-                             workers=workers, dist_info=run.dist, progress=cfg.log.progress, headline_only=True)
+        chosen_on = evaluate(run.model, run.select_sets, run.dist.device, eval_cfg=cfg.eval, workers=workers,
+                             dist_info=run.dist, progress=cfg.log.progress, headline_only=True)
         record["selection"] = {"mean": chosen_on["mean"], "datasets": chosen_on["datasets"]}
     record["seconds"] = time.perf_counter() - t0
     p.history.append(record)

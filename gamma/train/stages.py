@@ -27,7 +27,8 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,10 @@ logger = logging.getLogger(__name__)
 class Stage:
     """One kind of run.
 
-    ``run(cfg, resume=..., all_splits=...)`` does the stage's work and returns its results. A stage that others may
-    follow returns the weights file they start from as ``results['backbone']`` and its run folder as
+    ``run(cfg, resume=..., all_splits=..., dist=...)`` does the stage's work and returns its results; ``dist`` is the
+    process's :class:`gamma.train.distributed.DistInfo` (joined once by :func:`gamma.train.main.main`; None: the
+    stage joins the group itself through :func:`gamma.train.distributed.setup`, which reuses an existing one). A stage
+    that others may follow returns the weights file they start from as ``results['backbone']`` and its run folder as
     ``results['run_dir']``, and ``follow_ups(cfg)`` lists the option files (each optionally followed by ``key=value``
     overrides) to run after it.
     """
@@ -59,63 +62,95 @@ class Stage:
     follow_ups: Callable[[TrainConfig], list[str]] | None = None
 
 
-def train_gamma(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
-    """Stage ``gamma``: one split (``cfg.split_index``), or every split of ``cfg.splits`` with ``all_splits``."""
-    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
+@contextmanager
+def process_group(cfg: TrainConfig, dist: DistInfo | None) -> Iterator[DistInfo]:
+    """``dist`` when the caller holds the process group, else one joined here and left on exit."""
+    if dist is not None:
+        yield dist
+        return
+    own = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
     try:
-        if all_splits:
-            return run_all_splits(cfg, dist, resume=resume)
-        return train(cfg, dist, resume=resume)
+        yield own
     finally:
-        cleanup(dist)
+        cleanup(own)
 
 
-def pretrain_clip(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:  # noqa: ARG001
-    """Stage ``pretrain_clip``: one pass of pretraining on ``cfg.split_index`` (there is nothing to resume)."""
-    return pretrain.run(cfg)
+def train_gamma(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+                dist: DistInfo | None = None) -> dict[str, Any]:
+    """Stage ``gamma``: one split (``cfg.split_index``), or every split of ``cfg.splits`` with ``all_splits``."""
+    with process_group(cfg, dist) as d:
+        if all_splits:
+            return run_all_splits(cfg, d, resume=resume)
+        return train(cfg, d, resume=resume)
 
 
-def attiqa_finetune(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
+def pretrain_clip(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,  # noqa: ARG001
+                  dist: DistInfo | None = None) -> dict[str, Any]:
+    """Stage ``pretrain_clip``: one pass of pretraining on ``cfg.split_index`` (there is nothing to resume), on rank 0
+    alone (the other ranks wait without a timeout and read its result)."""
+    with process_group(cfg, dist) as d:
+        return pretrain.run(cfg, d)
+
+
+def attiqa_finetune(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+                    dist: DistInfo | None = None) -> dict[str, Any]:
     """Stage ``attiqa_finetune``: MOS training of an ATTIQA student (docs/attiqa.md#trainer-stages), run as stage
     ``gamma`` runs (one split, or every split and the median table)."""
     attiqa.check_student(cfg)
-    return train_gamma(cfg, resume=resume, all_splits=all_splits)
+    return train_gamma(cfg, resume=resume, all_splits=all_splits, dist=dist)
+
+
+def _joins_itself(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """A stage function that takes no ``dist`` and calls :func:`gamma.train.distributed.setup` itself: it reuses the
+    group the caller holds (and its cleanup leaves that group alone)."""
+    def run(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+            dist: DistInfo | None = None) -> dict[str, Any]:  # noqa: ARG001
+        return fn(cfg, resume=resume, all_splits=all_splits)
+    return run
 
 
 STAGES: dict[str, Stage] = {
     "gamma": Stage(train_gamma),
     "pretrain_clip": Stage(pretrain_clip, follow_ups=lambda cfg: cfg.pretrain.then),
-    "attiqa_pretrain": Stage(attiqa.pretrain, follow_ups=lambda cfg: cfg.attiqa.then),
+    "attiqa_pretrain": Stage(_joins_itself(attiqa.pretrain), follow_ups=lambda cfg: cfg.attiqa.then),
     "attiqa_finetune": Stage(attiqa_finetune),
-    "promptiqa": Stage(train_promptiqa),
+    "promptiqa": Stage(_joins_itself(train_promptiqa)),
 }
 
 
-def run_stage(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
-    """Run ``cfg.stage`` and then the stages that follow it.
+def run_stage(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+              dist: DistInfo | None = None) -> dict[str, Any]:
+    """Run ``cfg.stage`` and then the stages that follow it, all in the process group of ``dist`` (joined here and
+    left at the end when None).
 
     Returns:
         the stage's results; for a stage with follow-ups also ``'stages'`` (their results by run name),
         ``'seconds_total'`` and, when any ran, ``'summary'`` (all but ``'stages'`` also in its ``results.json``).
     """
+    with process_group(cfg, dist) as d:
+        return _run_chain(cfg, resume, all_splits, d)
+
+
+def _run_chain(cfg: TrainConfig, resume: bool, all_splits: bool, dist: DistInfo) -> dict[str, Any]:
     stage = STAGES[cfg.stage]
     t0 = time.perf_counter()
-    result = stage.run(cfg, resume=resume, all_splits=all_splits)
+    result = stage.run(cfg, resume=resume, all_splits=all_splits, dist=dist)
     if stage.follow_ups is None:
         return result
     results = {}
     for item in stage.follow_ups(cfg):
-        results.update(run_follow_up(item, cfg, Path(result["backbone"])))
+        results.update(run_follow_up(item, cfg, Path(result["backbone"]), dist))
     result["stages"] = results
     result["seconds_total"] = time.perf_counter() - t0
     run_dir = Path(result["run_dir"])
-    if results:
-        result["summary"] = write_summary(run_dir, results, result["seconds_total"])
-    write_json(run_dir / "results.json", {k: v for k, v in result.items() if k != "stages"})
+    if dist.is_main:
+        if results:
+            result["summary"] = write_summary(run_dir, results, result["seconds_total"])
+        write_json(run_dir / "results.json", {k: v for k, v in result.items() if k != "stages"})
     return result
 
 
-def run_follow_up(item: str, cfg: TrainConfig, weights: Path) -> dict[str, Any]:
+def run_follow_up(item: str, cfg: TrainConfig, weights: Path, dist: DistInfo | None = None) -> dict[str, Any]:
     """Run one follow-up stage: ``item`` is an option file, optionally followed by ``key=value`` overrides.
 
     Returns:
@@ -123,7 +158,7 @@ def run_follow_up(item: str, cfg: TrainConfig, weights: Path) -> dict[str, Any]:
     """
     option_file = shlex.split(item)[0]
     logger.info("next stage: %s", item)
-    result = run_stage(follow_up_config(item, cfg, weights))
+    result = run_stage(follow_up_config(item, cfg, weights), dist=dist)
     return {result.get("name", Path(option_file).stem): result}
 
 

@@ -162,3 +162,34 @@ def test_tf32_mode_sets_and_restores_the_flags():
         assert all(f in ("tf32", True) for f in precision._tf32_flags())
     assert precision._tf32_flags() == before
     assert not torch.cuda.is_initialized()
+
+
+# ------------------------------------------------------------------------------------------------ model creation
+def test_create_model_from_a_file_inside_a_device_context_is_on_one_device(tmp_path):
+    """A ``torch.device`` context places a model built from a file entirely on that device (the checkpoint's tensors
+    too, not only those the constructor creates). The meta device stands in for CUDA here."""
+    import gamma
+    from gamma.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    path = save_checkpoint(gamma.create_model("gamma_test"), tmp_path / "tiny.pth")
+    with torch.device("meta"):
+        model = gamma.create_model("gamma_test", pretrained=path)
+    devices = {t.device.type for t in (*model.parameters(), *model.buffers())}
+    assert devices == {"meta"}
+
+
+@pytest.mark.cuda
+def test_create_model_from_a_file_inside_a_cuda_context(tmp_path):
+    import gamma
+    from gamma.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    ref = gamma.create_model("gamma_test")
+    file = save_checkpoint(ref, tmp_path / "tiny.pth")
+    with torch.device("cuda"):
+        model = gamma.create_model("gamma_test", pretrained=file)
+    assert {t.device.type for t in (*model.parameters(), *model.buffers())} == {"cuda"}
+    x = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.cuda()).cpu(), ref.eval()(x), rtol=1e-4, atol=1e-4)

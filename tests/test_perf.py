@@ -186,3 +186,33 @@ def test_bench_perturb_on_cuda():
     bench.perturb(gpu)
     for pc, pg in zip(cpu.parameters(), gpu.parameters(), strict=True):
         assert torch.equal(pc, pg.cpu())
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_on_cpu_writes_its_report(tmp_path):
+    """scripts/gpu_check.py at toy size on the CPU: every step runs (fp16 steps say why they are skipped) and the
+    JSON and Markdown reports hold each step's figures."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    report = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--skip", "cuda_tests"])
+    assert report["ok"], {k: v.get("error") for k, v in report["steps"].items()}
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(saved["steps"]) == {"training", "scoring", "bench"}
+    training = saved["steps"]["training"]["amp"]
+    assert training["bf16"]["all_finite"] and training["bf16"]["prediction_dtype"] == "float32"
+    assert "needs CUDA" in training["fp16"]["skipped"]
+    scoring = saved["steps"]["scoring"]["precisions"]
+    assert scoring["fp32"]["images_per_s"] > 0 and 0 < scoring["bf16"]["max_abs_delta"] < 0.05
+    assert [r["precision"] for r in saved["steps"]["bench"]["rows"]] == ["fp32", "bf16"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## Training" in md and "## Scoring a folder" in md and "## scripts/bench.py" in md
+
+
+def test_gpu_check_reads_pytest_summaries():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    assert gpu_check._summary_words("3 passed, 2 skipped, 27 deselected in 14.09s") == [
+        "3 passed", "2 skipped", "27 deselected"]
+    assert gpu_check._summary_words("==== 1 failed, 1 passed in 3s ====") == ["1 failed", "1 passed"]

@@ -160,8 +160,7 @@ def scoring(args: argparse.Namespace, device: torch.device, work: Path) -> dict[
         df = scorer.score(str(folder))
         _sync(device)
         seconds = time.perf_counter() - t0
-        scores = np.asarray(df.sort_values("path")["score"], dtype=np.float64) if "path" in df else \
-            np.asarray(df["score"], dtype=np.float64)
+        scores = np.asarray(df.sort_values("name")["score"], dtype=np.float64)
         row: dict[str, Any] = {"images_per_s": count / seconds, "ok": bool(np.isfinite(scores).all())}
         if base is None:
             base = scores
@@ -276,7 +275,8 @@ def markdown(report: dict[str, Any]) -> str:
                              f"{r.get('srcc', 1.0):.5f} |")
     b = s.get("bench", {})
     if "rows" in b:
-        lines += ["", "## scripts/bench.py", "", "| batch | precision | images/s | matmul GFLOP/s |", "|---|---|---|---|"]
+        lines += ["", "## scripts/bench.py", "", "| batch | precision | images/s | matmul GFLOP/s |",
+                  "|---|---|---|---|"]
         lines += [f"| {r['batch']} | {r['precision']} | {r['images_per_s']:.1f} | {r['matmul_gflops']:.0f} |"
                   for r in b["rows"]]
         if b.get("protocol_seconds_per_image"):

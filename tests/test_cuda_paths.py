@@ -6,6 +6,7 @@ skips them where CUDA is absent; scripts/gpu_check.py runs them on a GPU machine
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -193,3 +194,104 @@ def test_create_model_from_a_file_inside_a_cuda_context(tmp_path):
     x = torch.rand(2, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x.cuda()).cpu(), ref.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ GPU variants
+# Written for a GPU machine (scripts/gpu_check.py runs them there); skipped here with the reason.
+@pytest.mark.cuda
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precision_on_cuda_agrees_with_cpu_fp32(precision):
+    """Scores on the GPU: fp32 is IEEE fp32 (no TF32), so it matches the CPU to float rounding; bf16 / fp16 weights
+    stay close."""
+    from helpers import perturb_moae
+
+    import gamma
+    from gamma.archs.precision import exact_fp32
+
+    torch.manual_seed(0)
+    cpu = gamma.create_model("gamma_test").eval()
+    perturb_moae(cpu)
+    x = torch.rand(4, 3, 224, 224)
+    with torch.no_grad():
+        want = cpu(x)
+        gpu = gamma.create_model("gamma_test").eval()
+        gpu.load_state_dict(cpu.state_dict())
+        gpu = gpu.to("cuda").to_precision(precision)
+        with exact_fp32():
+            got = gpu(x.cuda()).float().cpu()
+    tol = 1e-4 if precision == "fp32" else 0.05
+    torch.testing.assert_close(got, want, rtol=0, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_training_on_cuda(workspace, amp):
+    """The trainer on the GPU under AMP (fp16 with its GradScaler): finite losses, fp32 evaluation, a resumable
+    checkpoint with the device's own RNG state."""
+    from gamma.train.main import main
+
+    r = main(["-opt", str(workspace / "base.yml"), f"name=amp_{amp}", "device=cuda", f"amp={amp}", "workers=1"])
+    assert r["finished"] and all(math.isfinite(v) for v in r["step_losses"])
+    ckpt = load_training_state(workspace / "runs" / f"amp_{amp}" / "split_1" / "last.pth")
+    assert ckpt.extra["rng"]["cuda_devices"] == [torch.cuda.current_device()]
+    assert (ckpt.extra.get("scaler") is not None) == (amp == "fp16")
+
+
+@pytest.mark.cuda
+def test_nccl_with_one_process(tmp_path):
+    """NCCL, DDP and the trainer's collectives in a one-process group on the GPU (a fresh process: CUDA and forks
+    do not mix)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from helpers import free_port
+
+    code = textwrap.dedent("""
+        import datetime, torch, torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+        import gamma
+        from gamma.train.distributed import DistInfo, all_reduce_sum, barrier
+        dev = torch.device("cuda", 0)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", rank=0, world_size=1, timeout=datetime.timedelta(seconds=60), device_id=dev)
+        model = gamma.create_model("gamma_test").to(dev).train()
+        net = DistributedDataParallel(model, device_ids=[0], broadcast_buffers=False)
+        loss = net(torch.rand(2, 3, 224, 224, device=dev)).square().sum()
+        loss.backward()
+        assert all(p.grad is not None for p in model.trainable_parameters())
+        t = torch.ones(3, device=dev)
+        dist.all_reduce(t)
+        info = DistInfo(rank=0, world_size=1, device=dev, backend="nccl")
+        assert torch.equal(all_reduce_sum(t, info), t)
+        barrier(info)
+        dist.destroy_process_group()
+        print("nccl ok")
+    """)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "nccl ok" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_scoring_on_cuda_matches_the_cpu(tmp_path):
+    from helpers import perturb_moae
+    from PIL import Image
+
+    import gamma
+    from gamma.data.photos import distorted_photos
+    from gamma.scorer import Scorer
+    from gamma.weights import save_checkpoint
+
+    torch.manual_seed(0)
+    model = gamma.create_model("gamma_test")
+    perturb_moae(model)
+    weights = save_checkpoint(model, tmp_path / "w.pth")
+    pictures, _ = distorted_photos(6, size=(240, 320), seed=0)
+    for i, img in enumerate(pictures):
+        Image.fromarray((img.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(tmp_path / f"{i}.png")
+    cpu = Scorer(weights, device="cpu", num_workers=0).score(str(tmp_path))
+    gpu = Scorer(weights, device="cuda", num_workers=0).score(str(tmp_path))
+    assert list(cpu["name"]) == list(gpu["name"])
+    torch.testing.assert_close(torch.tensor(gpu["score"].to_numpy()), torch.tensor(cpu["score"].to_numpy()),
+                               rtol=0, atol=1e-4)

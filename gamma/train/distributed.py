@@ -197,10 +197,14 @@ def broadcast_buffers(module: torch.nn.Module, info: DistInfo, src: int = 0) -> 
     DDP copies rank 0's buffers to the others at the start of each training forward, and that forward then updates
     each process's BatchNorm running statistics with its own micro-batch: after training the processes hold slightly
     different statistics. Evaluating (each process scoring a share of the images) and saving (rank 0) need one set.
+    Only the buffers a checkpoint holds travel (non-persistent ones are constants or caches).
     """
     if not info.enabled:
         return
-    for buf in module.buffers():
+    persistent = set(module.state_dict(keep_vars=True))  # constants and caches (non-persistent) are equal already
+    for name, buf in module.named_buffers():
+        if name not in persistent:
+            continue
         if info.backend == "nccl" or buf.device.type == "cpu":
             dist.broadcast(buf, src=src)
         else:  # gloo with a CUDA tensor: through the CPU

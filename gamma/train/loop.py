@@ -254,8 +254,10 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     net: torch.nn.Module = model
     if dist.enabled and not cfg.eval_only:
+        # DDP broadcasts every buffer before each forward unless told not to; only BatchNorm statistics need it
         net = DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                                      find_unused_parameters=cfg.ddp.find_unused_parameters)
+                                      find_unused_parameters=cfg.ddp.find_unused_parameters,
+                                      broadcast_buffers=_has_batch_norm(model))
     sizes = [len(d) for d in train_sets] or [1]
     if cfg.drop_last and train_sets and sum(sizes) < cfg.batch_size:
         raise ConfigError(f"drop_last: the training set has {sum(sizes)} images, fewer than one batch of "
@@ -273,6 +275,10 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     return Run(cfg=cfg, run_dir=run_dir, dist=dist, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
                scaler=scaler, plan=plan, train_view=SeededView(train_sets), eval_sets=eval_sets, log=log,
                select_sets=select_sets, objective=objective)
+
+
+def _has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def restore(run: Run, path: Path) -> None:

@@ -295,3 +295,22 @@ def test_scoring_on_cuda_matches_the_cpu(tmp_path):
     assert list(cpu["name"]) == list(gpu["name"])
     torch.testing.assert_close(torch.tensor(gpu["score"].to_numpy()), torch.tensor(cpu["score"].to_numpy()),
                                rtol=0, atol=1e-4)
+
+
+def test_evaluation_during_training_drops_the_scoring_caches(workspace):
+    """After an evaluation inside training, the fused MoAE kernels hold no stacked expert weights (stale after the
+    next step, and GPU memory for the whole epoch)."""
+    import gamma
+    from gamma.train.config import load_config
+    from gamma.train.evaluate import evaluate
+    from gamma.train.loop import build_datasets
+
+    cfg = load_config(workspace / "base.yml", ["model.name=gamma_test"])
+    _, held = build_datasets(cfg)
+    model = gamma.create_model("gamma_test").train()
+    evaluate(model, held, torch.device("cpu"), eval_cfg=cfg.eval)
+    kernels = [m.kernel for m in model.moae_modules() if m.kernel is not None]
+    assert kernels and all(k._cache is None for k in kernels) and model.training
+    model.eval()
+    evaluate(model, held, torch.device("cpu"), eval_cfg=cfg.eval)  # scoring alone keeps them for the next call
+    assert any(k._cache is not None for k in kernels)

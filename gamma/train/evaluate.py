@@ -160,10 +160,21 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
         model.set_prompt_set(own)
         keep_only_experts(model, None)
         model.train(was_training)
+        if was_training:
+            drop_scoring_caches(model)
     out = dict(by_set[headline])
     if eval_cfg.prompt_sets and not headline_only:
         out["prompt_sets"] = {ps: {"datasets": r["datasets"], "mean": r["mean"]} for ps, r in by_set.items()}
     return out
+
+
+def drop_scoring_caches(model: torch.nn.Module) -> None:
+    """Free what scoring cached for the weights as they were (the fused MoAE kernels' stacked expert weights): the
+    next optimiser step makes it stale, and training would hold it (GPU memory) until the next evaluation."""
+    for module in model.modules():
+        kernel = getattr(module, "kernel", None)
+        if kernel is not None and hasattr(kernel, "_cache"):
+            kernel._cache = None
 
 
 def headline_prompt_set(own: str, sets: Sequence[str]) -> str:

@@ -109,8 +109,18 @@ def run(cfg: TrainConfig, dist: DistInfo | None = None) -> dict[str, Any]:
         folder's ``results.json``.
     """
     dist = dist or DistInfo()
-    result = _run_main(cfg, dist.device) if dist.is_main else None
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = _run_main(cfg, dist.device)
+        except BaseException as exc:  # noqa: BLE001 - the other ranks must hear about it before they give up waiting
+            error = exc
     wait_for_main(dist)
+    error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
+    if error is not None:
+        raise error
+    if error_text is not None:
+        raise RuntimeError(f"rank 0 failed to pretrain: {error_text}")
     return broadcast_object(result, dist)
 
 

@@ -314,3 +314,19 @@ def test_evaluation_during_training_drops_the_scoring_caches(workspace):
     model.eval()
     evaluate(model, held, torch.device("cpu"), eval_cfg=cfg.eval)  # scoring alone keeps them for the next call
     assert any(k._cache is not None for k in kernels)
+
+
+@pytest.mark.cuda
+def test_promptiqa_prompt_cache_on_cuda_needs_no_host_copy():
+    """On the GPU the prompt cache is keyed on the images' identity (no copy to the host per call): the same tensors
+    hit, an in-place edit misses."""
+    import gamma
+
+    torch.manual_seed(0)
+    model = gamma.create_model("promptiqa_test").cuda().eval()
+    images, scores = torch.rand(4, 3, 224, 224, device="cuda"), torch.rand(4)
+    with torch.no_grad():
+        first = model.encode_prompt(images, scores)
+        assert model.encode_prompt(images, scores) is first
+        images[0, 0, 0, 0] += 0.5
+        assert model.encode_prompt(images, scores) is not first

@@ -108,6 +108,14 @@ def create_model(
     if name is None and pretrained is None:
         known = ", ".join(list_models("all"))
         raise ValueError(f"create_model needs a variant name or a checkpoint; variants: {known}")
+    # --- device context (issue 23): a `with torch.device(...)` context would place the tensors built here but not
+    # those read from the checkpoint (a mixed-device model). Build and load on the CPU, then move it all there.
+    ambient = torch.get_default_device()
+    if pretrained is not None and ambient.type != "cpu":
+        with torch.device("cpu"):
+            return create_model(name, pretrained, strict=strict, allow_unsafe=allow_unsafe, precision=precision,
+                                device=device if device is not None else ambient, **overrides)
+    # --- end device context
     ckpt = None
     if pretrained is not None:
         implied = _implied_prompt_set(pretrained)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from .adapt import MIN_PAIRS, Adaptation, NotEnoughPairsError, fit
 from .archs.gamma import GammaModel
+from .archs.precision import exact_fp32
 from .archs.promptiqa import PromptIQA, check_images, resize_like_cv2
 from .data.meta import denormalize_mos, normalize_mos
 from .data.promptiqa import random_vertical_flip
@@ -301,7 +302,7 @@ class Scorer:
         if self.prompt_flip:  # the official test code: new flips (and a new encoding) for every batch
             self._flip = torch.Generator().manual_seed(self._flip_seed)
         else:
-            with torch.inference_mode():  # once per prompt: every batch reuses these ISP features (n, dim)
+            with torch.inference_mode(), exact_fp32():  # once per prompt: every batch reuses these ISP features
                 self._isp = self.model.encode_prompt(images, scores)
         self._prompt_images, self._prompt_scores = images, scores
         self.metadata.update(prompt=pairs.source, prompt_pairs=len(pairs), backend=self.backend,
@@ -551,7 +552,7 @@ class Scorer:
 
     def _forward(self, batch: torch.Tensor, plan: _Plan) -> list[dict[str, Any]]:
         """Outputs of a batch (B, 3, H, W): one dict per image with ``score`` and what ``plan`` needs."""
-        with torch.inference_mode():
+        with torch.inference_mode(), exact_fp32():  # fp32 is IEEE fp32 on a GPU too (no TF32)
             batch = batch.to(self.device, non_blocking=True)
             if self.is_promptiqa:
                 prompt = self._isp if self._flip is None else (

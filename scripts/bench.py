@@ -284,18 +284,25 @@ def counted_flops(fn: Callable[[], Any]) -> int:
 # ------------------------------------------------------------------------------------------------ models
 def perturb(model: gamma.GammaModel, seed: int = 0) -> None:
     """Non-trivial MoAE values (alpha, routers, experts) and head, so that every part changes the score, and OpenAI
-    CLIP's trained logit scale (100; random init has 14): the level softmax is as sharp as with trained weights."""
+    CLIP's trained logit scale (100; random init has 14): the level softmax is as sharp as with trained weights.
+
+    The draws come from a CPU generator and are copied to the model's device (a CPU generator cannot fill CUDA
+    tensors), so a model gets the same values on every device."""
     gen = torch.Generator().manual_seed(seed)
+
+    def normal(p: torch.Tensor, std: float) -> torch.Tensor:
+        return torch.randn(p.shape, generator=gen).mul_(std).to(device=p.device, dtype=p.dtype)
+
     with torch.no_grad():
         for m in model.moae_modules():
             if m.scale is not None:
                 m.scale.fill_(0.5)
-            m.gating.layer1.weight.normal_(0, 0.05, generator=gen)
+            m.gating.layer1.weight.copy_(normal(m.gating.layer1.weight, 0.05))
             for expert in m.experts.values():
                 for p in expert.parameters():
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.3 * float(p.std().clamp_min(1e-3)))
+                    p.add_(normal(p, 0.3 * float(p.std().clamp_min(1e-3))))
         for p in model.adapter.parameters():
-            p.normal_(0, 0.05, generator=gen)
+            p.copy_(normal(p, 0.05))
         model.clip_model.logit_scale.fill_(math.log(100.0))
 
 
@@ -487,7 +494,8 @@ class Bench:
         opt = torch.optim.Adam(model.trainable_parameters(), lr=2e-5)
         x = torch.rand(batch, 3, size, size, device=self.device)
         y = torch.rand(batch, device=self.device)
-        state = {k: v.detach().clone() for k, v in model.state_dict().items() if v.requires_grad}
+        # the parameters the steps change (state_dict() tensors are detached: none of them has requires_grad)
+        state = {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
         scaler_ctx = self.autocast
 
         def step() -> float:
@@ -505,6 +513,8 @@ class Bench:
             for name, p in model.named_parameters():
                 if name in state:
                     p.copy_(state[name])
+        if not state:
+            raise RuntimeError("train step: the model has no trainable parameters to restore")
         model.eval()
         self.results["train_step"] = {
             "batch": batch,

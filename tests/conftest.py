@@ -34,6 +34,17 @@ def _seed_global_rngs(seed: int = 0) -> None:
 _seed_global_rngs()  # draws made while the test modules are imported (tables of parametrised inputs)
 
 
+def pytest_collection_modifyitems(config, items) -> None:  # noqa: ARG001 - pytest hook
+    """Tests marked ``cuda`` run only where CUDA is available (scripts/gpu_check.py runs them on a GPU machine)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here); run `pytest -m cuda` or scripts/gpu_check.py "
+                                   "on a GPU machine")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seeded_rngs() -> None:
     """Every test starts from the same global random state, whichever tests ran before it."""

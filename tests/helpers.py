@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import struct
+import time
 import traceback
 import zlib
 from collections.abc import Mapping
@@ -170,16 +171,23 @@ def _ddp_rank(rank: int, world: int, ports: list[int], argvs: list[list[str]]) -
         os._exit(code)
 
 
-def launch_ddp(world: int, argvs: list[list[str]]) -> None:
+def launch_ddp(world: int, argvs: list[list[str]], timeout: float = 300) -> None:
     """Run the trainer's ``main(argv)`` for each argv in turn in ``world`` forked CPU processes (gloo), each call on its
-    own port; every process must exit with 0."""
+    own port; every process must exit with 0 within ``timeout`` seconds (a hung process is killed and fails)."""
     ctx = mp.get_context("fork")  # torch is already imported here: children start at once
     ports = [free_port() for _ in argvs]
     procs = [ctx.Process(target=_ddp_rank, args=(r, world, ports, argvs)) for r in range(world)]
     for p in procs:
         p.start()
+    deadline = time.monotonic() + timeout
     for p in procs:
-        p.join(timeout=300)
+        p.join(timeout=max(deadline - time.monotonic(), 0.1))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"rank(s) {hung} still running after {timeout} s (a collective that not every rank reached?)"
     assert [p.exitcode for p in procs] == [0] * world
 
 

@@ -37,7 +37,7 @@ from gamma.scorer import Scorer
 from gamma.weights import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--no-progress", "--workers", "1"]
+FAST = ["--no-progress", "--workers", "1", "--device", "cpu"]  # (tests choose their device)
 RTOL, ATOL = 1e-5, 1e-6  # scores and probabilities are O(1); batching moves them by ~1e-7
 DIST = ["std", *(f"p_{level}" for level in LEVELS)]
 

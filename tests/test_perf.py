@@ -121,8 +121,9 @@ def test_bench_script_runs(tmp_path):
     import bench
 
     out = tmp_path / "bench.json"
-    bench.main(["--variant", "gamma_test", "--batches", "2", "--rounds", "1", "--skip", "train,agreement",
-                "--threads", "1", "--matmul-size", "256", "--precision", "bf16,int8", "--photos", "8",
+    bench.main(["--device", "cpu", "--variant", "gamma_test", "--batches", "2", "--rounds", "1",
+                "--skip", "train,agreement", "--threads", "1", "--matmul-size", "256", "--precision", "bf16,int8",
+                "--photos", "8",
                 "--precision-image", "240x320", "--out", str(out)])
     res = json.loads(out.read_text())
     # The script reports the largest absolute difference; scores lie within the score levels (~0.2 to ~1), where an
@@ -141,3 +142,77 @@ def test_bench_script_runs(tmp_path):
     assert agreement["images"] == 8 and {"bf16", "int8"} <= agreement.keys()
     assert all(0 < agreement[p]["max_abs_delta"] < 0.05 for p in ("bf16", "int8"))
     assert "reduced precision" in res["table"]
+
+
+def test_bench_train_step_restores_the_trained_weights():
+    """The benchmark's training step undoes its updates, so the fp32 model still matches the reduced-precision copies
+    made before it (it kept state_dict() tensors, which never require grad, and restored nothing)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    args = bench.parse_args(["--device", "cpu", "--variant", "gamma_test", "--threads", "1", "--matmul-size", "64"])
+    b = bench.Bench(args)
+    before = {k: v.clone() for k, v in b.model.state_dict().items()}
+    b.train_step(2, steps=1)
+    after = b.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not b.model.training
+
+
+def test_bench_perturb_draws_device_independent_values():
+    """perturb() draws on the CPU and copies to the model's device (a CPU generator cannot fill CUDA tensors): the
+    same values whatever the device or dtype."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    torch.manual_seed(0)
+    a = gamma.create_model("gamma_test")
+    b = copy.deepcopy(a).to(torch.float64)
+    bench.perturb(a)
+    bench.perturb(b)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa.double(), pb, rtol=1e-6, atol=1e-7), name
+
+
+@pytest.mark.cuda
+def test_bench_perturb_on_cuda():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    torch.manual_seed(0)
+    cpu = gamma.create_model("gamma_test")
+    gpu = copy.deepcopy(cpu).to("cuda")
+    bench.perturb(cpu)
+    bench.perturb(gpu)
+    for pc, pg in zip(cpu.parameters(), gpu.parameters(), strict=True):
+        assert torch.equal(pc, pg.cpu())
+
+
+@pytest.mark.slow
+def test_gpu_check_quick_on_cpu_writes_its_report(tmp_path):
+    """scripts/gpu_check.py at toy size on the CPU: every step runs (fp16 steps say why they are skipped) and the
+    JSON and Markdown reports hold each step's figures."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    report = gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path), "--skip", "cuda_tests"])
+    assert report["ok"], {k: v.get("error") for k, v in report["steps"].items()}
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(saved["steps"]) == {"training", "scoring", "bench"}
+    training = saved["steps"]["training"]["amp"]
+    assert training["bf16"]["all_finite"] and training["bf16"]["prediction_dtype"] == "float32"
+    assert "needs CUDA" in training["fp16"]["skipped"]
+    scoring = saved["steps"]["scoring"]["precisions"]
+    assert scoring["fp32"]["images_per_s"] > 0 and 0 < scoring["bf16"]["max_abs_delta"] < 0.05
+    assert [r["precision"] for r in saved["steps"]["bench"]["rows"]] == ["fp32", "bf16"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "## Training" in md and "## Scoring a folder" in md and "## scripts/bench.py" in md
+
+
+def test_gpu_check_reads_pytest_summaries():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gpu_check
+
+    assert gpu_check._summary_words("3 passed, 2 skipped, 27 deselected in 14.09s") == [
+        "3 passed", "2 skipped", "27 deselected"]
+    assert gpu_check._summary_words("==== 1 failed, 1 passed in 3s ====") == ["1 failed", "1 passed"]

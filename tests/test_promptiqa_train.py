@@ -46,7 +46,8 @@ def workspace(tmp_path_factory) -> Path:
     data = [{"name": n, "root": n, "meta_file": f"{n}/meta_info.csv", "split_file": f"{n}/split.pkl",
              "mos_range": r, "kind": "nr", "crop_size": 32}
             for n, r in zip(NAMES, ([0, 100], [1, 5], [0, 1]), strict=True)]
-    base = {"stage": "promptiqa", "data_root": str(root / "data"), "output_dir": str(root / "exp"), "seed": 7,
+    base = {"stage": "promptiqa", "device": "cpu", "data_root": str(root / "data"), "output_dir": str(root / "exp"),
+            "seed": 7,
             "workers": 0, "epochs": 1, "batch_size": 22, "data": data, "model": {"name": "promptiqa_test"},
             "optim": {"lr": 1e-3, "weight_decay": 1e-5}, "eval": {"every": 0, "batch_size": 16},
             "log": {"progress": False, "tensorboard": False, "every_steps": 1}}

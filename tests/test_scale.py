@@ -27,7 +27,7 @@ from gamma.cli import main
 from gamma.hub import prefer_converted, resolve_weights
 from gamma.weights import converted_from, read_checkpoint, release_state_dict
 
-FAST = ["--model", "gamma_test", "--crops", "center", "--no-progress", "--workers", "1"]
+FAST = ["--model", "gamma_test", "--crops", "center", "--no-progress", "--workers", "1", "--device", "cpu"]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -11,8 +11,10 @@ the device lacks is an error (or, with ``allow_slow=True``, a logged warning), n
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -210,3 +212,44 @@ class CastLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{tuple(self.normalized_shape)}, eps={self.eps}, dtype={self.dtype}"
+
+
+# ------------------------------------------------------------------------------------------------ TF32
+# PyTorch >= 2.9 sets TF32 per backend with `fp32_precision` ("ieee" | "tf32"); mixing it with the legacy
+# `allow_tf32` flags raises, so the new API is used wherever it exists. cuDNN convolutions default to TF32 on
+# Ampere and newer GPUs (the patch embedding, PromptIQA's CNN, ATTIQA's ResNet), cuBLAS matmuls to IEEE fp32.
+_NEW_TF32_API = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends.cuda.matmul, "fp32_precision")
+
+
+def _tf32_flags() -> tuple:
+    if _NEW_TF32_API:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_tf32_flags(matmul, conv) -> None:
+    if _NEW_TF32_API:
+        torch.backends.cuda.matmul.fp32_precision = matmul
+        torch.backends.cudnn.conv.fp32_precision = conv
+    else:  # pragma: no cover - PyTorch < 2.9
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = conv
+
+
+@contextlib.contextmanager
+def tf32_mode(enabled: bool) -> Iterator[None]:
+    """CUDA fp32 matmuls and cuDNN convolutions in TF32 (``enabled``, 10-bit mantissa, faster on Ampere and newer) or
+    in IEEE fp32 inside the block; the previous settings come back after it. Setting the flags does not initialise
+    CUDA, and they do not affect CPU computation."""
+    saved = _tf32_flags()
+    value = ("tf32" if enabled else "ieee") if _NEW_TF32_API else enabled
+    _set_tf32_flags(value, value)
+    try:
+        yield
+    finally:
+        _set_tf32_flags(*saved)
+
+
+def exact_fp32() -> contextlib.AbstractContextManager[None]:
+    """Where fp32 is promised (scoring, evaluation): no TF32 in CUDA matmuls or cuDNN convolutions."""
+    return tf32_mode(False)

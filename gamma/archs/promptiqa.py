@@ -18,7 +18,7 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -250,7 +250,7 @@ class PromptedIQA(TrainableModule):
                                          nn.Linear(dim // 2, 1), nn.Sigmoid())
         self.prompt_dim = dim
         self.check_input_range = True
-        self._prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, bool]] = OrderedDict()
+        self._prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, bool, Any]] = OrderedDict()
 
     # ------------------------------------------------------------------------------------- for subclasses
     def preprocess(self, images: Images) -> object:
@@ -296,8 +296,9 @@ class PromptedIQA(TrainableModule):
             return hit[0]
         features = self.image_features(self.preprocess(images))
         isp = self.isp_features(features, scores_t.to(features.device))  # (n, dim)
-        if key is not None:
-            self._prompt_cache[key] = (isp, torch.is_inference_mode_enabled())
+        if key is not None:  # (the images too: a key by identity stays valid while its tensors live)
+            kept = images if isinstance(images, torch.Tensor) else tuple(images)
+            self._prompt_cache[key] = (isp, torch.is_inference_mode_enabled(), kept)
             while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
                 self._prompt_cache.popitem(last=False)
         return isp
@@ -307,10 +308,17 @@ class PromptedIQA(TrainableModule):
         self._prompt_cache.clear()
 
     def _prompt_key(self, images: Images, scores: torch.Tensor) -> tuple:
+        # CPU images: a digest of their values. Images on an accelerator: their identity (storage, layout, in-place
+        # version), not their values, which would cost a device-to-host copy of every image on every call; the cache
+        # entry keeps them alive, so no other tensor can take their storage while the key exists.
         digest = hashlib.blake2b(digest_size=20)
         for img in ([images] if isinstance(images, torch.Tensor) else images):
             digest.update(repr((tuple(img.shape), str(img.dtype))).encode())
-            digest.update(_raw_bytes(img))
+            if img.device.type == "cpu":
+                digest.update(_raw_bytes(img))
+            else:
+                digest.update(repr((str(img.device), img.data_ptr(), img.stride(), img.storage_offset(),
+                                    img._version)).encode())
         digest.update(_raw_bytes(scores.to(torch.float64)))
         weights = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in self.state_dict(keep_vars=True).values())
         return digest.hexdigest(), weights, self.check_input_range

@@ -49,7 +49,7 @@ from ..prompts import ATTRIBUTES
 from ..weights import read_checkpoint, save_checkpoint
 from .checkpoint import LAST, write_json
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, cleanup, setup
+from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, cleanup, setup, wait_for_main
 from .evaluate import METRICS, autocast
 from .loop import Objective, Run, build_datasets, build_model, train
 from .run_folder import run_dir_of, split_config
@@ -61,15 +61,18 @@ FOLDER_LIST = "images.csv"  # the meta file written for an unlabelled folder (cu
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def pretrain(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:  # noqa: ARG001
-    """Run stage ``attiqa_pretrain`` (one run on ``cfg.split_index``; ``all_splits`` does not apply).
+def pretrain(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,  # noqa: ARG001
+             dist: DistInfo | None = None) -> dict[str, Any]:
+    """Run stage ``attiqa_pretrain`` (one run on ``cfg.split_index``; ``all_splits`` does not apply) in the process
+    group of ``dist`` (None: joined here and left at the end).
 
     Returns:
         the loop's results (``results.json``) plus ``'backbone'``: the pretrained student's file, and ``'teacher'``:
         the label caches used.
     """
     check_pretrain(cfg)
-    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
+    own = dist is None
+    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s) if own else dist
     try:
         objective, caches = pretraining_objective(cfg, dist)
         run_dir = run_dir_of(cfg)
@@ -82,7 +85,8 @@ def pretrain(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -
             logger.info("pretrained ATTIQA student written to %s", out)
         barrier(dist)
     finally:
-        cleanup(dist)
+        if own:
+            cleanup(dist)
     result.update(backbone=str(out), teacher=caches)
     if dist.is_main:
         write_json(run_dir / "results.json", result)
@@ -233,6 +237,7 @@ def pretraining_objective(cfg: TrainConfig, dist: DistInfo) -> tuple[Objective, 
             _label_all(cfg, train_entries, eval_entries)
         except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
             error = exc
+    wait_for_main(dist)  # labelling may outlast ddp.timeout_s: the other ranks wait without NCCL's watchdog
     error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
     if error is not None:
         raise error

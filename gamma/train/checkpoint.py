@@ -2,8 +2,9 @@
 
 A training checkpoint is our model checkpoint (:func:`gamma.weights.save_checkpoint`: config + weights, written
 atomically, loadable with ``weights_only=True``) with the training state in its extras: optimiser, scheduler and
-grad-scaler state, progress counters, best metric, evaluation history and the RNG states of torch (CPU and CUDA),
-numpy and Python. All of it is plain tensors, numbers, strings, lists and dicts.
+grad-scaler state, progress counters, best metric, evaluation history and the RNG states of torch (CPU and the CUDA
+device in use), numpy and Python of every process (each rank resumes its own streams). All of it is plain tensors,
+numbers, strings, lists and dicts.
 """
 
 from __future__ import annotations
@@ -84,35 +85,68 @@ class RunLock:
 
 
 # ----------------------------------------------------------------------------------------------------- RNG
-def rng_state() -> dict[str, Any]:
-    """RNG states of torch (CPU and every CUDA device), numpy and Python, as ``weights_only``-loadable data."""
+def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
+    """RNG states of torch (CPU and the CUDA device in use), numpy and Python, as ``weights_only``-loadable data.
+
+    Args:
+        device: the run's device. A CUDA state is taken only for a CUDA ``device`` (its own generator), or, with
+            ``None``, for every device when CUDA is already initialised. A CPU run never initialises CUDA (which would
+            claim memory on a GPU host and fails in forked DDP children).
+    """
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     version, internal, gauss_next = random.getstate()
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda_devices, cuda = [index], [torch.cuda.get_rng_state(index)]
+    elif device is None and torch.cuda.is_initialized():
+        cuda_devices = list(range(torch.cuda.device_count()))
+        cuda = [torch.cuda.get_rng_state(i) for i in cuda_devices]
+    else:
+        cuda_devices, cuda = [], []
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda,
+        "cuda_devices": cuda_devices,
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
     }
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only for the devices present)."""
+def set_rng_state(state: dict[str, Any], device: torch.device | str | None = None) -> None:
+    """Restore what :func:`rng_state` captured. A CUDA state is restored only onto a CUDA ``device`` (the run's; the
+    saved state of the device it was taken from, so a resumed rank continues its own stream), never in a CPU run."""
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        states = state["cuda"][: torch.cuda.device_count()]
-        for i, s in enumerate(states):
-            torch.cuda.set_rng_state(s, i)
+    device = torch.device(device) if device is not None else None
+    cuda = state.get("cuda") or []
+    if cuda and device is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        saved = list(state.get("cuda_devices") or range(len(cuda)))
+        # the state of the same device index if saved, else the first (one device per process: the rank's own)
+        torch.cuda.set_rng_state(cuda[saved.index(index)] if index in saved else cuda[0], index)
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
 
 
+def rank_rng_state(extra: dict[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """The RNG state a resumed process of ``rank`` restores from a checkpoint's extras: its own (``rng_per_rank``)
+    when the checkpoint was written by as many processes, else rank 0's (``rng``; older checkpoints hold no more)."""
+    per_rank = extra.get("rng_per_rank") or []
+    if len(per_rank) == world_size and rank < len(per_rank):
+        return per_rank[rank]
+    if per_rank and world_size > 1:
+        logger.warning("the checkpoint holds RNG states of %d process(es), this run has %d: every process restores "
+                       "rank 0's", len(per_rank), world_size)
+    return extra["rng"]
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 def save_training_state(path: str | os.PathLike, model: torch.nn.Module, *, optimizer: torch.optim.Optimizer,
-                        scheduler: Any, scaler: Any, progress: dict[str, Any], train_config: dict[str, Any]) -> Path:
+                        scheduler: Any, scaler: Any, progress: dict[str, Any], train_config: dict[str, Any],
+                        rng_per_rank: list[dict[str, Any]] | None = None) -> Path:
     """Write a resumable checkpoint atomically (a kill during the write leaves the previous file intact).
 
     Args:
@@ -121,6 +155,8 @@ def save_training_state(path: str | os.PathLike, model: torch.nn.Module, *, opti
         optimizer, scheduler, scaler: their ``state_dict()`` is stored (``scaler`` may be None).
         progress: counters, best metric and history (plain data).
         train_config: the resolved run configuration (plain data), checked on resume.
+        rng_per_rank: every process's :func:`rng_state` in rank order (gathered by the caller); ``None``: this
+            process's alone (CUDA state only if CUDA is already initialised).
 
     Raises:
         OSError: the file cannot be written (disk full ...); the message names it and the previous file is kept.
@@ -133,7 +169,8 @@ def save_training_state(path: str | os.PathLike, model: torch.nn.Module, *, opti
             scheduler=scheduler.state_dict() if scheduler is not None else None,
             scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
             progress=progress,
-            rng=rng_state(),
+            rng=rng_per_rank[0] if rng_per_rank else rng_state(),
+            rng_per_rank=rng_per_rank or [],
             train_config=train_config,
         )
     except OSError as exc:

@@ -267,6 +267,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     workers: int = field(default_factory=default_workers)  # DataLoader workers per process (default 4, at most #CPUs)
     deterministic: bool = False  # torch.use_deterministic_algorithms (slower on CUDA)
+    tf32: bool = False  # training forward/backward with TF32 matmuls and convolutions on CUDA (faster, 10-bit mantissa)
     split_index: int = 1  # which of the 10 splits of every dataset (1-based, as the split pickles)
     splits: list[int] = field(default_factory=lambda: list(range(1, 11)))  # run by --all_splits
     data_root: str | None = None  # relative dataset paths start here (None: $GAMMA_DATA_ROOT, else the working dir)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..archs import keep_only_experts
+from ..archs.precision import exact_fp32
 from ..data import DATASETS, collate
 from ..metrics import evaluate_scores
 from .checkpoint import write_json
@@ -53,6 +54,9 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: t
             progress: bool = False, desc: str = "") -> np.ndarray:
     """Scores (N,) of every image of ``dataset`` (items with ``img`` and ``scene``), gathered over processes.
 
+    fp32 computation is exact (no TF32: :func:`gamma.archs.precision.exact_fp32`); ``amp`` autocasts the forward
+    (for a caller that wants it; :func:`evaluate` scores at the model's own precision instead).
+
     ``model(images, scene=...)`` returns (B,) scores, or (B, k) rows of k numbers per image (several outputs, e.g.
     :class:`gamma.train.promptiqa.AssessedOutputs`); the result is then (N, k), its shape taken from the first batch.
     Images of one batch that differ in size are scored in groups of equal size; scores do not depend on grouping.
@@ -70,7 +74,7 @@ def predict(model: torch.nn.Module, dataset: torch.utils.data.Dataset, device: t
         out = None  # (B,) or (B, k), shaped after the first group's output
         for idx in _same_size_groups(images):
             x = torch.stack([images[i] for i in idx]).to(device, non_blocking=True)
-            with autocast(device, amp):
+            with autocast(device, amp), exact_fp32():
                 s = model(x, scene=[scenes[i] for i in idx])
             if out is None:
                 out = torch.empty((len(images), *s.shape[1:]), dtype=torch.float64)
@@ -99,9 +103,13 @@ def _progress(iterable, enabled: bool, desc: str):
 
 
 def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dataset], device: torch.device, *,
-             eval_cfg: Any, amp: str = "none", workers: int = 0, dist_info: DistInfo | None = None,
+             eval_cfg: Any, workers: int = 0, dist_info: DistInfo | None = None,
              progress: bool = False, headline_only: bool = False) -> dict[str, Any]:
     """Per-dataset correlations of the model's scores with the normalised labels.
+
+    The scores are those of the model's own precision: ``eval_cfg.precision`` (fp32, exact: no autocast and no TF32;
+    or a converted copy), never the training run's autocast (``amp``), which rounds every score (bf16: steps of
+    ~0.004 near 0.6) and adds ties to SRCC / KRCC.
 
     With ``eval_cfg.prompt_sets`` the same weights are scored once per prompt set (paper Table 15); the headline
     figures (``datasets``, ``mean``, ``predictions``) are those of :func:`headline_prompt_set`.
@@ -121,10 +129,10 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
     precision = getattr(eval_cfg, "precision", "fp32")
     if precision != "fp32":
         # The trained weights stay fp32 and the model untouched: a converted copy is scored, then dropped. Autocast
-        # (amp) would also cast what to_precision keeps in fp32, so the copy runs without it.
+        # would also cast what to_precision keeps in fp32, so the copy runs without it.
         scored = copy.deepcopy(model).to_precision(precision)
         return evaluate(scored, datasets, device, eval_cfg=dataclasses.replace(eval_cfg, precision="fp32"),
-                        amp="none", workers=workers, dist_info=dist_info, progress=progress,
+                        workers=workers, dist_info=dist_info, progress=progress,
                         headline_only=headline_only)
     was_training = model.training
     own = model.config.prompt_set
@@ -143,7 +151,7 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
             preds: dict[str, list[float]] = {}
             tag = f" ({prompt_set} prompts)" if len(sets) > 1 else ""
             for name, ds in datasets.items():
-                scores = predict(model, ds, device, batch_size=eval_cfg.batch_size, workers=workers, amp=amp,
+                scores = predict(model, ds, device, batch_size=eval_cfg.batch_size, workers=workers,
                                  dist_info=dist_info, progress=progress, desc=f"eval {name}{tag}")
                 per[name] = evaluate_scores(scores, np.asarray(ds.labels, dtype=np.float64))
                 preds[name] = scores.tolist()
@@ -152,10 +160,21 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
         model.set_prompt_set(own)
         keep_only_experts(model, None)
         model.train(was_training)
+        if was_training:
+            drop_scoring_caches(model)
     out = dict(by_set[headline])
     if eval_cfg.prompt_sets and not headline_only:
         out["prompt_sets"] = {ps: {"datasets": r["datasets"], "mean": r["mean"]} for ps, r in by_set.items()}
     return out
+
+
+def drop_scoring_caches(model: torch.nn.Module) -> None:
+    """Free what scoring cached for the weights as they were (the fused MoAE kernels' stacked expert weights): the
+    next optimiser step makes it stale, and training would hold it (GPU memory) until the next evaluation."""
+    for module in model.modules():
+        kernel = getattr(module, "kernel", None)
+        if kernel is not None and hasattr(kernel, "_cache"):
+            kernel._cache = None
 
 
 def headline_prompt_set(own: str, sets: Sequence[str]) -> str:

@@ -40,14 +40,23 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..archs import GammaModel
-from ..archs.precision import check_precision, resolve_precision
+from ..archs.precision import check_precision, resolve_precision, tf32_mode
 from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
 from ..hub import resolve_weights
 from ..weights import load_into
-from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
+from .checkpoint import (
+    LAST,
+    load_training_state,
+    rank_rng_state,
+    rng_state,
+    save_best,
+    save_training_state,
+    set_rng_state,
+    write_json,
+)
 from .config import ConfigError, TrainConfig, config_to_dict
-from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_buffers
+from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from .evaluate import autocast, evaluate, median_table, write_table
 from .run_folder import MetricsLog, flatten, log_summary, open_run, run_results, write_predictions
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
@@ -260,8 +269,10 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     net: torch.nn.Module = objective.wrap(model) if objective is not None and objective.wrap is not None else model
     if dist.enabled and not cfg.eval_only:
+        # DDP broadcasts every buffer before each forward unless told not to; only BatchNorm statistics need it
         net = DistributedDataParallel(net, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                                      find_unused_parameters=cfg.ddp.find_unused_parameters)
+                                      find_unused_parameters=cfg.ddp.find_unused_parameters,
+                                      broadcast_buffers=_has_batch_norm(model))
     sizes = [len(d) for d in train_sets] or [1]
     if objective is not None and objective.plan is not None:
         plan = objective.plan(cfg, dist, sizes) if train_sets else None
@@ -284,6 +295,10 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
                select_sets=select_sets, objective=objective)
 
 
+def _has_batch_norm(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def restore(run: Run, path: Path) -> None:
     """Load a training checkpoint into ``run`` (weights, optimiser, schedule, scaler, counters, RNG)."""
     ckpt = load_training_state(path)
@@ -295,7 +310,7 @@ def restore(run: Run, path: Path) -> None:
     if ex.get("scaler") is not None:
         run.scaler.load_state_dict(ex["scaler"])
     run.progress = Progress(**_progress_fields(ex["progress"]))
-    set_rng_state(ex["rng"])
+    set_rng_state(rank_rng_state(ex, run.dist.rank, run.dist.world_size), run.dist.device)
     _warn_config_changes(ex.get("train_config") or {}, config_to_dict(run.cfg), path)
     p = run.progress
     logger.info("resumed from %s: epoch %d, step %d of it (global step %d)", path, p.epoch + 1, p.step_in_epoch,
@@ -349,11 +364,14 @@ def _stop_on_signals(run: Run):
 
 
 def save_state(run: Run, name: str = LAST) -> Path | None:
-    """Write the resumable checkpoint (rank 0; other ranks wait)."""
+    """Write the resumable checkpoint (rank 0; other ranks wait). Every rank must call it: it gathers each rank's
+    RNG state and ends in a barrier."""
     path = run.run_dir / name
+    rng_per_rank = all_gather_objects(rng_state(run.dist.device), run.dist)
     if run.dist.is_main:
         save_training_state(path, run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
-                            progress=run.progress.to_dict(), train_config=config_to_dict(run.cfg))
+                            progress=run.progress.to_dict(), train_config=config_to_dict(run.cfg),
+                            rng_per_rank=rng_per_rank)
     barrier(run.dist)
     return path
 
@@ -444,7 +462,7 @@ def _micro_batches(run: Run, batches: Iterator[dict[str, Any]], n_real: int) -> 
         batch = next(batches)
         images = batch["img"].to(dev, non_blocking=True)
         sync = run.net.no_sync() if world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-        with sync:
+        with sync, tf32_mode(cfg.tf32):  # TF32 only when asked for (train: tf32); evaluation is exact fp32
             with autocast(dev, cfg.amp):
                 pred = run.net(images, scene=batch["scene"])
             sq = loss_sum(pred.float(), batch)  # (), summed over the micro-batch's real samples
@@ -491,7 +509,7 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     if run.objective is not None:
         result = run.objective.evaluate(run)
     else:
-        result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp, workers=workers,
+        result = evaluate(run.model, run.eval_sets, run.dist.device, eval_cfg=cfg.eval, workers=workers,
                           dist_info=run.dist, progress=cfg.log.progress)
     record = {"kind": "eval", "epoch": epoch, "step": p.global_step,
               "train_loss": p.epoch_loss_sum / p.epoch_samples if p.epoch_samples else None,
@@ -503,8 +521,8 @@ def evaluate_epoch(run: Run, epoch: int) -> dict[str, Any]:
     if "selection" in result:
         record["selection"] = result["selection"]
     elif run.select_sets:
-        chosen_on = evaluate(run.model, run.select_sets, run.dist.device, eval_cfg=cfg.eval, amp=cfg.amp,
-                             workers=workers, dist_info=run.dist, progress=cfg.log.progress, headline_only=True)
+        chosen_on = evaluate(run.model, run.select_sets, run.dist.device, eval_cfg=cfg.eval, workers=workers,
+                             dist_info=run.dist, progress=cfg.log.progress, headline_only=True)
         record["selection"] = {"mean": chosen_on["mean"], "datasets": chosen_on["datasets"]}
     record["seconds"] = time.perf_counter() - t0
     p.history.append(record)
@@ -562,7 +580,7 @@ def fit(run: Run) -> None:
         evaluating = _should_eval(cfg, done)
         p.epoch, p.step_in_epoch, p.pending_eval = done, 0, evaluating
         save_state(run)
-        if cfg.checkpoint.keep_epochs and run.dist.is_main:
+        if cfg.checkpoint.keep_epochs:  # every rank: save_state ends in collectives (it writes on rank 0 only)
             save_state(run, f"epoch_{done:03d}.pth")
         if evaluating:
             _finish_epoch_eval(run, done)

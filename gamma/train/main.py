@@ -5,7 +5,8 @@
 entry point (logging to the terminal, exit codes, messages instead of tracebacks for configuration mistakes).
 
 Under ``torchrun --nproc_per_node=N train.py ...`` every process runs :func:`main`; the process group comes from
-torchrun's environment.
+torchrun's environment. :func:`main` joins it once, hands it to every stage (chained ones included) and leaves it at
+exit.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from ..weights import CheckpointError
 from .checkpoint import RunLockedError
 from .config import ConfigError, config_to_dict, config_to_yaml, load_config
+from .distributed import cleanup, setup
 from .evaluate import median_table, write_table
 from .loop import NonFiniteLossError, TrainingInterrupted
 from .run_folder import LOG_FORMAT
@@ -75,7 +77,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.print_config:
         print(config_to_yaml(cfg), end="")  # noqa: T201 - command-line output
         return {"config": config_to_dict(cfg)}
-    return run_stage(cfg, resume=args.resume, all_splits=args.all_splits)
+    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)  # once per process, for every chained stage
+    try:
+        return run_stage(cfg, resume=args.resume, all_splits=args.all_splits, dist=dist)
+    finally:
+        cleanup(dist)
 
 
 def summarize(folder: str | Path, label: str | None = None) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from ..data.synthetic import generate_for_entries
 from ..factory import create_model
 from .checkpoint import write_json
 from .config import CAPTION_COLUMN, OptimCfg, TrainConfig, save_config
+from .distributed import DistInfo, broadcast_object, wait_for_main
 from .run_folder import MetricsLog, run_dir_of
 
 logger = logging.getLogger(__name__)
@@ -96,13 +97,34 @@ def lr_at(step: int, total: int, base: float, floor: float, warmup: float) -> fl
 
 
 # ------------------------------------------------------------------------------------------------ the stage
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Run stage ``pretrain_clip`` (writing the synthetic datasets first when ``pretrain.synthetic`` asks for them).
+def run(cfg: TrainConfig, dist: DistInfo | None = None) -> dict[str, Any]:
+    """Run stage ``pretrain_clip`` (writing the synthetic datasets first when ``pretrain.synthetic`` asks for them)
+    on ``dist.device``.
+
+    Pretraining is one process's work: under torchrun rank 0 pretrains and the other ranks wait (without the NCCL
+    timeout, :func:`gamma.train.distributed.wait_for_main`), then read its results.
 
     Returns:
         ``{'backbone': path, 'steps': n, 'seconds': s, 'losses': [...], 'run_dir': ...}``, also written to the run
         folder's ``results.json``.
     """
+    dist = dist or DistInfo()
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = _run_main(cfg, dist.device)
+        except BaseException as exc:  # noqa: BLE001 - the other ranks must hear about it before they give up waiting
+            error = exc
+    wait_for_main(dist)
+    error_text = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", dist)
+    if error is not None:
+        raise error
+    if error_text is not None:
+        raise RuntimeError(f"rank 0 failed to pretrain: {error_text}")
+    return broadcast_object(result, dist)
+
+
+def _run_main(cfg: TrainConfig, device: torch.device) -> dict[str, Any]:
     p = cfg.pretrain
     if p.threads:
         torch.set_num_threads(p.threads)
@@ -116,7 +138,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     try:
-        result = _pretrain(cfg, backbone, log)
+        result = _pretrain(cfg, backbone, log, device)
     finally:
         log.close()
     result["run_dir"] = str(run_dir)
@@ -124,16 +146,16 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     return result
 
 
-def _pretrain(cfg: TrainConfig, out: Path, log: MetricsLog) -> dict[str, Any]:
+def _pretrain(cfg: TrainConfig, out: Path, log: MetricsLog, device: torch.device) -> dict[str, Any]:
     p, o = cfg.pretrain, cfg.optim
-    model = _backbone(cfg)
+    model = _backbone(cfg).to(device)
     clip = model.clip_model
     data = _captioned_data(cfg, model.config.vision.image_size)
     # Every distinct caption is tokenised once; only the batch's captions go through the text tower.
-    tokens = open_clip.tokenize(data.vocab, context_length=model.config.text.context_length)
+    tokens = open_clip.tokenize(data.vocab, context_length=model.config.text.context_length).to(device)
     loader = DataLoader(ConcatDataset(data.sets), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                         num_workers=cfg.workers, collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
-                        persistent_workers=cfg.workers > 0)
+                        persistent_workers=cfg.workers > 0, pin_memory=device.type == "cuda")
     steps_per_epoch = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
     total = steps_per_epoch * cfg.epochs
     if total < 1:
@@ -227,7 +249,9 @@ def _batch_loss(model: GammaModel, batch: dict[str, Any], caption_ids: torch.Ten
     """The contrastive loss of one batch; captions shared by several images go through the text tower once."""
     clip = model.clip_model
     distinct, inverse = torch.unique(caption_ids, return_inverse=True)
-    pixels = (batch["img"] - model.pixel_mean) / model.pixel_std
+    device = model.pixel_mean.device
+    distinct, inverse = distinct.to(device), inverse.to(device)
+    pixels = (batch["img"].to(device, non_blocking=True) - model.pixel_mean) / model.pixel_std
     image = F.normalize(encode_image(clip, pixels), dim=-1)  # (B, E)
     text = F.normalize(encode_text(clip, tokens[distinct]), dim=-1)  # (U, E)
     return contrastive_loss(image, text, inverse, clip.logit_scale)

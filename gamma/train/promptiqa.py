@@ -61,7 +61,7 @@ from ..data.transforms import TestTransform
 from ..factory import create_model, list_models
 from ..hub import resolve_weights
 from .config import ConfigError, TrainConfig
-from .distributed import DistInfo, broadcast_object, cleanup, setup
+from .distributed import DistInfo, broadcast_object
 from .loop import Objective, Run, train
 from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also reached through this module
     GAMMA_AS_IS,
@@ -82,7 +82,6 @@ from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also re
     resolve_gamma,
     to_device,
 )
-from .run_folder import run_all_splits
 from .sampling import SeededView, Slot
 from .selection import carve_holdout
 
@@ -421,14 +420,3 @@ def train_split(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[
             for line in md.strip().splitlines():
                 logger.info("%s", line)
     return results
-
-
-def run(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
-    """Stage ``promptiqa``: one split (``cfg.split_index``), or every split of ``cfg.splits`` and the median table."""
-    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
-    try:
-        if all_splits:
-            return run_all_splits(cfg, dist, train_split, resume=resume)
-        return train_split(cfg, dist, resume=resume)
-    finally:
-        cleanup(dist)

@@ -9,7 +9,7 @@ Every stage name maps to a :class:`Stage` in :data:`STAGES`:
 - ``attiqa_pretrain``: ATTIQA's attribute-aware pretraining of a student on teacher labels
   (:func:`gamma.train.attiqa.pretrain`); ``attiqa_finetune``: MOS training of a student, as ``gamma``;
 - ``promptiqa``: PromptIQA's recipe and test protocol, for PromptIQA and Gamma + ISP
-  (:func:`gamma.train.promptiqa.run`).
+  (:func:`gamma.train.promptiqa.train_split`).
 
 Adding a stage (PromptIQA training, ATTIQA pretraining or fine-tuning ...) takes a function from the resolved
 configuration to the stage's results, one row in :data:`STAGES`, its name in ``TrainConfig.stage`` and, when it has
@@ -27,18 +27,18 @@ import json
 import logging
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .._files import atomic_write
-from . import attiqa, pretrain
+from . import attiqa, pretrain, promptiqa
 from .checkpoint import write_json
 from .config import TrainConfig, config_to_dict, load_config
-from .distributed import cleanup, setup
+from .distributed import DistInfo, cleanup, setup
 from .loop import train
-from .promptiqa import run as train_promptiqa
 from .run_folder import run_all_splits
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 class Stage:
     """One kind of run.
 
-    ``run(cfg, resume=..., all_splits=...)`` does the stage's work and returns its results. A stage that others may
-    follow returns the weights file they start from as ``results['backbone']`` and its run folder as
+    ``run(cfg, resume=..., all_splits=..., dist=...)`` does the stage's work and returns its results; ``dist`` is the
+    process's :class:`gamma.train.distributed.DistInfo` (joined once by :func:`gamma.train.main.main`; None: the
+    stage joins the group itself through :func:`gamma.train.distributed.setup`, which reuses an existing one). A stage
+    that others may follow returns the weights file they start from as ``results['backbone']`` and its run folder as
     ``results['run_dir']``, and ``follow_ups(cfg)`` lists the option files (each optionally followed by ``key=value``
     overrides) to run after it.
     """
@@ -58,30 +60,57 @@ class Stage:
     follow_ups: Callable[[TrainConfig], list[str]] | None = None
 
 
-def train_gamma(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
-    """Stage ``gamma``: one split (``cfg.split_index``), or every split of ``cfg.splits`` with ``all_splits``."""
-    dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
+@contextmanager
+def process_group(cfg: TrainConfig, dist: DistInfo | None) -> Iterator[DistInfo]:
+    """``dist`` when the caller holds the process group, else one joined here and left on exit."""
+    if dist is not None:
+        yield dist
+        return
+    own = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s)
     try:
-        if all_splits:
-            return run_all_splits(cfg, dist, train, resume=resume)
-        return train(cfg, dist, resume=resume)
+        yield own
     finally:
-        cleanup(dist)
+        cleanup(own)
 
 
-def pretrain_clip(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:  # noqa: ARG001
-    """Stage ``pretrain_clip``: one pass of pretraining on ``cfg.split_index`` (there is nothing to resume)."""
-    return pretrain.run(cfg)
+def train_gamma(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+                dist: DistInfo | None = None) -> dict[str, Any]:
+    """Stage ``gamma``: one split (``cfg.split_index``), or every split of ``cfg.splits`` with ``all_splits``."""
+    with process_group(cfg, dist) as d:
+        if all_splits:
+            return run_all_splits(cfg, d, train, resume=resume)
+        return train(cfg, d, resume=resume)
 
 
-def attiqa_finetune(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
+def pretrain_clip(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,  # noqa: ARG001
+                  dist: DistInfo | None = None) -> dict[str, Any]:
+    """Stage ``pretrain_clip``: one pass of pretraining on ``cfg.split_index`` (there is nothing to resume), on rank 0
+    alone (the other ranks wait without a timeout and read its result)."""
+    with process_group(cfg, dist) as d:
+        return pretrain.run(cfg, d)
+
+
+def attiqa_finetune(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+                    dist: DistInfo | None = None) -> dict[str, Any]:
     """Stage ``attiqa_finetune``: MOS training of an ATTIQA student (docs/attiqa.md#trainer-stages), run as stage
     ``gamma`` runs (one split, or every split and the median table)."""
     attiqa.check_student(cfg)
-    result = train_gamma(cfg, resume=resume, all_splits=all_splits)
+    result = train_gamma(cfg, resume=resume, all_splits=all_splits, dist=dist)
     if cfg.attiqa.feature_similarity:  # the paper's feature analysis (docs/attiqa.md#option-files)
         result["feature_similarity"] = attiqa.feature_similarity(cfg, all_splits=all_splits)
     return result
+
+
+def train_promptiqa(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+                    dist: DistInfo | None = None) -> dict[str, Any]:
+    """Stage ``promptiqa``: one split, or every split of ``cfg.splits`` and the median table
+    (:func:`gamma.train.promptiqa.train_split`)."""
+    with process_group(cfg, dist) as d:
+        if all_splits:
+            return run_all_splits(cfg, d, promptiqa.train_split, resume=resume)
+        return promptiqa.train_split(cfg, d, resume=resume)
+
+
 
 
 STAGES: dict[str, Stage] = {
@@ -93,31 +122,39 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def run_stage(cfg: TrainConfig, resume: bool = False, all_splits: bool = False) -> dict[str, Any]:
-    """Run ``cfg.stage`` and then the stages that follow it.
+def run_stage(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,
+              dist: DistInfo | None = None) -> dict[str, Any]:
+    """Run ``cfg.stage`` and then the stages that follow it, all in the process group of ``dist`` (joined here and
+    left at the end when None).
 
     Returns:
         the stage's results; for a stage with follow-ups also ``'stages'`` (their results by run name),
         ``'seconds_total'`` and, when any ran, ``'summary'`` (all but ``'stages'`` also in its ``results.json``).
     """
+    with process_group(cfg, dist) as d:
+        return _run_chain(cfg, resume, all_splits, d)
+
+
+def _run_chain(cfg: TrainConfig, resume: bool, all_splits: bool, dist: DistInfo) -> dict[str, Any]:
     stage = STAGES[cfg.stage]
     t0 = time.perf_counter()
-    result = stage.run(cfg, resume=resume, all_splits=all_splits)
+    result = stage.run(cfg, resume=resume, all_splits=all_splits, dist=dist)
     if stage.follow_ups is None:
         return result
     results = {}
     for item in stage.follow_ups(cfg):
-        results.update(run_follow_up(item, cfg, Path(result["backbone"])))
+        results.update(run_follow_up(item, cfg, Path(result["backbone"]), dist))
     result["stages"] = results
     result["seconds_total"] = time.perf_counter() - t0
     run_dir = Path(result["run_dir"])
-    if results:
-        result["summary"] = write_summary(run_dir, results, result["seconds_total"])
-    write_json(run_dir / "results.json", {k: v for k, v in result.items() if k != "stages"})
+    if dist.is_main:
+        if results:
+            result["summary"] = write_summary(run_dir, results, result["seconds_total"])
+        write_json(run_dir / "results.json", {k: v for k, v in result.items() if k != "stages"})
     return result
 
 
-def run_follow_up(item: str, cfg: TrainConfig, weights: Path) -> dict[str, Any]:
+def run_follow_up(item: str, cfg: TrainConfig, weights: Path, dist: DistInfo | None = None) -> dict[str, Any]:
     """Run one follow-up stage: ``item`` is an option file, optionally followed by ``key=value`` overrides.
 
     Returns:
@@ -125,7 +162,7 @@ def run_follow_up(item: str, cfg: TrainConfig, weights: Path) -> dict[str, Any]:
     """
     option_file = shlex.split(item)[0]
     logger.info("next stage: %s", item)
-    result = run_stage(follow_up_config(item, cfg, weights))
+    result = run_stage(follow_up_config(item, cfg, weights), dist=dist)
     return {result.get("name", Path(option_file).stem): result}
 
 

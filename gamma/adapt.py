@@ -41,8 +41,21 @@ from typing import Any
 import numpy as np
 
 from .metrics import plcc, srcc
+from .prompts import ATTRIBUTES, LEVELS
 
 logger = logging.getLogger(__name__)
+
+#: Columns ``distribution=True`` adds to a score table: the standard deviation of the levels, then one probability
+#: per level.
+DISTRIBUTION_COLUMNS: tuple[str, ...] = ("std", *(f"p_{level}" for level in LEVELS))
+
+#: Outputs an adaptation can map from, by name (``Scorer.adapt``, ``gamma score --adapt-outputs``); any list of these
+#: column names works too.
+ADAPT_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "score": ("score",),
+    "distribution": ("score", *DISTRIBUTION_COLUMNS[1:]),
+    "all": ("score", *DISTRIBUTION_COLUMNS[1:], *ATTRIBUTES),
+}
 
 #: Fewest image-score pairs :func:`fit` accepts (with three or fewer it refuses rather than overfit).
 MIN_PAIRS = 4

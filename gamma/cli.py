@@ -420,7 +420,7 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             allow_unsafe=args.allow_unsafe_pickle,
             attributes=args.attributes,
             distribution=args.distribution,
-            prompt_flip=args.prompt_flip,
+            isp_flip=args.prompt_flip,
             backend=args.promptiqa_backend,
         )
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
@@ -429,14 +429,15 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
         if device is None:
             raise
         raise UsageError(f"cannot use device {str(device)!r}: {str(exc).splitlines()[0]}") from None
-    if scorer.is_promptiqa:
+    if scorer.takes_isp:
         return _setup_promptiqa(scorer, args)
-    if scorer.model.config.prompt_set == "sdp" and args.scene is None:
+    prompt_set = getattr(scorer.model.config, "prompt_set", None)  # None: a family without text prompts
+    if prompt_set == "sdp" and args.scene is None:
         raise UsageError(f"this model uses scene-based prompts (SDP): pass --scene, one of {', '.join(SCENES)}")
-    if args.scene is not None and args.scene_explicit and scorer.model.config.prompt_set != "sdp":
+    if args.scene is not None and args.scene_explicit and prompt_set != "sdp":
         logger.warning("--scene only applies to scene-based prompts; this model uses %r prompts (for the Gamma-Prompt "
-                       "weights pass --prompt sdp)", scorer.model.config.prompt_set)
-    if args.scene is not None:
+                       "weights pass --prompt sdp)", prompt_set)
+    if args.scene is not None and prompt_set is not None:
         try:
             scorer.model.scene_index(args.scene, 1, scorer.device)
         except ValueError as exc:
@@ -464,7 +465,7 @@ def _setup_promptiqa(scorer: Scorer, args: argparse.Namespace) -> Scorer:
                          "columns image,score (image paths relative to the CSV; scores in [0, 1], or on the scale "
                          "of --mos-range / --dataset)")
     try:
-        scorer.set_prompt(args.prompt_pairs)
+        scorer.set_isp(args.prompt_pairs)
     except PromptFileError as exc:
         raise UsageError(str(exc)) from None
     return scorer
@@ -785,7 +786,7 @@ def _analyze(args: argparse.Namespace) -> int:
         write_routing,
         write_rows,
     )
-    from .archs.gamma import GammaModel
+    from .families import is_family
     from .scorer import Scorer
 
     try:
@@ -794,7 +795,7 @@ def _analyze(args: argparse.Namespace) -> int:
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from None
     model = scorer.model
-    if not isinstance(model, GammaModel):
+    if not is_family(model, "gamma"):
         raise UsageError(f"gamma analyze reads Gamma's MoAE routers and experts; {args.weights or args.model} holds a "
                          f"{type(model).__name__}, which has none")
     try:

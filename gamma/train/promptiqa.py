@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from .. import adapt
 from .._files import atomic_write
+from ..adapt import ADAPT_OUTPUTS
 from ..archs import GammaISP, GammaModel, PromptedIQA, PromptIQA
 from ..data import IQADataset, build_dataset, collate
 from ..data.promptiqa import draw_label_augment, random_vertical_flip, sample_ispp
@@ -72,7 +73,6 @@ from ..hub import WeightsNotFoundError, resolve_weights
 from ..io import load_promptiqa_image
 from ..metrics import evaluate_scores
 from ..prompts import ATTRIBUTES
-from ..scorer import ADAPT_OUTPUTS
 from ..weights import load_into
 from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..archs import keep_only_experts
+from ..archs.precision import place
 from ..data import DATASETS, collate
 from ..metrics import evaluate_scores
 from .checkpoint import write_json
@@ -122,7 +123,7 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
     if precision != "fp32":
         # The trained weights stay fp32 and the model untouched: a converted copy is scored, then dropped. Autocast
         # (amp) would also cast what to_precision keeps in fp32, so the copy runs without it.
-        scored = copy.deepcopy(model).to_precision(precision)
+        scored = place(copy.deepcopy(model), None, precision)
         return evaluate(scored, datasets, device, eval_cfg=dataclasses.replace(eval_cfg, precision="fp32"),
                         amp="none", workers=workers, dist_info=dist_info, progress=progress,
                         headline_only=headline_only)

@@ -372,13 +372,21 @@ def read_promptiqa(model: PromptIQA, source: Any, options: ReadOptions) -> torch
     return load_image(source, background=options.background, max_pixels=options.max_pixels)
 
 
-def fit_promptiqa(model: PromptIQA, image: torch.Tensor) -> torch.Tensor:
-    """An image (3, H, W) resized to the model's input with its own resize (:func:`resize_like_cv2`)."""
+def fit_promptiqa(model: PromptIQA, images: torch.Tensor) -> torch.Tensor:
+    """Images (3, H, W) or (B, 3, H, W) resized to the model's input with its own resize (:func:`resize_like_cv2`,
+    rounded to the 8-bit grid like the official preprocessing). Where a gradient is wanted (a loss), it passes
+    straight through the rounding: the values are those of the rounded images, the gradient that of the bicubic."""
+    batch = images if images.dim() == 4 else images[None]
     size = model.config.image_size
-    if image.shape[-2:] == (size, size):
-        return image
-    check_images(image[None])  # range and shape first: the resize would clip what is out of range
-    return resize_like_cv2(image[None], size)[0]
+    if batch.shape[-2:] != (size, size):
+        check_images(batch, check_range=getattr(model, "check_input_range", True))  # before the resize clips
+        rounded = resize_like_cv2(batch, size)
+        if batch.requires_grad and torch.is_grad_enabled():
+            smooth = torch.nn.functional.interpolate(batch.float(), size=(size, size), mode="bicubic",
+                                                     align_corners=False)
+            rounded = smooth + (rounded - smooth).detach()
+        batch = rounded
+    return batch if images.dim() == 4 else batch[0]
 
 
 PROMPTED_SCORING = Scoring(

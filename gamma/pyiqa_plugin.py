@@ -218,6 +218,7 @@ class PromptIQAMetric(nn.Module):
         if x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         self.isp.to(x.device)
+        x = self.scoring.fit(self.net, x) if self.scoring.fit is not None else x  # a loss's gradient passes through
         return self.scoring.forward(self.net, x, self.isp.for_batch()).unsqueeze(1)
 
 

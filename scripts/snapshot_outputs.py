@@ -165,9 +165,9 @@ def compute(workdir: Path) -> dict[str, Any]:
     sdp = Scorer(weights["gamma_sdp"], distribution=True, **common)
     out["gamma_sdp"] = {scene: _rows(sdp.score(images, scene=scene)) for scene in (*SCENES, AUTO_SCENE)}
 
-    promptiqa = Scorer(weights["promptiqa"], prompt=isp, **common)
+    promptiqa = Scorer(weights["promptiqa"], isp=isp, **common)
     out["promptiqa"] = _rows(promptiqa.score(images))
-    flipped = Scorer(weights["promptiqa"], prompt=isp, prompt_flip=True, seed=3, **common)
+    flipped = Scorer(weights["promptiqa"], isp=isp, isp_flip=True, seed=3, **common)
     out["promptiqa_flip"] = _rows(flipped.score(images))
 
     torch.manual_seed(0)

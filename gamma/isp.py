@@ -91,7 +91,7 @@ def default_isp_set() -> PromptPairs:
     MOS. A warning in the log names it whenever it is used; pass an ISP set of your task for meaningful scores.
     """
     pairs = _default_pairs()
-    logger.warning("no ISP set given: scoring against %s (docs/promptiqa.md); pass isp=... for your task's scale",
+    logger.warning("no ISP set given: scoring against %s (docs/usage.md); pass isp=... for your task's scale",
                    DEFAULT_ISP_SOURCE)
     return pairs
 

@@ -120,11 +120,12 @@ class GammaMetric(nn.Module):
         wanted, self._precision = self._precision, None
         device = self.net.score_level.device
         target = resolve_precision(wanted, device)
-        if self.net.precision in ("bf16", "fp16") and target != self.net.precision:
-            # A file stored in bf16 / fp16 (gamma convert --precision) has no fp32 weights left to convert from.
-            self.net = self._build(target, device)
-        else:
-            self.net = place(self.net, None, target)
+        with torch.inference_mode(False):  # the first call may run under inference mode: the weights must not
+            if self.net.precision in ("bf16", "fp16") and target != self.net.precision:
+                # A file stored in bf16 / fp16 (gamma convert --precision) has no fp32 weights left to convert from.
+                self.net = self._build(target, device)
+            else:
+                self.net = place(self.net, None, target)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Also accepts the model's own layout (the release's keys, without ``net.``): ``metric.load_weights(file)``."""

@@ -394,5 +394,21 @@ def _rmse(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(target)) ** 2)))
 
 
-__all__ = ["MIN_PAIRS", "RIDGE_STRENGTHS", "Adaptation", "FitReport", "MonotoneMap", "NotEnoughPairsError",
+def adapt_features(outputs: str | Sequence[str]) -> tuple[str, ...]:
+    """The feature names of an ``outputs`` choice (a name of :data:`ADAPT_OUTPUTS`, or a list of column names)."""
+    if isinstance(outputs, str):
+        if outputs not in ADAPT_OUTPUTS:
+            raise ValueError(f"outputs must be one of {', '.join(ADAPT_OUTPUTS)} or a list of column names, got "
+                             f"{outputs!r}")
+        return ADAPT_OUTPUTS[outputs]
+    known = set(ADAPT_OUTPUTS["all"]) | {"std"}
+    names = tuple(outputs)
+    unknown = [n for n in names if n not in known]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"outputs must be distinct names among {', '.join(sorted(known))}; got {list(names)}")
+    return names
+
+
+__all__ = ["ADAPT_OUTPUTS", "DISTRIBUTION_COLUMNS", "MIN_PAIRS", "adapt_features",
+           "RIDGE_STRENGTHS", "Adaptation", "FitReport", "MonotoneMap", "NotEnoughPairsError",
            "RidgeMap", "fit"]

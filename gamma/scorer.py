@@ -22,19 +22,18 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from ._deprecation import renamed_options, warn_once
-from .adapt import ADAPT_OUTPUTS, DISTRIBUTION_COLUMNS, MIN_PAIRS, Adaptation, NotEnoughPairsError, fit
-from .archs.precision import place
-from .data.meta import denormalize_mos, normalize_mos
+from .adapt import ADAPT_OUTPUTS, DISTRIBUTION_COLUMNS, MIN_PAIRS, Adaptation, NotEnoughPairsError, adapt_features, fit
+from .archs.precision import default_device, place
+from .data.meta import from_mos, to_mos
 from .factory import create_model
 from .families import ReadOptions, family_of_model
 from .inputs import InputReader, Item, decoded
@@ -67,43 +66,6 @@ class ScoreResult:
         return self.error is None
 
 
-def to_mos(score: float | np.ndarray | torch.Tensor, lo: float, hi: float, lower_better: bool = False) -> Any:
-    """Map normalised scores (0 = worst, 1 = best) back to a dataset's label scale.
-
-    :func:`gamma.data.meta.denormalize_mos`, the inverse of the training normalisation ``y = (mos - lo) / (hi - lo)``
-    (``y = 1 - y`` for DMOS-like labels, ``lower_better``), with the range given as two numbers; ``hi < lo`` reads
-    as a reversed scale. Tensors give tensors.
-    """
-    return _with_range(denormalize_mos, score, lo, hi, lower_better)
-
-
-def from_mos(mos: float | np.ndarray | torch.Tensor, lo: float, hi: float, lower_better: bool = False) -> Any:
-    """Normalise labels on a dataset's scale to [0, 1], higher is better (:func:`gamma.data.meta.normalize_mos`; the
-    inverse of :func:`to_mos`)."""
-    return _with_range(normalize_mos, mos, lo, hi, lower_better)
-
-
-def _with_range(convert: Callable[..., Any], values: Any, lo: float, hi: float, lower_better: bool) -> Any:
-    if hi == lo:
-        raise ValueError(f"MOS range must not be empty, got lo = hi = {lo}")
-    # A reversed range (hi < lo) is the ordered one with the label direction flipped.
-    mos_range, lower_better = ((lo, hi), lower_better) if lo < hi else ((hi, lo), not lower_better)
-    if isinstance(values, torch.Tensor):
-        out = convert(values.detach().cpu().numpy(), mos_range, lower_better)
-        return torch.as_tensor(out, dtype=values.dtype, device=values.device)
-    return convert(values, mos_range, lower_better)
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-# One input item: its display name and a function that decodes it into (3, H, W) in [0, 1].
 @dataclass(frozen=True)
 class _Plan:
     """What one scoring run computes: the scene, the model outputs needed, the extra columns written."""
@@ -347,7 +309,7 @@ class Scorer:
         if self.scoring.takes_isp:
             raise ValueError(f"adapt() maps a model's outputs; {self.family.title} takes its ISP set directly "
                              "(Scorer(..., isp='isp.csv'))")
-        names = _adapt_features(outputs)
+        names = adapt_features(outputs)
         pairs = as_prompt_pairs(prompt)
         if len(pairs) < MIN_PAIRS:
             raise NotEnoughPairsError(
@@ -560,22 +522,6 @@ class Scorer:
 
     def _decoded(self, items: Iterable[Item]) -> Iterator[tuple[str, torch.Tensor | Exception]]:
         return decoded(items, self.num_workers, self.batch_size)
-
-
-def _adapt_features(outputs: str | Sequence[str]) -> tuple[str, ...]:
-    """The feature names of an ``outputs`` choice (a name of :data:`ADAPT_OUTPUTS`, or a list of column names)."""
-    if isinstance(outputs, str):
-        if outputs not in ADAPT_OUTPUTS:
-            raise ValueError(f"outputs must be one of {', '.join(ADAPT_OUTPUTS)} or a list of column names, got "
-                             f"{outputs!r}")
-        return ADAPT_OUTPUTS[outputs]
-    known = set(ADAPT_OUTPUTS["all"]) | {"std"}
-    names = tuple(outputs)
-    unknown = [n for n in names if n not in known]
-    if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(f"outputs must be distinct names among {', '.join(sorted(known))}; got {list(names)}")
-    return names
-
 
 
 def score_images(inputs: Any, weights: str | os.PathLike | None = None, **kwargs: Any) -> Any:

@@ -84,6 +84,15 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return choice
 
 
+def default_device() -> torch.device:
+    """CUDA when available, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def place(model: nn.Module, device: str | torch.device | None = None, precision: str | None = None) -> nn.Module:
     """The one place a model gets its device and precision: moved to ``device`` first (``None``: where it is), then
     computing in ``precision`` (``None``: as it is; ``auto`` resolved for the device it is now on).

@@ -40,7 +40,16 @@ from .config import (
 )
 from .hub import resolve_weights
 from .io import load_image, load_promptiqa_image
-from .weights import TELLTALES, Checkpoint, CheckpointError, infer_config, load_into, read_checkpoint, read_state_dict
+from .weights import (
+    PROMPTIQA_TELLTALE,
+    TELLTALES,
+    Checkpoint,
+    CheckpointError,
+    infer_config,
+    load_into,
+    read_checkpoint,
+    read_state_dict,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -433,7 +442,7 @@ GAMMA = register_family(Family("gamma", "Gamma", GammaConfig, GammaModel, build_
 ATTIQA = register_family(Family("attiqa", "ATTIQA", AttiqaConfig, AttiqaModel, build_attiqa, ATTIQA_SCORING,
                                 docs="docs/attiqa.md"))
 PROMPTIQA = register_family(Family("promptiqa", "PromptIQA", PromptIQAConfig, PromptIQA, build_promptiqa,
-                                   PROMPTED_SCORING, telltale="fusion_mal.channel_attention.c_q.weight",
+                                   PROMPTED_SCORING, telltale=PROMPTIQA_TELLTALE,
                                    kind="promptiqa", docs="docs/promptiqa.md"))
 GAMMA_ISP = register_family(Family("gamma_isp", "Gamma + ISP", GammaISPConfig, GammaISP, build_gamma_isp,
                                    GAMMA_ISP_SCORING, docs="docs/promptiqa.md#gamma--isp"))

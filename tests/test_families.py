@@ -139,3 +139,38 @@ def test_builtin_families_are_rows():
         assert type(model.config) is family.config_class
     assert FAMILIES["promptiqa"].scoring.takes_isp and not FAMILIES["gamma"].scoring.takes_isp
     assert FAMILIES["gamma"].scoring.outputs == {"distribution", "attributes", "scene"}
+
+
+# ------------------------------------------------------------------------------------------------ old names
+def test_old_names_warn_once_and_still_work(tmp_path):
+    import warnings
+
+    from skimage import data
+
+    from gamma import _deprecation, pyiqa_plugin
+
+    paths = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).convert("RGB").resize((60, 50)).save(path)
+        paths.append(path)
+    isp = {str(paths[0]): 0.8, str(paths[1]): 0.3}
+    torch.manual_seed(0)
+    model = gamma.create_model("promptiqa_test")
+    new = Scorer(model=model, device="cpu", num_workers=0, isp=isp).score(str(paths[2]))["score"][0]
+    _deprecation._warned.clear()
+    with pytest.warns(FutureWarning, match=r"Scorer\(prompt=...\) is an old name: use isp="):
+        old = Scorer(model=model, device="cpu", num_workers=0, prompt=isp).score(str(paths[2]))["score"][0]
+    assert old == new
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: the second use is silent
+        Scorer(model=model, device="cpu", num_workers=0, prompt=isp)
+    with pytest.raises(TypeError, match="pass isp= only"):
+        Scorer(model=model, device="cpu", isp=isp, prompt=isp)
+    save_checkpoint(model, tmp_path / "p.pth")
+    kind = read_checkpoint(tmp_path / "p.pth").kind
+    with pytest.warns(FutureWarning, match='kind "gamma"'):
+        assert kind == "gamma"
+    assert kind == "native" and kind != "release"
+    assert pyiqa_plugin.GammaIQA is pyiqa_plugin.GammaMetric
+    assert pyiqa_plugin.GammaPromptIQA is pyiqa_plugin.PromptIQAMetric

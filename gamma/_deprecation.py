@@ -1,4 +1,4 @@
-"""Old names kept as aliases: each warns once per process (``FutureWarning``, shown by default) and still works."""
+"""Old names kept as aliases: each warns once per process and still works."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from typing import Any
 _warned: set[str] = set()
 
 
-def warn_once(old: str, new: str, stacklevel: int = 3) -> None:
-    """Warn (once per process for ``old``) that ``old`` is an old name of ``new``."""
+def warn_once(old: str, new: str, stacklevel: int = 3, category: type[Warning] = FutureWarning) -> None:
+    """Warn (once per process for ``old``) that ``old`` is an old name of ``new``: a ``FutureWarning`` (shown to
+    users) by default, a ``DeprecationWarning`` (shown to developers) for names only code compares."""
     if old in _warned:
         return
     _warned.add(old)
-    warnings.warn(f"{old} is an old name: use {new} (the old name still works)", FutureWarning, stacklevel=stacklevel)
+    warnings.warn(f"{old} is an old name: use {new} (the old name still works)", category, stacklevel=stacklevel)
 
 
 def renamed_options(options: dict[str, Any], renames: Mapping[str, str], where: str) -> dict[str, Any]:
@@ -38,7 +39,7 @@ class NativeKind(str):
 
     def __eq__(self, other: object) -> bool:
         if other == "gamma" and type(other) is str:
-            warn_once('checkpoint kind "gamma"', '"native"')
+            warn_once('checkpoint kind "gamma"', '"native"', category=DeprecationWarning)
             return True
         return str.__eq__(self, other)
 

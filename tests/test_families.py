@@ -169,7 +169,7 @@ def test_old_names_warn_once_and_still_work(tmp_path):
         Scorer(model=model, device="cpu", isp=isp, prompt=isp)
     save_checkpoint(model, tmp_path / "p.pth")
     kind = read_checkpoint(tmp_path / "p.pth").kind
-    with pytest.warns(FutureWarning, match='kind "gamma"'):
+    with pytest.warns(DeprecationWarning, match='kind "gamma"'):
         assert kind == "gamma"
     assert kind == "native" and kind != "release"
     assert pyiqa_plugin.GammaIQA is pyiqa_plugin.GammaMetric

@@ -22,12 +22,15 @@ and its finder costs one string comparison per import.
 import sys
 
 #: Name of gamma's network class in pyiqa's arch registry, and where pyiqa imports it from when a metric is built.
-ARCH_NAME = "GammaIQA"
-ARCH_IMPORT_PATH = "gamma.pyiqa_plugin:GammaIQA"
+ARCH_NAME = "GammaMetric"
+ARCH_IMPORT_PATH = "gamma.pyiqa_plugin:GammaMetric"
 #: The same for PromptIQA (gamma's implementation, docs/promptiqa.md).
-PROMPTIQA_ARCH_NAME = "GammaPromptIQA"
-PROMPTIQA_ARCH_IMPORT_PATH = "gamma.pyiqa_plugin:GammaPromptIQA"
-ARCHS = {ARCH_NAME: ARCH_IMPORT_PATH, PROMPTIQA_ARCH_NAME: PROMPTIQA_ARCH_IMPORT_PATH}
+PROMPTIQA_ARCH_NAME = "PromptIQAMetric"
+PROMPTIQA_ARCH_IMPORT_PATH = "gamma.pyiqa_plugin:PromptIQAMetric"
+#: Every arch name registered: the two above and their old names (``GammaIQA``, ``GammaPromptIQA``), which configs
+#: written for earlier versions name.
+ARCHS = {ARCH_NAME: ARCH_IMPORT_PATH, PROMPTIQA_ARCH_NAME: PROMPTIQA_ARCH_IMPORT_PATH,
+         "GammaIQA": "gamma.pyiqa_plugin:GammaIQA", "GammaPromptIQA": "gamma.pyiqa_plugin:GammaPromptIQA"}
 
 #: Metric name -> its row in pyiqa's table (pyiqa's contract: no-reference, higher is better, scores about [0, 1]).
 METRICS = {
@@ -43,10 +46,10 @@ METRICS = {
         "lower_better": False,
         "score_range": "~0, ~1",
     },
-    # Scores on the prompt's scale, which PromptIQA takes in [0, 1] (its head ends in a sigmoid). The prompt file has
-    # no default: create_metric('promptiqa', prompt_file='isp.csv') (without one, the error says what to pass).
+    # Scores on the ISP set's scale, which PromptIQA takes in [0, 1] (its head ends in a sigmoid):
+    # create_metric('promptiqa', isp='isp.csv'); without isp=, the documented default ISP set (gamma.isp), logged.
     "promptiqa": {
-        "metric_opts": {"type": PROMPTIQA_ARCH_NAME, "weights": "promptiqa", "prompt_file": None},
+        "metric_opts": {"type": PROMPTIQA_ARCH_NAME, "weights": "promptiqa"},
         "metric_mode": "NR",
         "lower_better": False,
         "score_range": "0, 1",

@@ -15,34 +15,47 @@ __version__ = "0.1.0"
 # Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
-        ["Assessment", "AttiqaModel", "CropProtocol", "GammaModel", "MoAE", "PromptIQA", "keep_only_experts"], ".archs"
+        ["Assessment", "AttiqaModel", "CropProtocol", "GammaISP", "GammaModel", "MoAE", "PromptIQA",
+         "keep_only_experts"], ".archs"
     ),
-    **dict.fromkeys(["GammaConfig", "PromptIQAConfig", "TextCfg", "VisionCfg"], ".config"),
+    **dict.fromkeys(["place"], ".archs.precision"),
+    **dict.fromkeys(["AttiqaConfig", "GammaConfig", "GammaISPConfig", "ModelConfig", "PromptIQAConfig", "TextCfg",
+                     "VisionCfg"], ".config"),
+    **dict.fromkeys(["Family", "Scoring", "register_family"], ".families"),
     **dict.fromkeys(["create_model", "list_models"], ".factory"),
     **dict.fromkeys(["ATTRIBUTES", "DATASET_SCENES", "NAIVE_PROMPTS", "SCENES", "SDP_PROMPTS", "canonical_scene"],
                     ".prompts"),
     **dict.fromkeys(["CheckpointError", "read_checkpoint", "save_checkpoint"], ".weights"),
+    **dict.fromkeys(["Scorer", "score_images"], ".scorer"),
 }
 
 # Submodules reachable as attributes after a plain ``import gamma`` (gamma.io.load_image, gamma.weights...).
-_SUBMODULES = frozenset({"adapt", "analysis", "archs", "cli", "config", "data", "factory", "hub", "io", "metrics",
-                         "prompt_file", "prompts", "pyiqa_plugin", "scorer", "train", "weights"})
+_SUBMODULES = frozenset({"adapt", "analysis", "archs", "assess", "cli", "config", "data", "factory", "families",
+                         "hub", "io", "isp", "metrics", "prompt_file", "prompts", "pyiqa_plugin", "scorer", "train",
+                         "weights"})
 
 __all__ = [
     "ATTRIBUTES",
     "Assessment",
+    "AttiqaConfig",
     "AttiqaModel",
     "CheckpointError",
     "CropProtocol",
     "DATASET_SCENES",
+    "Family",
     "GammaConfig",
+    "GammaISP",
+    "GammaISPConfig",
     "GammaModel",
     "MoAE",
+    "ModelConfig",
     "NAIVE_PROMPTS",
     "PromptIQA",
     "PromptIQAConfig",
     "SCENES",
     "SDP_PROMPTS",
+    "Scorer",
+    "Scoring",
     "TextCfg",
     "VisionCfg",
     "__version__",
@@ -50,15 +63,21 @@ __all__ = [
     "create_model",
     "keep_only_experts",
     "list_models",
+    "place",
     "read_checkpoint",
+    "register_family",
     "save_checkpoint",
+    "score_images",
 ]
 
 if TYPE_CHECKING:  # what static tools see; at run time these come from __getattr__
-    from .archs import Assessment, AttiqaModel, CropProtocol, GammaModel, MoAE, PromptIQA, keep_only_experts
-    from .config import GammaConfig, PromptIQAConfig, TextCfg, VisionCfg
+    from .archs import Assessment, AttiqaModel, CropProtocol, GammaISP, GammaModel, MoAE, PromptIQA, keep_only_experts
+    from .archs.precision import place
+    from .config import AttiqaConfig, GammaConfig, GammaISPConfig, ModelConfig, PromptIQAConfig, TextCfg, VisionCfg
     from .factory import create_model, list_models
+    from .families import Family, Scoring, register_family
     from .prompts import ATTRIBUTES, DATASET_SCENES, NAIVE_PROMPTS, SCENES, SDP_PROMPTS, canonical_scene
+    from .scorer import Scorer, score_images
     from .weights import CheckpointError, read_checkpoint, save_checkpoint
 
 

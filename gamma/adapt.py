@@ -41,8 +41,21 @@ from typing import Any
 import numpy as np
 
 from .metrics import plcc, srcc
+from .prompts import ATTRIBUTES, LEVELS
 
 logger = logging.getLogger(__name__)
+
+#: Columns ``distribution=True`` adds to a score table: the standard deviation of the levels, then one probability
+#: per level.
+DISTRIBUTION_COLUMNS: tuple[str, ...] = ("std", *(f"p_{level}" for level in LEVELS))
+
+#: Outputs an adaptation can map from, by name (``Scorer.adapt``, ``gamma score --adapt-outputs``); any list of these
+#: column names works too.
+ADAPT_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "score": ("score",),
+    "distribution": ("score", *DISTRIBUTION_COLUMNS[1:]),
+    "all": ("score", *DISTRIBUTION_COLUMNS[1:], *ATTRIBUTES),
+}
 
 #: Fewest image-score pairs :func:`fit` accepts (with three or fewer it refuses rather than overfit).
 MIN_PAIRS = 4
@@ -381,5 +394,21 @@ def _rmse(pred: np.ndarray, target: np.ndarray) -> float:
     return float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(target)) ** 2)))
 
 
-__all__ = ["MIN_PAIRS", "RIDGE_STRENGTHS", "Adaptation", "FitReport", "MonotoneMap", "NotEnoughPairsError",
+def adapt_features(outputs: str | Sequence[str]) -> tuple[str, ...]:
+    """The feature names of an ``outputs`` choice (a name of :data:`ADAPT_OUTPUTS`, or a list of column names)."""
+    if isinstance(outputs, str):
+        if outputs not in ADAPT_OUTPUTS:
+            raise ValueError(f"outputs must be one of {', '.join(ADAPT_OUTPUTS)} or a list of column names, got "
+                             f"{outputs!r}")
+        return ADAPT_OUTPUTS[outputs]
+    known = set(ADAPT_OUTPUTS["all"]) | {"std"}
+    names = tuple(outputs)
+    unknown = [n for n in names if n not in known]
+    if not names or unknown or len(set(names)) != len(names):
+        raise ValueError(f"outputs must be distinct names among {', '.join(sorted(known))}; got {list(names)}")
+    return names
+
+
+__all__ = ["ADAPT_OUTPUTS", "DISTRIBUTION_COLUMNS", "MIN_PAIRS", "adapt_features",
+           "RIDGE_STRENGTHS", "Adaptation", "FitReport", "MonotoneMap", "NotEnoughPairsError",
            "RidgeMap", "fit"]

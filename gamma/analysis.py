@@ -100,7 +100,7 @@ def routing_statistics(
     rows: list[dict[str, Any]] = []
     for group, images in groups.items():
         scene = (scenes or {}).get(group) or _scene_for(group, model)
-        items = scorer._items(images)
+        items = scorer.inputs.items(images)
         if max_images is not None:  # cut the inputs, not the results: a batch runs whole through the routers
             items = islice(items, max_images)
         with _RoutingAccumulator(model, blocks) as acc:

@@ -32,9 +32,78 @@ class TextCfg:
     vocab_size: int = 49408
 
 
+# ------------------------------------------------------------------------------------------------ one mechanism
+C = TypeVar("C", bound="ModelConfig")
+
+#: Family name -> its config class (every :class:`ModelConfig` subclass, as it is defined): what a checkpoint's
+#: recorded ``family`` is read with (:func:`config_from_dict`).
+CONFIG_CLASSES: dict[str, type[ModelConfig]] = {}
+
+
+class ModelConfig:
+    """What the config dataclass of every model family shares: its family, its named variants, and the mapping form.
+
+    A subclass sets the class attributes ``family`` (the name recorded in checkpoints), ``title`` (the family in
+    messages) and, after its definition, ``variants`` (named configs; :meth:`variant` hands out fresh copies). Their
+    mapping form records the family (``{"family": "attiqa", ...}``), so a checkpoint's config picks its class;
+    ``from_dict`` checks it. Gamma's own mapping form records none (``records_family = False``): a config without a
+    family is a Gamma config. An unknown key is an error that names it (:mod:`gamma._dataclass_dict`).
+    """
+
+    family: ClassVar[str]  # the ``family`` entry of the mapping form
+    title: ClassVar[str]  # the family in messages ("ATTIQA")
+    records_family: ClassVar[bool] = True
+    variants: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            CONFIG_CLASSES[cls.family] = cls
+            cls.variants = {}
+
+    @classmethod
+    def variant(cls: type[C], name: str) -> C:
+        """A fresh copy of the named variant's config (an unknown name is an error that lists the known ones)."""
+        if name not in cls.variants:
+            what = "" if cls.family == "gamma" else f"{cls.title} "
+            raise ValueError(f"unknown {what}model {name!r}; available: {', '.join(sorted(cls.variants))}")
+        return cls.from_dict(cls.variants[name].to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"family": self.family, **to_dict(self)} if self.records_family else to_dict(self)
+
+    @classmethod
+    def from_dict(cls: type[C], d: dict[str, Any]) -> C:
+        """The config of a mapping (``to_dict``'s form); a wrong family or an unknown key is an error naming it."""
+        d = dict(d)
+        family = d.pop("family", cls.family)
+        if family != cls.family:
+            article = "an" if cls.title[0] in "AEIOU" else "a"
+            raise ValueError(f"not {article} {cls.title} config (family {family!r})")
+        return from_dict(cls, d, typed=False, noun=f"{cls.title} config key")
+
+    def replace(self: C, **overrides: Any) -> C:
+        """A copy with ``overrides`` applied (an unknown name is an error that lists the known ones)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return from_dict(type(self), to_dict({**fields, **overrides}), typed=False, noun=f"{self.title} option")
+
+
+def config_from_dict(d: Any) -> ModelConfig:
+    """The model config of a mapping a checkpoint records; its ``family`` entry picks the class (none: Gamma)."""
+    family = d.get("family", "gamma") if isinstance(d, dict) else "gamma"
+    if family not in CONFIG_CLASSES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(CONFIG_CLASSES)}")
+    return CONFIG_CLASSES[family].from_dict(d)
+
+
+# ------------------------------------------------------------------------------------------------ Gamma
 @dataclass
-class GammaConfig:
+class GammaConfig(ModelConfig):
     """Everything needed to build a Gamma model (and nothing about how it is trained)."""
+
+    family = "gamma"  # class attributes, not fields
+    title = "Gamma"
+    records_family = False  # a config without a family is Gamma's (the form every Gamma checkpoint has)
 
     embed_dim: int = 512  # joint image/text embedding width (visual.proj / text_projection columns)
     vision: VisionCfg = field(default_factory=VisionCfg)
@@ -82,12 +151,13 @@ class GammaConfig:
             return []
         return list(range(num_layers - self.moae_layers, num_layers))
 
-    def to_dict(self) -> dict[str, Any]:
-        return to_dict(self)
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GammaConfig:
         """The config of a mapping (``to_dict``'s form); an unknown key is an error that names it."""
+        d = dict(d)
+        family = d.pop("family", "gamma")
+        if family != "gamma":
+            raise ValueError(f"not a Gamma config (family {family!r})")
         return from_dict(cls, d, typed=False, noun="model config key")
 
     def replace(self, **overrides: Any) -> GammaConfig:
@@ -128,50 +198,12 @@ VARIANTS: dict[str, GammaConfig] = {
 }
 
 
-def get_variant(name: str) -> GammaConfig:
-    """A fresh copy of a named variant's config."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(VARIANTS))}")
-    return GammaConfig.from_dict(VARIANTS[name].to_dict())
-
-
-# ------------------------------------------------------------------------------------------------ other families
-F = TypeVar("F", bound="_FamilyConfig")
-
-
-class _FamilyConfig:
-    """``to_dict`` / ``from_dict`` / ``replace`` of the config dataclasses of the model families other than Gamma.
-
-    Their mapping form records the family (``{"family": "attiqa", ...}``), so a checkpoint's config picks its class;
-    ``from_dict`` checks it. An unknown key is an error that names it (the shared loader of
-    :mod:`gamma._dataclass_dict`).
-    """
-
-    family: ClassVar[str]  # the ``family`` entry of the mapping form
-    title: ClassVar[str]  # the family in messages ("ATTIQA")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"family": self.family, **to_dict(self)}
-
-    @classmethod
-    def from_dict(cls: type[F], d: dict[str, Any]) -> F:
-        """The config of a mapping (``to_dict``'s form); a wrong family or an unknown key is an error naming it."""
-        d = dict(d)
-        family = d.pop("family", cls.family)
-        if family != cls.family:
-            article = "an" if cls.title[0] in "AEIOU" else "a"
-            raise ValueError(f"not {article} {cls.title} config (family {family!r})")
-        return from_dict(cls, d, typed=False, noun=f"{cls.title} config key")
-
-    def replace(self: F, **overrides: Any) -> F:
-        """A copy with ``overrides`` applied (an unknown name is an error that lists the known ones)."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
-        return from_dict(type(self), to_dict({**fields, **overrides}), typed=False, noun=f"{self.title} option")
+GammaConfig.variants = VARIANTS
 
 
 # ------------------------------------------------------------------------------------------------ ATTIQA student
 @dataclass
-class AttiqaConfig(_FamilyConfig):
+class AttiqaConfig(ModelConfig):
     """An ATTIQA student (docs/attiqa.md): a torchvision ResNet with Bottleneck blocks, five attribute heads and a MOS
     regressor over the heads' hidden features. The defaults are ResNet-50."""
 
@@ -209,14 +241,10 @@ ATTIQA_VARIANTS: dict[str, AttiqaConfig] = {
 }
 
 
-def get_attiqa_variant(name: str) -> AttiqaConfig:
-    """A fresh copy of a named ATTIQA variant's config."""
-    if name not in ATTIQA_VARIANTS:
-        raise ValueError(f"unknown ATTIQA model {name!r}; available: {', '.join(sorted(ATTIQA_VARIANTS))}")
-    return AttiqaConfig.from_dict(ATTIQA_VARIANTS[name].to_dict())
+AttiqaConfig.variants = ATTIQA_VARIANTS
 # ------------------------------------------------------------------------------------------------ PromptIQA
 @dataclass
-class PromptIQAConfig(_FamilyConfig):
+class PromptIQAConfig(ModelConfig):
     """Everything needed to build a PromptIQA model (docs/promptiqa.md).
 
     The defaults are the official model (ViT-B/8 at 224, 128-d features); the fixed parts of its structure (LayerNorm
@@ -302,11 +330,7 @@ PROMPTIQA_VARIANTS: dict[str, PromptIQAConfig] = {
 }
 
 
-def get_promptiqa_variant(name: str) -> PromptIQAConfig:
-    """A fresh copy of a named PromptIQA variant's config."""
-    if name not in PROMPTIQA_VARIANTS:
-        raise ValueError(f"unknown PromptIQA model {name!r}; available: {', '.join(sorted(PROMPTIQA_VARIANTS))}")
-    return PromptIQAConfig.from_dict(PROMPTIQA_VARIANTS[name].to_dict())
+PromptIQAConfig.variants = PROMPTIQA_VARIANTS
 
 
 # ------------------------------------------------------------------------------------------------ Gamma + ISP
@@ -314,7 +338,7 @@ GAMMA_ISP_FEATURES: tuple[str, ...] = ("backbone", "adapted")
 
 
 @dataclass
-class GammaISPConfig(_FamilyConfig):
+class GammaISPConfig(ModelConfig):
     """Gamma + ISP (docs/promptiqa.md#gamma--isp): PromptIQA's prompt path on the image features of a frozen Gamma.
 
     The prompt path has PromptIQA's structure (the same modules); its widths default to the official ones.
@@ -368,8 +392,15 @@ GAMMA_ISP_VARIANTS: dict[str, GammaISPConfig] = {
 }
 
 
-def get_gamma_isp_variant(name: str) -> GammaISPConfig:
-    """A fresh copy of a named Gamma + ISP variant's config."""
-    if name not in GAMMA_ISP_VARIANTS:
-        raise ValueError(f"unknown Gamma + ISP model {name!r}; available: {', '.join(sorted(GAMMA_ISP_VARIANTS))}")
-    return GammaISPConfig.from_dict(GAMMA_ISP_VARIANTS[name].to_dict())
+GammaISPConfig.variants = GAMMA_ISP_VARIANTS
+
+
+def get_variant(name: str) -> GammaConfig:
+    """A fresh copy of a named Gamma variant's config (:meth:`ModelConfig.variant`)."""
+    return GammaConfig.variant(name)
+
+
+# The per-family getters of earlier versions, kept as names.
+get_attiqa_variant = AttiqaConfig.variant
+get_promptiqa_variant = PromptIQAConfig.variant
+get_gamma_isp_variant = GammaISPConfig.variant

@@ -1,11 +1,13 @@
 """Gamma as a pyiqa metric: ``pyiqa.create_metric('gamma')``, ``pyiqa.create_metric('gamma_sdp', scene=...)``, and
 pyiqa's own command line ``pyiqa gamma -t photos/``; PromptIQA as ``pyiqa.create_metric('promptiqa',
-prompt_file='isp.csv')`` (:class:`GammaPromptIQA`; pyiqa's command line cannot pass a prompt file).
+isp='isp.csv')`` (:class:`PromptIQAMetric`; without ``isp`` it scores against the documented default ISP set of
+:func:`gamma.isp.default_isp_set`, made from pictures that ship with scikit-image, and says so in the log).
 
 The only module of gamma that imports pyiqa. The metric names get into pyiqa through ``_gamma_pyiqa_hook``, a
 start-up hook installed with gamma (and run by ``import gamma``) that imports neither gamma nor pyiqa: right after
-pyiqa's import it adds gamma's rows to pyiqa's metric table and registers :class:`GammaIQA` by its import path, so
-pyiqa imports this module when a gamma metric is first created. The ``pyiqa.archs`` entry point declared in
+pyiqa's import it adds gamma's rows to pyiqa's metric table and registers :class:`GammaMetric` and
+:class:`PromptIQAMetric` (and their old names ``GammaIQA``, ``GammaPromptIQA``) by their import paths, so pyiqa
+imports this module when a gamma metric is first created. The ``pyiqa.archs`` entry point declared in
 ``pyproject.toml`` calls the same registration when pyiqa loads its plugins.
 
 Contract (pyiqa's): no-reference (``NR``), ``lower_better=False``, ``score_range='~0, ~1'`` (the normalised MOS scale);
@@ -14,9 +16,10 @@ like everywhere else in gamma); output (B, 1); ``as_loss=True``
 gives gradients with respect to the input; ``metric.net.test_sample`` is the number of test crops.
 
 Precision: ``precision='bf16'`` (``fp32``, ``bf16``, ``fp16``, ``int8`` on the CPU, ``auto``) runs the image tower in
-that precision (:meth:`gamma.GammaModel.to_precision`). pyiqa builds the network on the CPU and then moves it to the
-metric's device, so the precision is applied right after that move, for the device the network is on (``auto``
-resolves for it, and int8 on CUDA is an error when the metric is created).
+that precision (:func:`gamma.archs.precision.place`). pyiqa builds the network on the CPU and then moves it to the
+metric's device, so the precision is applied at the first call, for the device the network is then on (``auto``
+resolves for it; int8 on CUDA is an error at that call). A file stored in bf16 / fp16 asked for another precision is
+read again for it (its fp32 weights are gone).
 
 Weights: ``pretrained_model_path=`` (the release's ``{'params': ...}`` file, ours, or safetensors), else the known
 weight name of the metric (``gamma`` / ``gamma_sdp``), found by :func:`gamma.hub.resolve_weights` (``$GAMMA_WEIGHTS`` /
@@ -34,20 +37,20 @@ import torch
 from pyiqa.models.inference_model import InferenceModel
 from torch import nn
 
-from _gamma_pyiqa_hook import ARCH_NAME, METRICS, PROMPTIQA_ARCH_NAME, is_registered, register
+from _gamma_pyiqa_hook import ARCH_NAME, METRICS, PROMPTIQA_ARCH_NAME, is_registered, register  # noqa: F401
 
-from .archs.gamma import GammaModel
-from .archs.precision import PRECISIONS, resolve_precision
-from .archs.promptiqa import PromptIQA, check_images, resize_like_cv2
-from .data.promptiqa import random_vertical_flip
+from ._deprecation import renamed_options
+from .archs.precision import PRECISIONS, place, resolve_precision
 from .factory import create_model
+from .families import ReadOptions, scoring_of
 from .hub import KNOWN_WEIGHTS
-from .io import PROMPTIQA_BACKENDS, load_image, load_promptiqa_image
-from .prompt_file import PromptFileError, read_prompt_file
+from .io import PROMPTIQA_BACKENDS, load_image
+from .isp import IspPrompt, default_isp_set
+from .prompt_file import PromptFileError, as_prompt_pairs
 
 
-class GammaIQA(nn.Module):
-    """pyiqa arch wrapping a :class:`gamma.GammaModel`.
+class GammaMetric(nn.Module):
+    """pyiqa arch wrapping a :class:`gamma.GammaModel` (old name: ``GammaIQA``).
 
     Args:
         pretrained_model_path: a weight file; default: the file of ``weights``.
@@ -87,7 +90,7 @@ class GammaIQA(nn.Module):
             source = pretrained_model_path if pretrained_model_path is not None else weights
             name, kwargs = model_name, {"pretrained": source, "allow_unsafe": allow_unsafe, **overrides}
 
-        def build(precision: str | None = None, device: torch.device | None = None) -> GammaModel:
+        def build(precision: str | None = None, device: torch.device | None = None) -> nn.Module:
             net = create_model(name, precision=precision, device=device, **kwargs)
             # pyiqa checks the input range itself (and turns the check off for as_loss, whose generic test feeds
             # randn).
@@ -97,7 +100,7 @@ class GammaIQA(nn.Module):
 
         self._build = build
         self.net = build()
-        self._precision = precision  # applied by `to` (pyiqa moves the net to the metric's device) or the first call
+        self._precision = precision  # applied at the first call, on the device pyiqa moved the network to
         self.scene = scene
         if scene is not None:
             self.net.scene_index(scene, 1, torch.device("cpu"))  # fail now on an unknown scene
@@ -110,23 +113,19 @@ class GammaIQA(nn.Module):
     def test_sample(self, num: int) -> None:
         self.net.test_sample = num
 
-    def to(self, *args: Any, **kwargs: Any) -> GammaIQA:
-        """Move the network, then apply ``precision`` for the device it is now on."""
-        super().to(*args, **kwargs)
-        self._apply_precision()
-        return self
-
     def _apply_precision(self) -> None:
+        """The precision asked for, on the device the network is on now (once)."""
         if self._precision is None:
             return
         wanted, self._precision = self._precision, None
         device = self.net.score_level.device
         target = resolve_precision(wanted, device)
-        if self.net.precision in ("bf16", "fp16") and target != self.net.precision:
-            # A file stored in bf16 / fp16 (gamma convert --precision) has no fp32 weights left to convert from.
-            self.net = self._build(target, device)
-        else:
-            self.net.to_precision(target)
+        with torch.inference_mode(False):  # the first call may run under inference mode: the weights must not
+            if self.net.precision in ("bf16", "fp16") and target != self.net.precision:
+                # A file stored in bf16 / fp16 (gamma convert --precision) has no fp32 weights left to convert from.
+                self.net = self._build(target, device)
+            else:
+                self.net = place(self.net, None, target)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Also accepts the model's own layout (the release's keys, without ``net.``): ``metric.load_weights(file)``."""
@@ -136,23 +135,26 @@ class GammaIQA(nn.Module):
 
     def forward(self, x: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:
         """Scores (B, 1) of images (B, 3, H, W) in [0, 1]; pyiqa hands grayscale (B, 1, H, W) through as is."""
-        self._apply_precision()  # when the metric was never moved (used outside pyiqa)
+        self._apply_precision()
         if x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         return self.net(x, scene=scene if scene is not None else self.scene).unsqueeze(1)
 
 
-class GammaPromptIQA(nn.Module):
-    """pyiqa arch wrapping gamma's :class:`~gamma.archs.PromptIQA`, scoring against the prompt of a file.
+class PromptIQAMetric(nn.Module):
+    """pyiqa arch wrapping gamma's :class:`~gamma.archs.PromptIQA`, scoring against an ISP set (old name:
+    ``GammaPromptIQA``).
 
-    Contract: no-reference, ``lower_better=False``, ``score_range='0, 1'`` (the prompt's own [0, 1] scale); input RGB
+    Contract: no-reference, ``lower_better=False``, ``score_range='0, 1'`` (the ISP set's own [0, 1] scale); input RGB
     in [0, 1], a tensor (B, 3, H, W) of any size (resized to the model's input with the OpenCV-like bicubic of
-    :func:`gamma.archs.promptiqa.resize_like_cv2`) or a file path / bytes / PIL image (read like the prompt's images);
-    output (B, 1). The prompt is encoded once and reused (the model's content-keyed cache), also under ``as_loss``.
+    :func:`gamma.archs.promptiqa.resize_like_cv2`) or a file path / bytes / PIL image (read like the ISP images);
+    output (B, 1). The ISP set is encoded once and reused, also under ``as_loss``.
 
     Args:
-        prompt_file: a CSV ``image,score`` (image paths relative to the CSV; scores in [0, 1]; at least 2 pairs).
-            Required: the metric has no default prompt.
+        isp: the image-score pairs: a CSV ``image,score`` (image paths relative to the CSV; scores in [0, 1]; at least
+            2 pairs), a dict ``{image: score}`` or a list of pairs. Default: :func:`gamma.isp.default_isp_set` (10
+            pictures that ship with scikit-image, distorted by a stated rule and scored by it; logged when used).
+            Old name: ``prompt_file``.
         pretrained_model_path: a weight file (the authors' ``best_model.pth.tar`` or ours); default: the file of
             ``weights``, found by :func:`gamma.hub.resolve_weights`.
         weights: known weight name used when no path is given.
@@ -160,72 +162,70 @@ class GammaPromptIQA(nn.Module):
             ``pretrained=False`` it keeps random weights.
         pretrained: load weights at all.
         backend: how files are decoded and resized, ``cv2`` (the official preprocessing) or ``pil``.
-        prompt_flip: flip each prompt image upside down with p = 0.5 on every call, as the official test code does
-            (random scores; for exact reproduction only). ``seed`` seeds it.
+        isp_flip: flip each ISP image upside down with p = 0.5 on every call, as the official test code does
+            (random scores; for exact reproduction only). ``seed`` seeds it. Old name: ``prompt_flip``.
         allow_unsafe: allow weight files that need a full unpickle.
     """
 
     def __init__(
         self,
-        prompt_file: str | os.PathLike | None = None,
+        isp: Any = None,
         pretrained_model_path: str | os.PathLike | None = None,
         weights: str = "promptiqa",
         model_name: str | None = None,
         pretrained: bool = True,
         backend: str = "cv2",
-        prompt_flip: bool = False,
+        isp_flip: bool | None = None,
         seed: int = 0,
         allow_unsafe: bool = False,
+        **old_names: Any,
     ) -> None:
         super().__init__()
-        if prompt_file is None:
-            raise ValueError(
-                "the promptiqa metric scores images relative to a prompt of image-score pairs: pass "
-                "prompt_file='isp.csv', a CSV with the columns image,score (image paths relative to the CSV, scores "
-                "in [0, 1], at least 2 pairs): pyiqa.create_metric('promptiqa', prompt_file='isp.csv', "
-                "pretrained_model_path='best_model.pth.tar')")
+        renames = {"prompt_file": "isp", "prompt_flip": "isp_flip"}
+        unknown = sorted(set(old_names) - set(renames))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword argument(s) {', '.join(unknown)}")
+        named = renamed_options({"isp": isp, "isp_flip": isp_flip, **old_names}, renames, "the promptiqa metric")
+        isp, isp_flip = named["isp"], bool(named["isp_flip"])
         if backend not in PROMPTIQA_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(PROMPTIQA_BACKENDS)}, got {backend!r}")
-        pairs = read_prompt_file(prompt_file)  # before the model: a bad file fails fast
+        pairs = as_prompt_pairs(isp) if isp is not None else default_isp_set()  # before the model: fails fast
         _decode_with_gamma(InferenceModel)
         if not pretrained:
             net = create_model(model_name or "promptiqa")
         else:
             source = pretrained_model_path if pretrained_model_path is not None else weights
             net = create_model(model_name, pretrained=source, allow_unsafe=allow_unsafe)
-        if not isinstance(net, PromptIQA):
+        self.scoring = scoring_of(net)
+        if not self.scoring.takes_isp:
             raise ValueError(f"the promptiqa metric needs PromptIQA weights, got a {type(net).__name__}")
-        self.net = net.requires_grad_(False)  # frozen: the encoded prompt is cached even when gradients flow
+        self.net = net.requires_grad_(False)  # frozen: the encoded ISP set is reused even when gradients flow
         self.net.check_input_range = False  # pyiqa checks the range itself (and not for as_loss)
         self.backend = backend
         self.prompt_source = pairs.source
         try:
-            images = torch.stack([self.decode(path) for path in pairs.images])  # (n, 3, S, S)
-            scores = torch.tensor(pairs.scores, dtype=torch.float32)
-            self.net.encode_prompt(images, scores)  # checks the scores (in [0, 1]) now, not at the first call
+            images = torch.stack([self.decode(image) for image in pairs.images])  # (n, 3, S, S)
+            self.isp = IspPrompt(self.net, images, torch.tensor(pairs.scores), flip=isp_flip, seed=seed)
         except ValueError as exc:
             raise PromptFileError(f"{pairs.source}: {exc}") from exc
-        self.register_buffer("prompt_images", images, persistent=False)
-        self.register_buffer("prompt_scores", scores, persistent=False)
-        self.prompt_flip = prompt_flip
-        self._flip = torch.Generator().manual_seed(seed) if prompt_flip else None
+        self.isp_flip = isp_flip
 
     def decode(self, source: Any) -> torch.Tensor:
-        """A file path, bytes or PIL image as the model reads it: RGB (3, S, S) in [0, 1]."""
-        size = self.net.config.image_size
-        if isinstance(source, (str, os.PathLike, bytes, bytearray)):
-            return load_promptiqa_image(source, size, backend=self.backend)
-        image = load_image(source)
-        return image if image.shape[-2:] == (size, size) else resize_like_cv2(check_images(image[None]), size)[0]
+        """A file path, bytes, PIL image or (3, H, W) tensor as the model reads it: RGB (3, S, S) in [0, 1]."""
+        return self.scoring.decode(self.net, source, ReadOptions(backend=self.backend))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Scores (B, 1) of images (B, 3, H, W) in [0, 1] against the prompt; grayscale (B, 1, H, W) is expanded."""
+        """Scores (B, 1) of images (B, 3, H, W) in [0, 1] against the ISP set; grayscale (B, 1, H, W) is expanded."""
         if x.dim() == 4 and x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        images = self.prompt_images
-        if self._flip is not None:
-            images = random_vertical_flip(images, generator=self._flip)
-        return self.net(x, prompt=(images, self.prompt_scores)).unsqueeze(1)
+        self.isp.to(x.device)
+        x = self.scoring.fit(self.net, x) if self.scoring.fit is not None else x  # a loss's gradient passes through
+        return self.scoring.forward(self.net, x, self.isp.for_batch()).unsqueeze(1)
+
+
+#: Old names of the wrapper classes.
+GammaIQA = GammaMetric
+GammaPromptIQA = PromptIQAMetric
 
 
 def _decode_with_gamma(inference_model: type) -> None:
@@ -251,5 +251,5 @@ def _decode_with_gamma(inference_model: type) -> None:
     inference_model._to_batched_tensor = _to_batched_tensor
 
 
-__all__ = ["ARCH_NAME", "KNOWN_WEIGHTS", "METRICS", "PROMPTIQA_ARCH_NAME", "GammaIQA", "GammaPromptIQA",
-           "is_registered", "register"]
+__all__ = ["ARCH_NAME", "KNOWN_WEIGHTS", "METRICS", "PROMPTIQA_ARCH_NAME", "GammaIQA", "GammaMetric",
+           "GammaPromptIQA", "PromptIQAMetric", "is_registered", "register"]

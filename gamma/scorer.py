@@ -5,14 +5,15 @@
     >>> Scorer("Gamma-Prompt.pth", prompt_set="sdp", scene="underwater").score(["a.jpg", pil_image, tensor])
     >>> Scorer("Gamma.pth", attributes=True, distribution=True).score("photos/")   # + std, p_bad ..., sharpness ...
     >>> Scorer("Gamma-Prompt.pth", prompt_set="sdp", scene="auto").score("photos/")  # + scene (chosen per image)
-    >>> Scorer("best_model.pth.tar", prompt="isp.csv").score("photos/")           # PromptIQA, on the prompt's scale
-    >>> Scorer("Gamma.pth", prompt="isp.csv").score("photos/")                    # + adapted (Gamma mapped onto it)
+    >>> Scorer("best_model.pth.tar", isp="isp.csv").score("photos/")              # PromptIQA, on the ISP set's scale
+    >>> Scorer("Gamma.pth", isp="isp.csv").score("photos/")                       # + adapted (Gamma mapped onto it)
 
-Images are decoded by :func:`gamma.io.load_image` in background threads, scored in batches of equal-sized images under
+Images are decoded in background threads (:mod:`gamma.inputs`), scored in batches of equal-sized images under
 ``torch.inference_mode()``, and streamed: :meth:`Scorer.iter_scores` holds at most one batch of decoded images, so a
-million files cost no more memory than ten. PromptIQA models read files with
-:func:`gamma.io.load_promptiqa_image` instead (the official preprocessing: the whole image resized to 224), and
-the prompt's images go through that same reader.
+million files cost no more memory than ten. What differs between model families (how a file is read, the forward
+call, the outputs beyond the score, scenes, crops, an ISP set) comes from the model's row in
+:mod:`gamma.families`: PromptIQA reads files with :func:`gamma.io.load_promptiqa_image` (the official
+preprocessing: the whole image resized to 224), and the ISP set's images go through that same reader.
 """
 
 from __future__ import annotations
@@ -20,40 +21,31 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections import defaultdict, deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
+from torch import nn
 from tqdm.auto import tqdm
 
-from .adapt import MIN_PAIRS, Adaptation, NotEnoughPairsError, fit
-from .archs.gamma import GammaModel
-from .archs.precision import exact_fp32
-from .archs.promptiqa import PromptIQA, check_images, resize_like_cv2
-from .data.meta import denormalize_mos, normalize_mos
-from .data.promptiqa import random_vertical_flip
+from ._deprecation import renamed_options, warn_once
+from .adapt import ADAPT_OUTPUTS, DISTRIBUTION_COLUMNS, MIN_PAIRS, Adaptation, NotEnoughPairsError, adapt_features, fit
+from .archs.precision import default_device, exact_fp32, place
+from .data.meta import from_mos, to_mos
 from .factory import create_model
-from .io import MAX_PIXELS, PROMPTIQA_BACKENDS, ImageDecodeError, iter_image_files, load_image, load_promptiqa_image
+from .families import ReadOptions, family_of_model
+from .inputs import InputReader, Item, decoded
+from .io import MAX_PIXELS, PROMPTIQA_BACKENDS, ImageDecodeError
+from .isp import IspPrompt
 from .prompt_file import PromptFileError, PromptPairs, as_prompt_pairs, normalized_prompt_scores
-from .prompts import ATTRIBUTES, AUTO_SCENE, LEVELS
+from .prompts import ATTRIBUTES, AUTO_SCENE
 
 logger = logging.getLogger(__name__)
 
-#: Columns ``distribution=True`` adds: the standard deviation of the levels, then one probability per level.
-DISTRIBUTION_COLUMNS: tuple[str, ...] = ("std", *(f"p_{level}" for level in LEVELS))
-
-#: Outputs :meth:`Scorer.adapt` can map from, by name; any list of these column names works too.
-ADAPT_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "score": ("score",),
-    "distribution": ("score", *DISTRIBUTION_COLUMNS[1:]),
-    "all": ("score", *DISTRIBUTION_COLUMNS[1:], *ATTRIBUTES),
-}
-
+#: Old keyword names of :class:`Scorer` (each warns once, still works).
+OLD_NAMES = {"prompt": "isp", "prompt_flip": "isp_flip"}
 
 @dataclass
 class ScoreResult:
@@ -74,46 +66,6 @@ class ScoreResult:
         return self.error is None
 
 
-def to_mos(score: float | np.ndarray | torch.Tensor, lo: float, hi: float, lower_better: bool = False) -> Any:
-    """Map normalised scores (0 = worst, 1 = best) back to a dataset's label scale.
-
-    :func:`gamma.data.meta.denormalize_mos`, the inverse of the training normalisation ``y = (mos - lo) / (hi - lo)``
-    (``y = 1 - y`` for DMOS-like labels, ``lower_better``), with the range given as two numbers; ``hi < lo`` reads
-    as a reversed scale. Tensors give tensors.
-    """
-    return _with_range(denormalize_mos, score, lo, hi, lower_better)
-
-
-def from_mos(mos: float | np.ndarray | torch.Tensor, lo: float, hi: float, lower_better: bool = False) -> Any:
-    """Normalise labels on a dataset's scale to [0, 1], higher is better (:func:`gamma.data.meta.normalize_mos`; the
-    inverse of :func:`to_mos`)."""
-    return _with_range(normalize_mos, mos, lo, hi, lower_better)
-
-
-def _with_range(convert: Callable[..., Any], values: Any, lo: float, hi: float, lower_better: bool) -> Any:
-    if hi == lo:
-        raise ValueError(f"MOS range must not be empty, got lo = hi = {lo}")
-    # A reversed range (hi < lo) is the ordered one with the label direction flipped.
-    mos_range, lower_better = ((lo, hi), lower_better) if lo < hi else ((hi, lo), not lower_better)
-    if isinstance(values, torch.Tensor):
-        out = convert(values.detach().cpu().numpy(), mos_range, lower_better)
-        return torch.as_tensor(out, dtype=values.dtype, device=values.device)
-    return convert(values, mos_range, lower_better)
-
-
-def default_device() -> torch.device:
-    """CUDA when available, else Apple's MPS, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-# One input item: its display name and a function that decodes it into (3, H, W) in [0, 1].
-_Item = tuple[str, Callable[[], torch.Tensor]]
-
-
 @dataclass(frozen=True)
 class _Plan:
     """What one scoring run computes: the scene, the model outputs needed, the extra columns written."""
@@ -124,15 +76,15 @@ class _Plan:
 
 
 class Scorer:
-    """Score images with a Gamma model, or with PromptIQA against a prompt.
+    """Score images with a model of any family (:mod:`gamma.families`): Gamma, PromptIQA or Gamma + ISP against an ISP
+    set, ATTIQA.
 
     Args:
         weights: a weight file (the release's, ours, PromptIQA's, or a CLIP backbone) or a known name (``gamma``,
             ``gamma_sdp``, ``promptiqa``). ``None`` with ``model=None`` finds the release file through
             :func:`gamma.hub.resolve_weights`.
-        model: a :class:`~gamma.archs.GammaModel` or :class:`~gamma.archs.PromptIQA` to use as is, or a variant name
-            from :func:`gamma.list_models` (``gamma`` or ``promptiqa`` family; random-init unless ``weights`` is
-            given: for tests and demos).
+        model: a model of a registered family to use as is, or a variant name from :func:`gamma.list_models`
+            (random-init unless ``weights`` is given: for tests and demos).
         prompt_set: prompts the weights expect (``naive`` | ``sdp`` | ``quality``). The release's files do not record
             it; ``None`` takes it from the named weights or our checkpoint, else ``naive``.
         scene: default scene for SDP models (``natural``, ``aigc``, ``underwater``, ``face``, ``aesthetics``), or
@@ -144,7 +96,7 @@ class Scorer:
             :meth:`gamma.GammaModel.to_precision` and docs/performance.md.
         batch_size: images scored per forward pass (images of one size are batched together).
         crops: test-time crop mode (``random`` (release), ``grid``, ``five``, ``center``, ``resize``); ``None`` keeps
-            the model's protocol. ``num_crops`` and ``seed`` refine it (PromptIQA: ``seed`` seeds ``prompt_flip``).
+            the model's protocol. ``num_crops`` and ``seed`` refine it (PromptIQA: ``seed`` seeds ``isp_flip``).
         mos_range: ``(lo, hi)`` of a dataset's label scale: adds a ``mos`` column (see :func:`to_mos`). PromptIQA:
             the prompt's scores are on this scale (normalised to [0, 1] for the model).
         lower_better: the dataset's labels are DMOS-like (lower is better).
@@ -155,12 +107,13 @@ class Scorer:
             noisiness``; Gamma models). ``metadata['attributes_from']`` says which towers produced them.
         distribution: add ``std, p_bad, p_poor, p_fair, p_good, p_perfect`` (Gamma models), and with
             ``scene='auto'`` the scene probabilities ``p_natural`` ... (one per ``model.auto_scenes``).
-        prompt: image-score pairs: a CSV ``image,score`` (paths relative to the CSV), a dict ``{image: score}`` or a
-            list of ``(image, score)``. PromptIQA scores relative to it (:meth:`set_prompt`; required before
-            scoring). A Gamma model is adapted to it (:meth:`adapt`): an ``adapted`` column on the prompt's scale.
+        isp: image-score pairs (an ISP set): a CSV ``image,score`` (paths relative to the CSV), a dict ``{image:
+            score}`` or a list of ``(image, score)``. PromptIQA scores relative to it (:meth:`set_isp`; required
+            before scoring). A Gamma model is adapted to it (:meth:`adapt`): an ``adapted`` column on its scale.
+            Old name: ``prompt``.
         adapt_outputs: which Gamma outputs :meth:`adapt` maps from (``score``, ``distribution``, ``all``).
-        prompt_flip: PromptIQA: flip each prompt image upside down with p = 0.5 for every batch, as the official test
-            code does (scores then depend on the batch; for exact reproduction only).
+        isp_flip: PromptIQA: flip each ISP image upside down with p = 0.5 for every batch, as the official test
+            code does (scores then depend on the batch; for exact reproduction only). Old name: ``prompt_flip``.
         backend: PromptIQA: how files are decoded and resized, ``cv2`` (the official path; default) or ``pil``
             (:func:`gamma.io.load_promptiqa_image`).
     """
@@ -169,7 +122,7 @@ class Scorer:
         self,
         weights: str | os.PathLike | None = None,
         *,
-        model: GammaModel | PromptIQA | str | None = None,
+        model: nn.Module | str | None = None,
         prompt_set: str | None = None,
         scene: str | None = None,
         device: str | torch.device | None = None,
@@ -186,11 +139,17 @@ class Scorer:
         allow_unsafe: bool = False,
         attributes: bool = False,
         distribution: bool = False,
-        prompt: Any = None,
+        isp: Any = None,
         adapt_outputs: str | Sequence[str] = "score",
-        prompt_flip: bool = False,
+        isp_flip: bool | None = None,
         backend: str | None = None,
+        **old_names: Any,
     ) -> None:
+        unknown = sorted(set(old_names) - set(OLD_NAMES))
+        if unknown:
+            raise TypeError(f"Scorer got unexpected keyword argument(s) {', '.join(unknown)}")
+        named = renamed_options({"isp": isp, "isp_flip": isp_flip, **old_names}, OLD_NAMES, "Scorer")
+        isp, isp_flip = named["isp"], bool(named["isp_flip"])
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if mos_range is not None:
@@ -200,10 +159,13 @@ class Scorer:
             mos_range = (lo, hi)
         self.device = torch.device(device) if device is not None else default_device()
         self.model = self._build(weights, model, prompt_set, allow_unsafe, precision, self.device).eval()
+        self.family = family_of_model(self.model)
+        if self.family.scoring is None:
+            raise ValueError(f"{self.family.title} models do not score images by themselves")
+        self.scoring = self.family.scoring
         self.batch_size = batch_size
         self.mos_range = mos_range
         self.lower_better = lower_better
-        self.background = background
         self.max_pixels = max_pixels
         self.num_workers = min(4, os.cpu_count() or 1) if num_workers is None else max(0, int(num_workers))
         self.attributes = bool(attributes)
@@ -212,105 +174,106 @@ class Scorer:
         self.adaptation: Adaptation | None = None
         self.adapt_scene: Any = None  # the scene the adaptation's features were computed with
         #: What a table of these scores needs to be read right: the model family, the towers behind the attribute
-        #: scores, the prompt and the fit report of an adaptation. ``score`` copies it into ``DataFrame.attrs``.
-        self.metadata: dict[str, Any] = {"model": "promptiqa" if self.is_promptiqa else "gamma"}
-        self._isp: torch.Tensor | None = None
-        self._flip: torch.Generator | None = None
-        if self.is_promptiqa:
-            self._setup_promptiqa(crops, num_crops, seed, prompt, prompt_flip, backend)
-            return
-        if prompt_flip or backend is not None:
-            raise ValueError("prompt_flip and backend apply to PromptIQA models; this is a Gamma model")
-        if crops is not None or num_crops is not None or seed is not None:
-            self.model.set_crop_protocol(mode=crops, num=num_crops, seed=seed)
-        if scene is not None:
-            self.model.scene_index(scene, 1, torch.device("cpu"))  # validate the name now, not after decoding
-        if self.attributes:
-            self.metadata["attributes_from"] = self.model.tower_description()
-            logger.info("attribute scores from %s", self.metadata["attributes_from"])
-        if prompt is not None:
-            self.adapt(prompt, outputs=adapt_outputs)
-
-    @staticmethod
-    def _build(weights: Any, model: Any, prompt_set: str | None, allow_unsafe: bool, precision: str | None,
-               device: torch.device) -> GammaModel | PromptIQA:
-        if isinstance(model, (GammaModel, PromptIQA)):
-            if weights is not None or prompt_set is not None:
-                raise ValueError("pass either a model instance or weights/prompt_set, not both")
-            model = model.to(device)  # first the device, then the precision for it
-            if isinstance(model, PromptIQA):
-                if precision not in (None, "fp32"):
-                    raise ValueError(f"precision={precision!r} applies to Gamma models; PromptIQA runs in fp32")
-                return model
-            return model.to_precision(precision) if precision is not None else model
-        if model is not None and not isinstance(model, str):
-            raise TypeError(f"model must be a GammaModel, a PromptIQA or a variant name, got {type(model).__name__}")
-        if model is None and weights is None:  # the release file for these prompts, found by gamma.hub
-            weights = "gamma_sdp" if prompt_set == "sdp" else "gamma"
-        overrides = {"prompt_set": prompt_set} if prompt_set else {}
-        built = create_model(model, pretrained=weights, allow_unsafe=allow_unsafe, precision=precision, device=device,
-                             **overrides)
-        if not isinstance(built, (GammaModel, PromptIQA)):
-            raise ValueError(f"the scorer takes Gamma and PromptIQA models, not a {type(built).__name__}")
-        return built
-
-    @property
-    def is_promptiqa(self) -> bool:
-        return isinstance(self.model, PromptIQA)
-
-    # ------------------------------------------------------------------------------------------------ PromptIQA
-    def _setup_promptiqa(self, crops: str | None, num_crops: int | None, seed: int | None, prompt: Any,
-                         prompt_flip: bool, backend: str | None) -> None:
-        size = self.model.config.image_size
-        if crops is not None or num_crops is not None:
-            raise ValueError(f"PromptIQA scores the whole image resized to {size}x{size}: crops and num_crops apply "
-                             "to Gamma models")
-        if self.scene is not None:
-            raise ValueError("scenes apply to Gamma models with scene-based prompts; PromptIQA takes its task from "
-                             "the prompt")
-        if self.attributes or self.distribution:
-            raise ValueError("attributes and distribution are Gamma outputs; PromptIQA gives one score per image")
+        #: scores, the ISP set and the fit report of an adaptation. ``score`` copies it into ``DataFrame.attrs``.
+        self.metadata: dict[str, Any] = {"model": self.family.name}
+        self._isp: IspPrompt | None = None
+        title = self.family.title
+        if not self.scoring.takes_isp and (isp_flip or backend is not None):
+            raise ValueError(f"isp_flip and backend apply to models scored against an ISP set (PromptIQA); this is a "
+                             f"{title} model")
         self.backend = backend or "cv2"
         if self.backend not in PROMPTIQA_BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(PROMPTIQA_BACKENDS)}, got {backend!r}")
-        self.prompt_flip, self._flip_seed = bool(prompt_flip), 0 if seed is None else int(seed)
-        self._prompt_images: torch.Tensor | None = None
-        if prompt is not None:
-            self.set_prompt(prompt)
+        self.isp_flip, self._flip_seed = isp_flip, 0 if seed is None else int(seed)
+        options = ReadOptions(background=background, max_pixels=max_pixels, backend=self.backend)
+        self.inputs = InputReader(lambda source: self.scoring.read(self.model, source, options),
+                                  None if self.scoring.fit is None else lambda x: self.scoring.fit(self.model, x))
+        if crops is not None or num_crops is not None or (seed is not None and not self.scoring.takes_isp):
+            if self.scoring.set_crops is None:
+                raise ValueError(f"{title} scores the whole image: crops and num_crops apply to Gamma models")
+            self.scoring.set_crops(self.model, crops, num_crops, seed)
+        if scene is not None:
+            self._check_scene(scene)  # validate the name now, not after decoding
+        if (self.attributes and "attributes" not in self.scoring.outputs) or (
+                self.distribution and "distribution" not in self.scoring.outputs):
+            raise ValueError(f"attributes and distribution are Gamma outputs; {title} gives one score per image")
+        if self.attributes and self.scoring.describe is not None:
+            self.metadata["attributes_from"] = self.scoring.describe(self.model)
+            logger.info("attribute scores from %s", self.metadata["attributes_from"])
+        if isp is not None:
+            if self.scoring.takes_isp:
+                self.set_isp(isp)
+            else:
+                self.adapt(isp, outputs=adapt_outputs)
 
-    def set_prompt(self, prompt: Any) -> None:
-        """PromptIQA: score relative to ``prompt`` from now on (``Scorer(..., prompt=...)`` calls this).
+    @staticmethod
+    def _build(weights: Any, model: Any, prompt_set: str | None, allow_unsafe: bool, precision: str | None,
+               device: torch.device) -> nn.Module:
+        if isinstance(model, nn.Module):
+            if weights is not None or prompt_set is not None:
+                raise ValueError("pass either a model instance or weights/prompt_set, not both")
+            family_of_model(model)  # a model of a registered family, or an error naming the class
+            return place(model, device, precision)
+        if model is not None and not isinstance(model, str):
+            raise TypeError(f"model must be a model of a registered family or a variant name, got "
+                            f"{type(model).__name__}")
+        if model is None and weights is None:  # the release file for these prompts, found by gamma.hub
+            weights = "gamma_sdp" if prompt_set == "sdp" else "gamma"
+        overrides = {"prompt_set": prompt_set} if prompt_set else {}
+        return create_model(model, pretrained=weights, allow_unsafe=allow_unsafe, precision=precision, device=device,
+                            **overrides)
 
-        The prompt's images are read like the targets (:func:`gamma.io.load_promptiqa_image` with the scorer's
-        ``backend``), its scores normalised by ``mos_range`` when one is given, and the prompt is encoded once: every
-        batch reuses its ISP features.
+    @property
+    def takes_isp(self) -> bool:
+        """Whether the model scores against an ISP set (PromptIQA, Gamma + ISP)."""
+        return self.scoring.takes_isp
+
+    @property
+    def is_promptiqa(self) -> bool:
+        """Old name of :attr:`takes_isp`."""
+        return self.scoring.takes_isp
+
+    def _check_scene(self, scene: Any) -> None:
+        if self.scoring.check_scene is not None:
+            self.scoring.check_scene(self.model, scene)
+        elif scene is not None:
+            task = "takes its task from the ISP set" if self.scoring.takes_isp else "takes none"
+            raise ValueError(f"scenes apply to Gamma models with scene-based prompts; {self.family.title} {task}")
+
+    # ------------------------------------------------------------------------------------------------ ISP set
+    def set_isp(self, isp: Any) -> None:
+        """Score relative to the ISP set ``isp`` from now on (``Scorer(..., isp=...)`` calls this; PromptIQA).
+
+        The ISP images are read like the targets (the family's reader: :func:`gamma.io.load_promptiqa_image` with the
+        scorer's ``backend`` for PromptIQA), their scores normalised by ``mos_range`` when one is given, and the set is
+        encoded once: every batch reuses its features (unless ``isp_flip``).
 
         Args:
-            prompt: a CSV ``image,score`` (paths relative to the CSV), a dict ``{image: score}`` or a list of
+            isp: a CSV ``image,score`` (paths relative to the CSV), a dict ``{image: score}`` or a list of
                 ``(image, score)`` pairs; at least 2 pairs; scores in [0, 1] (or within ``mos_range``).
 
         Raises:
             gamma.prompt_file.PromptFileError: a missing or unreadable image, a non-numeric score, fewer than 2 pairs,
                 scores outside what the model was trained on.
         """
-        if not self.is_promptiqa:
-            raise ValueError("set_prompt() is for PromptIQA models; a Gamma model is adapted to a prompt with adapt()")
-        pairs = as_prompt_pairs(prompt)
+        if not self.scoring.takes_isp:
+            raise ValueError(f"set_isp() is for models scored against an ISP set; a {self.family.title} model is "
+                             "adapted to one with adapt()")
+        pairs = as_prompt_pairs(isp)
         scores = torch.tensor(normalized_prompt_scores(pairs, self.mos_range, self.lower_better))
-        images = torch.stack(self._decode_prompt(pairs)).to(self.device)  # (n, 3, S, S), read like every target
-        self._isp, self._flip = None, None
-        if self.prompt_flip:  # the official test code: new flips (and a new encoding) for every batch
-            self._flip = torch.Generator().manual_seed(self._flip_seed)
-        else:
-            with torch.inference_mode(), exact_fp32():  # once per prompt: every batch reuses these ISP features
-                self._isp = self.model.encode_prompt(images, scores)
-        self._prompt_images, self._prompt_scores = images, scores
+        images = torch.stack(self._decode_isp(pairs)).to(self.device)  # (n, 3, S, S), read like every target
+        self._isp = IspPrompt(self.model, images, scores, flip=self.isp_flip, seed=self._flip_seed)
         self.metadata.update(prompt=pairs.source, prompt_pairs=len(pairs), backend=self.backend,
-                             prompt_flip=self.prompt_flip)
+                             prompt_flip=self.isp_flip)
 
-    def _decode_prompt(self, pairs: PromptPairs) -> list[torch.Tensor]:
-        """The prompt's images, decoded like the targets; a failure names the prompt and the image."""
-        items = [self._one_item(image, i) for i, image in enumerate(pairs.images)]
+    def set_prompt(self, prompt: Any) -> None:
+        """Old name of :meth:`set_isp`."""
+        warn_once("Scorer.set_prompt()", "Scorer.set_isp()")
+        self.set_isp(prompt)
+
+    def _decode_isp(self, pairs: PromptPairs) -> list[torch.Tensor]:
+        """The ISP images, decoded like the targets; a failure names the file and the image."""
+        items = [self.inputs.one_item(image, i) for i, image in enumerate(pairs.images)]
         images = []
         for name, loaded in self._decoded(items):
             if isinstance(loaded, Exception):
@@ -343,21 +306,21 @@ class Scorer:
             gamma.adapt.NotEnoughPairsError: 3 pairs or fewer (it refuses rather than overfit).
             gamma.prompt_file.PromptFileError: a bad prompt (missing or unreadable image, non-numeric score ...).
         """
-        if self.is_promptiqa:
-            raise ValueError("adapt() maps a Gamma model's outputs; PromptIQA takes its prompt directly "
-                             "(Scorer(..., prompt='isp.csv'))")
-        names = _adapt_features(outputs)
+        if self.scoring.takes_isp:
+            raise ValueError(f"adapt() maps a model's outputs; {self.family.title} takes its ISP set directly "
+                             "(Scorer(..., isp='isp.csv'))")
+        names = adapt_features(outputs)
         pairs = as_prompt_pairs(prompt)
         if len(pairs) < MIN_PAIRS:
             raise NotEnoughPairsError(
                 f"{pairs.source}: adapting needs at least {MIN_PAIRS} image-score pairs, got {len(pairs)}: with so "
                 "few, any map passes through them and says nothing about other images; add pairs")
         scene = self.scene if scene is None else scene
-        self.model.scene_index(scene, 1, torch.device("cpu"))
+        self._check_scene(scene)
         needs = {"distribution"} if set(names) & set(DISTRIBUTION_COLUMNS) else set()
         needs |= {"attributes"} if set(names) & set(ATTRIBUTES) else set()
         plan = _Plan(scene, frozenset(needs), tuple(n for n in names if n != "score"))
-        items = [self._one_item(image, i) for i, image in enumerate(pairs.images)]
+        items = [self.inputs.one_item(image, i) for i, image in enumerate(pairs.images)]
         try:
             results = list(self._score_stream(items, plan, on_error="raise"))
         except ValueError as exc:
@@ -427,37 +390,29 @@ class Scorer:
         Arguments are checked (and a missing scene of an SDP model reported) when this is called, not when the first
         result is asked for.
         """
-        return self._score_items(self._items(inputs), scene, on_error)
+        return self._score_items(self.inputs.items(inputs), scene, on_error)
 
     def iter_file_scores(
         self, paths: Iterable[str | os.PathLike], scene: str | None = None, *, on_error: str = "skip"
     ) -> Iterator[ScoreResult]:
         """Like :meth:`iter_scores` for an iterable of file paths taken literally (no folder or glob expansion)."""
-        items = ((os.fspath(p), self._file_loader(os.fspath(p))) for p in paths)
+        items = ((os.fspath(p), self.inputs._file_loader(os.fspath(p))) for p in paths)
         return self._score_items(items, scene, on_error)
-
-    def _score_items(self, items: Iterable[_Item], scene: str | None, on_error: str) -> Iterator[ScoreResult]:
+    def _score_items(self, items: Iterable[Item], scene: str | None, on_error: str) -> Iterator[ScoreResult]:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         scene = scene if scene is not None else self.scene
-        if self.is_promptiqa:
-            if scene is not None:
-                raise ValueError("scenes apply to Gamma models with scene-based prompts; PromptIQA takes its task from "
-                                 "the prompt")
-            if self._prompt_images is None:
-                raise ValueError(
-                    "PromptIQA scores images relative to a prompt of image-score pairs: pass prompt='isp.csv' (a CSV "
-                    "with the columns image,score; image paths relative to the CSV; scores in [0, 1], or on the scale "
-                    "given by mos_range) or a dict {image: score} to Scorer, or call set_prompt(); on the command line "
-                    "--prompt-file isp.csv")
-        else:
-            self.model.scene_index(scene, 1, torch.device("cpu"))  # unknown or missing scene: fail before any work
+        self._check_scene(scene)  # unknown or missing scene: fail before any work
+        if self.scoring.takes_isp and self._isp is None:
+            raise ValueError(
+                f"{self.family.title} scores images relative to an ISP set (image-score pairs): pass isp='isp.csv' (a "
+                "CSV with the columns image,score; image paths relative to the CSV; scores in [0, 1], or on the scale "
+                "given by mos_range) or a dict {image: score} to Scorer, or call set_isp(); on the command line "
+                "--prompt-file isp.csv")
         return self._score_stream(items, self._plan(scene), on_error)
 
     def _plan(self, scene: Any) -> _Plan:
         """The outputs and extra columns of a run with ``scene``."""
-        if self.is_promptiqa:
-            return _Plan(None, frozenset(), ())
         needs: set[str] = set()
         columns: list[str] = []
         if self.adaptation is not None:
@@ -473,7 +428,7 @@ class Scorer:
             needs.add("scene")
             columns.append("scene")
             if self.distribution:
-                columns += [f"p_{s}" for s in self.model.auto_scenes]
+                columns += [f"p_{s}" for s in self.scoring.auto_scenes(self.model)]
         if self.attributes:
             needs.add("attributes")
             columns += ATTRIBUTES
@@ -482,9 +437,9 @@ class Scorer:
     def _is_auto(self, scene: Any) -> bool:
         """Whether ``scene`` lets this model choose each image's scene (``auto`` on an SDP model)."""
         return (isinstance(scene, str) and scene.strip().lower() == AUTO_SCENE
-                and self.model.config.prompt_set == "sdp")
+                and self.scoring.auto_scenes is not None and bool(self.scoring.auto_scenes(self.model)))
 
-    def _score_stream(self, items: Iterable[_Item], plan: _Plan, on_error: str) -> Iterator[ScoreResult]:
+    def _score_stream(self, items: Iterable[Item], plan: _Plan, on_error: str) -> Iterator[ScoreResult]:
         pending: list[tuple[str, torch.Tensor | Exception]] = []
         for name, loaded in self._decoded(items):
             if isinstance(loaded, Exception) and on_error == "raise":
@@ -549,183 +504,32 @@ class Scorer:
             return self._forward(image, plan)[0]
         except (ValueError, RuntimeError) as exc:
             return exc
-
     def _forward(self, batch: torch.Tensor, plan: _Plan) -> list[dict[str, Any]]:
         """Outputs of a batch (B, 3, H, W): one dict per image with ``score`` and what ``plan`` needs."""
         with torch.inference_mode(), exact_fp32():  # fp32 is IEEE fp32 on a GPU too (no TF32)
             batch = batch.to(self.device, non_blocking=True)
-            if self.is_promptiqa:
-                prompt = self._isp if self._flip is None else (
-                    random_vertical_flip(self._prompt_images, generator=self._flip), self._prompt_scores)
-                return [{"score": s} for s in self.model(batch, prompt=prompt).float().cpu().tolist()]
             model_outputs = plan.needs - {"adapted"}
-            if not model_outputs:
-                rows = [{"score": s} for s in self.model(batch, scene=plan.scene).float().cpu().tolist()]
+            if model_outputs:
+                rows = self.scoring.assess(self.model, batch, plan.scene, "attributes" in model_outputs)
             else:
-                rows = _assessment_rows(
-                    self.model.assess(batch, plan.scene, attributes="attributes" in model_outputs), self.model)
+                context = self._isp.for_batch() if self._isp is not None else plan.scene
+                rows = [{"score": s} for s in self.scoring.forward(self.model, batch, context).float().cpu().tolist()]
         if "adapted" in plan.needs:
             adapted = self.adaptation.predict({k: [row[k] for row in rows] for k in self.adaptation.features})
             for row, value in zip(rows, adapted.tolist(), strict=True):
                 row["adapted"] = value
         return rows
 
-    # ------------------------------------------------------------------------------------------------ inputs
-    def _items(self, inputs: Any) -> Iterator[_Item]:
-        """Flatten ``inputs`` into (name, decode) pairs, lazily (folders are walked as they are consumed).
-
-        Inputs without a file name are called ``<tensor i>``, ``<image i>`` ... after their position i in the
-        flattened input.
-        """
-        counter = iter(range(1 << 62))
-        yield from self._expand(inputs, counter)
-
-    def _expand(self, obj: Any, counter: Iterator[int]) -> Iterator[_Item]:
-        if isinstance(obj, (str, os.PathLike)):
-            for path in iter_image_files(obj):
-                next(counter)
-                yield path, self._file_loader(path)
-        elif isinstance(obj, Image.Image):
-            index = next(counter)
-            yield getattr(obj, "filename", "") or f"<image {index}>", self._file_loader(obj)
-        elif isinstance(obj, torch.Tensor):
-            if obj.dim() == 3:
-                yield f"<tensor {next(counter)}>", self._fitted(_tensor_loader(obj))
-            elif obj.dim() == 4:
-                for image in obj:
-                    yield f"<tensor {next(counter)}>", self._fitted(_tensor_loader(image))
-            else:
-                raise ValueError(f"image tensors must be (3, H, W) or (B, 3, H, W), got shape {tuple(obj.shape)}")
-        elif isinstance(obj, np.ndarray):
-            yield f"<array {next(counter)}>", self._fitted(_array_loader(obj))
-        elif isinstance(obj, (bytes, bytearray)):
-            yield f"<bytes {next(counter)}>", self._file_loader(obj)
-        elif isinstance(obj, Iterable):
-            for item in obj:
-                yield from self._expand(item, counter)
-        else:
-            raise TypeError(
-                f"cannot score a {type(obj).__name__}; pass paths, folders, PIL images, tensors, arrays or lists"
-            )
-
-    def _one_item(self, obj: Any, index: int) -> _Item:
-        """One prompt image as an item: a path taken literally (no folder or glob expansion), or any other input."""
-        if isinstance(obj, (str, os.PathLike)):
-            return os.fspath(obj), self._file_loader(os.fspath(obj))
-        found = list(self._expand(obj, iter(range(index, index + 2))))
-        if len(found) != 1:
-            raise PromptFileError(f"prompt image {index + 1} must be one image, got {len(found)}")
-        return found[0]
-
-    def _file_loader(self, source: Any) -> Callable[[], torch.Tensor]:
-        if self.is_promptiqa and not isinstance(source, Image.Image):  # the official reader and resize
-            size = self.model.config.image_size
-            return lambda: load_promptiqa_image(source, size, backend=self.backend, max_pixels=self.max_pixels)
-        return self._fitted(lambda: load_image(source, background=self.background, max_pixels=self.max_pixels))
-
-    def _fitted(self, load: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """PromptIQA: images resized to its input size here, in the decoding threads (then every target of a run
-        shares one shape and one batch), with the model's own resize; Gamma: as decoded."""
-        if not self.is_promptiqa:
-            return load
-        size = self.model.config.image_size
-
-        def fitted() -> torch.Tensor:
-            image = load()
-            if image.shape[-2:] == (size, size):
-                return image
-            check_images(image[None])  # range and shape first: the resize would clip what is out of range
-            return resize_like_cv2(image[None], size)[0]
-
-        return fitted
-
-    def _decoded(self, items: Iterable[_Item]) -> Iterator[tuple[str, torch.Tensor | Exception]]:
-        """Decode items in order, ``num_workers`` threads ahead; a failure is yielded as its exception."""
-        if self.num_workers == 0:
-            for name, load in items:
-                yield name, _try(load)
-            return
-        ahead = self.batch_size + 2 * self.num_workers  # bounded look-ahead: memory stays O(batch)
-        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="gamma-decode") as pool:
-            queue: deque[tuple[str, Future]] = deque()
-            for name, load in items:
-                queue.append((name, pool.submit(_try, load)))
-                if len(queue) >= ahead:
-                    done_name, future = queue.popleft()
-                    yield done_name, future.result()
-            while queue:
-                done_name, future = queue.popleft()
-                yield done_name, future.result()
-
-
-def _assessment_rows(out: Any, model: GammaModel) -> list[dict[str, Any]]:
-    """One dict per image of a :class:`~gamma.archs.Assessment`: score, std, p_<level>, scene, p_<scene>,
-    attribute scores (those it holds)."""
-    columns: dict[str, list[Any]] = {"score": out.score.float().cpu().tolist(),
-                                     "std": out.std.float().cpu().tolist()}
-    columns.update({k: v.float().cpu().tolist() for k, v in out.level_columns().items()})
-    if out.scenes is not None:
-        columns["scene"] = list(out.scenes)
-    if out.scene_probabilities is not None:
-        probs = out.scene_probabilities.float().cpu()
-        columns.update({f"p_{s}": probs[:, k].tolist() for k, s in enumerate(model.auto_scenes)})
-    if out.attributes is not None:
-        columns.update({k: v.float().cpu().tolist() for k, v in out.attributes.items()})
-    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
-
-
-def _adapt_features(outputs: str | Sequence[str]) -> tuple[str, ...]:
-    """The feature names of an ``outputs`` choice (a name of :data:`ADAPT_OUTPUTS`, or a list of column names)."""
-    if isinstance(outputs, str):
-        if outputs not in ADAPT_OUTPUTS:
-            raise ValueError(f"outputs must be one of {', '.join(ADAPT_OUTPUTS)} or a list of column names, got "
-                             f"{outputs!r}")
-        return ADAPT_OUTPUTS[outputs]
-    known = set(ADAPT_OUTPUTS["all"]) | {"std"}
-    names = tuple(outputs)
-    unknown = [n for n in names if n not in known]
-    if not names or unknown or len(set(names)) != len(names):
-        raise ValueError(f"outputs must be distinct names among {', '.join(sorted(known))}; got {list(names)}")
-    return names
-
-
-def _try(load: Callable[[], torch.Tensor]) -> torch.Tensor | Exception:
-    try:
-        return load()
-    except ValueError as exc:  # ImageDecodeError, or an invalid tensor / array
-        return exc
-
-
-def _tensor_loader(image: torch.Tensor) -> Callable[[], torch.Tensor]:
-    def load() -> torch.Tensor:
-        if image.dim() != 3 or image.shape[0] != 3:
-            raise ValueError(f"image tensors must be (3, H, W), got shape {tuple(image.shape)}")
-        return image.detach()
-
-    return load
-
-
-def _array_loader(array: np.ndarray) -> Callable[[], torch.Tensor]:
-    def load() -> torch.Tensor:
-        a = array
-        if a.ndim == 2:
-            a = np.repeat(a[..., None], 3, axis=-1)
-        if a.ndim != 3 or a.shape[-1] not in (3, 4):
-            raise ValueError(f"image arrays must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
-        if a.dtype == np.uint8:
-            return load_image(Image.fromarray(a))
-        if not np.issubdtype(a.dtype, np.floating):
-            raise ValueError(f"image arrays must be uint8, or float in [0, 1]; got dtype {a.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(a[..., :3].transpose(2, 0, 1), dtype=np.float32))
-
-    return load
+    def _decoded(self, items: Iterable[Item]) -> Iterator[tuple[str, torch.Tensor | Exception]]:
+        return decoded(items, self.num_workers, self.batch_size)
 
 
 def score_images(inputs: Any, weights: str | os.PathLike | None = None, **kwargs: Any) -> Any:
     """One-call form: ``Scorer(weights, **kwargs).score(inputs)``."""
-    scorer_keys = set(Scorer.__init__.__code__.co_varnames)
+    scorer_keys = set(Scorer.__init__.__code__.co_varnames) | set(OLD_NAMES)
     score_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k not in scorer_keys}
     return Scorer(weights, **kwargs).score(inputs, **score_kwargs)
 
 
-__all__ = ["ScoreResult", "Scorer", "default_device", "from_mos", "score_images", "to_mos"]
+__all__ = ["ADAPT_OUTPUTS", "DISTRIBUTION_COLUMNS", "ScoreResult", "Scorer", "default_device", "from_mos",
+           "score_images", "to_mos"]

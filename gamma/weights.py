@@ -6,11 +6,12 @@ Formats read (detected from the file, never from its name):
   ``score_level`` (docs/model.md#checkpoint-layout). Carries no prompt set: the caller states it (default ``naive``).
 - ``clip``: a plain OpenAI / UniQA CLIP state_dict (also TorchScript archives and ``{'state_dict': ...}`` wrappers).
   It becomes the backbone; every adaptive expert starts as a copy of its block's MLP, as at the start of training.
-- ``gamma``: our own checkpoint, ``{'format': 'gamma', 'config': {...}, 'state_dict': ...}`` (+ training state),
+- ``native`` (earlier ``gamma``, which still compares equal): our own checkpoint, ``{'format': 'gamma', 'config':
+  {...}, 'state_dict': ...}`` (+ training state),
   loadable with ``torch.load(weights_only=True)``.
 - ``promptiqa``: the official PromptIQA checkpoint, ``{'state_dict': {'module.' + key: ...}, 'prompt_num': n}``
   (saved from DistributedDataParallel), keys as in gamma.archs.promptiqa; our own checkpoints of a PromptIQA model
-  are ``gamma`` files whose config has ``family: promptiqa``.
+  are ``native`` files whose config has ``family: promptiqa``.
 - safetensors files holding any of the above layouts (ours records the config in the metadata, and for a file written
   by ``gamma convert`` the stored precision and the identity of the file it was converted from).
 
@@ -34,15 +35,21 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ._deprecation import NativeKind
 from ._files import atomic_write
-from .config import AttiqaConfig, GammaConfig, GammaISPConfig, PromptIQAConfig, TextCfg, VisionCfg
+from .config import GammaConfig, ModelConfig, TextCfg, VisionCfg, config_from_dict
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "gamma"
+FORMAT_NAME = "gamma"  # the ``format`` a file of ours records
+NATIVE = NativeKind("native")  # the kind of a checkpoint in gamma's own format, whatever its family
 FORMAT_VERSION = 1
 
 PROMPTIQA_TELLTALE = "fusion_mal.channel_attention.c_q.weight"  # a key only PromptIQA state_dicts have
+
+#: Key -> checkpoint kind: a foreign layout (a family's official file) is recognised by a key only it has.
+#: :func:`gamma.families.register_family` adds a family's telltale here.
+TELLTALES: dict[str, str] = {PROMPTIQA_TELLTALE: "promptiqa"}
 
 #: Precisions a converted file may store a Gamma model in (``gamma convert --precision``): the dtype of its image
 #: tower's matmul weights (:meth:`gamma.GammaModel.to_precision`); every other tensor is fp32.
@@ -60,9 +67,9 @@ class CheckpointError(ValueError):
 class Checkpoint:
     """A checkpoint read from disk, normalised to the model's key layout."""
 
-    kind: str  # "release" | "clip" | "gamma" | "promptiqa" (the official PromptIQA layout)
+    kind: str  # "release" | "clip" | "native" (gamma's own format) | a family's official layout ("promptiqa")
     state_dict: dict[str, torch.Tensor]
-    config: GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig | None = None  # ours only
+    config: ModelConfig | None = None  # ours only
     extra: dict[str, Any] = field(default_factory=dict)  # training state etc. (ours only)
     path: str | None = None
 
@@ -140,13 +147,13 @@ def _read_safetensors(path: Path) -> Checkpoint:
         raise CheckpointError(f"cannot read safetensors file {path}: {exc}") from exc
     if meta.get("format") == FORMAT_NAME:
         try:
-            config = _config_from_dict(json.loads(meta["config"]))
+            config = config_from_dict(json.loads(meta["config"]))
             extra = {"precision": meta.get("precision", "fp32")}
             if "source" in meta:
                 extra["source"] = json.loads(meta["source"])
         except (KeyError, json.JSONDecodeError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: invalid gamma config in safetensors metadata: {exc}") from exc
-        return Checkpoint("gamma", sd, config=config, extra=extra, path=str(path))
+        return Checkpoint(NATIVE, sd, config=config, extra=extra, path=str(path))
     return _from_object(sd, str(path))
 
 
@@ -181,11 +188,11 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
         if obj.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{where} was written by a newer gamma (format {obj['format_version']})")
         try:
-            config = _config_from_dict(obj["config"])
+            config = config_from_dict(obj["config"])
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{where}: invalid model config in gamma checkpoint: {exc}") from exc
         extra = {k: v for k, v in obj.items() if k not in ("format", "format_version", "config", "state_dict")}
-        return Checkpoint("gamma", _tensors(obj.get("state_dict"), where), config=config, extra=extra, path=where)
+        return Checkpoint(NATIVE, _tensors(obj.get("state_dict"), where), config=config, extra=extra, path=where)
     extra = {"prompt_num": obj["prompt_num"]} if isinstance(obj, dict) and "prompt_num" in obj else {}
     if isinstance(obj, dict):
         for wrapper in ("params", "params_ema", "state_dict", "model"):
@@ -198,8 +205,9 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
         sd.pop(drop, None)
     if "clip_model.visual.conv1.weight" in sd:
         return Checkpoint("release", sd, path=where)
-    if PROMPTIQA_TELLTALE in sd:
-        return Checkpoint("promptiqa", sd, extra=extra, path=where)
+    kind = next((kind for key, kind in TELLTALES.items() if key in sd), None)
+    if kind is not None:
+        return Checkpoint(kind, sd, extra=extra, path=where)
     if "visual.conv1.weight" in sd and "visual.proj" in sd:
         return Checkpoint("clip", sd, path=where)
     sample = ", ".join(list(sd)[:5])
@@ -208,16 +216,6 @@ def _from_object(obj: Any, where: str) -> Checkpoint:
         f"{sample})"
     )
 
-
-def _config_from_dict(d: Any) -> GammaConfig | AttiqaConfig | PromptIQAConfig | GammaISPConfig:
-    """The model config a checkpoint of ours records; its ``family`` entry picks the class (none: Gamma)."""
-    if isinstance(d, dict) and d.get("family") == AttiqaConfig.family:
-        return AttiqaConfig.from_dict(d)
-    if isinstance(d, dict) and d.get("family") == PromptIQAConfig.family:
-        return PromptIQAConfig.from_dict(d)
-    if isinstance(d, dict) and d.get("family") == GammaISPConfig.family:
-        return GammaISPConfig.from_dict(d)
-    return GammaConfig.from_dict(d)
 
 
 def read_state_dict(path: str | os.PathLike, allow_unsafe: bool = False) -> dict[str, torch.Tensor]:
@@ -323,7 +321,7 @@ def convert_state_dict(ckpt: Checkpoint, config: GammaConfig) -> tuple[dict[str,
         the converted state_dict and the set of model keys the source format cannot provide (and which therefore keep
         their initial values: routers, alphas, adapter and levels for a CLIP file).
     """
-    if ckpt.kind in ("gamma", "release", "promptiqa"):
+    if ckpt.kind != "clip":  # the others are in the model's layout already
         return dict(ckpt.state_dict), set()
     # Plain CLIP: prefix everything; in MoAE blocks the pretrained MLP feeds the shared expert and every expert.
     out: dict[str, torch.Tensor] = {}

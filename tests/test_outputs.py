@@ -326,7 +326,7 @@ def test_a_bad_prompt_file_is_a_clear_error(case, photos, prompt_dir, piqa_file,
 
 def test_promptiqa_without_a_prompt_says_what_to_pass(photos, piqa_file, capsys):
     scorer = Scorer(piqa_file, device="cpu")
-    with pytest.raises(ValueError, match=r"prompt='isp.csv'"):
+    with pytest.raises(ValueError, match=r"isp='isp.csv'"):
         scorer.score(photos[0])
     assert main(["score", str(photos[0]), "--weights", str(piqa_file), *FAST]) == 2
     assert "--isp" in capsys.readouterr().err
@@ -431,15 +431,13 @@ def test_cli_adapts_gamma_to_a_prompt_file(prompt_dir, naive_file, photos, tmp_p
 def test_pyiqa_promptiqa_metric(prompt_dir, piqa_file, photos):
     pyiqa = pytest.importorskip("pyiqa")
     assert "promptiqa" in pyiqa.list_models(metric_mode="NR")
-    with pytest.raises(ValueError, match=r"pass prompt_file='isp.csv'"):
-        pyiqa.create_metric("promptiqa", device="cpu", pretrained_model_path=str(piqa_file))
     scores = [0.2, 0.4, 0.65, 0.8]
     csv_path = write_prompt(prompt_dir, scores, "pyiqa.csv")
-    metric = pyiqa.create_metric("promptiqa", device="cpu", prompt_file=str(csv_path),
+    metric = pyiqa.create_metric("promptiqa", device="cpu", isp=str(csv_path),
                                  pretrained_model_path=str(piqa_file))
     assert (metric.lower_better, metric.score_range, metric.metric_mode) == (False, "0, 1", "NR")
     from_file = metric(str(photos[0]))
-    scorer = Scorer(piqa_file, device="cpu", prompt=csv_path)
+    scorer = Scorer(piqa_file, device="cpu", isp=csv_path)
     assert from_file.shape == (1, 1)
     assert_close(from_file[0], scorer.score(photos[0])["score"], rtol=RTOL, atol=ATOL)  # the same reader
     # Tensors of any size; the prompt is encoded once, however many calls.
@@ -454,7 +452,7 @@ def test_pyiqa_promptiqa_metric(prompt_dir, piqa_file, photos):
     with torch.inference_mode():
         assert_close(first[:, 0], model(x, prompt=(prompt, scores)), rtol=RTOL, atol=ATOL)
     # as a loss: gradients reach the input
-    loss = pyiqa.create_metric("promptiqa", device="cpu", as_loss=True, prompt_file=str(csv_path),
+    loss = pyiqa.create_metric("promptiqa", device="cpu", as_loss=True, isp=str(csv_path),
                                pretrained_model_path=str(piqa_file))
     y = torch.rand(1, 3, 48, 48, requires_grad=True)
     loss(y).sum().backward()

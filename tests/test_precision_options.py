@@ -186,12 +186,15 @@ def test_pyiqa_metric_option(images, cpu_with_bf16):
     fp32 = pyiqa.create_metric("gamma", **kwargs)
     torch.manual_seed(0)
     quantized = pyiqa.create_metric("gamma", precision="int8", **kwargs)
-    assert quantized.net.net.precision == "int8"  # applied when pyiqa moved the network to its device
     with torch.inference_mode():
         want, got = fp32(images).squeeze(1), quantized(images).squeeze(1)
+    assert quantized.net.net.precision == "int8"  # applied at the first call, on the device pyiqa moved it to
     assert not torch.equal(got, want)
     assert torch.allclose(got, want, rtol=0, atol=0.05 * float(want.abs().max()))
-    assert pyiqa.create_metric("gamma", precision="auto", **kwargs).net.net.precision == "bf16"
+    auto = pyiqa.create_metric("gamma", precision="auto", **kwargs)
+    with torch.inference_mode():
+        auto(images[:1])
+    assert auto.net.net.precision == "bf16"
     with pytest.raises(ValueError, match="unknown precision"):
         pyiqa.create_metric("gamma", precision="fp8", **kwargs)
 
@@ -202,6 +205,8 @@ def test_pyiqa_metric_on_a_bf16_file(weights, cpu_with_bf16):
     assert metric.net.net.precision == "bf16"  # as stored
     # Another precision than the file's: loaded again from the file for it (its fp32 weights are gone).
     metric = pyiqa.create_metric("gamma", pretrained_model_path=str(half), precision="int8", device="cpu")
+    with torch.inference_mode():
+        metric(torch.rand(1, 3, 224, 224))
     assert metric.net.net.precision == "int8"
 
 

@@ -312,15 +312,17 @@ def test_fast_build_without_init_equals_the_usual_build(release_file, monkeypatc
     (meta device) and adopts the checkpoint's tensors: same state, same scores, references to parameters still valid,
     and it trains."""
     path, original = release_file
-    monkeypatch.setattr(factory, "_LARGE", 6000)  # above the 77 x 77 attention mask
+    from gamma import build  # where loading without init lives (gamma.build.build_loaded)
+
+    monkeypatch.setattr(build, "_LARGE", 6000)  # above the 77 x 77 attention mask
     seen_meta = []
-    real_load = factory.load_into
+    real_load = build.load_into
 
     def spy(model, ckpt, strict=True):
         seen_meta.append(sum(p.is_meta for p in model.parameters()))
         return real_load(model, ckpt, strict=strict)
 
-    monkeypatch.setattr(factory, "load_into", spy)
+    monkeypatch.setattr(build, "load_into", spy)
     model = gamma.create_model(pretrained=path, prompt_set="sdp")
     assert seen_meta and seen_meta[0] > 10  # the fast path was taken
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])

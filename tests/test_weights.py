@@ -109,7 +109,7 @@ def test_our_checkpoint_is_weights_only_and_carries_config(tmp_path, tiny_sdp_mo
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "gamma" and raw["config"]["prompt_set"] == "sdp" and raw["epoch"] == 3
     ckpt = read_checkpoint(path)
-    assert ckpt.kind == "gamma" and ckpt.extra["metrics"] == {"srcc": 0.9}
+    assert ckpt.kind == "native" and ckpt.extra["metrics"] == {"srcc": 0.9}
     loaded = gamma.create_model(pretrained=path)
     assert loaded.config.prompt_set == "sdp"
     assert torch.equal(_scores(loaded, images, "face"), _scores(tiny_sdp_model, images, "face"))

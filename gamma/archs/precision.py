@@ -86,6 +86,37 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     return choice
 
 
+def default_device() -> torch.device:
+    """CUDA when available, else Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def place(model: nn.Module, device: str | torch.device | None = None, precision: str | None = None) -> nn.Module:
+    """The one place a model gets its device and precision: moved to ``device`` first (``None``: where it is), then
+    computing in ``precision`` (``None``: as it is; ``auto`` resolved for the device it is now on).
+
+    A model that computes in reduced precision has ``to_precision`` (Gamma: :meth:`gamma.GammaModel.to_precision`,
+    which checks that the device runs it well); any other model runs in fp32, and another precision is an error.
+    """
+    if device is not None:
+        model = model.to(device)
+    if precision is None:
+        return model
+    to_precision = getattr(model, "to_precision", None)
+    if to_precision is None:
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision not in ("fp32", "auto"):
+            raise ValueError(f"precision={precision!r} applies to Gamma models; a {type(model).__name__} runs in "
+                             "fp32")
+        return model
+    return to_precision(precision)
+
+
 def check_precision(precision: str, device: torch.device | str, allow_slow: bool = False) -> None:
     """Refuse a precision that ``device`` cannot run, or runs slower than fp32 (unless ``allow_slow``: then warn).
 

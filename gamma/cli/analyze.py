@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         write_routing,
         write_rows,
     )
-    from ..archs.gamma import GammaModel
+    from ..families import is_family
     from ..scorer import Scorer
 
     try:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError.from_library(exc) from None
     model = scorer.model
-    if not isinstance(model, GammaModel):
+    if not is_family(model, "gamma"):
         raise UsageError(f"gamma analyze reads Gamma's MoAE routers and experts; {args.weights or args.model} holds a "
                          f"{type(model).__name__}, which has none")
     try:

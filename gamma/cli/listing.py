@@ -19,14 +19,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..factory import list_models
+    from ..families import FAMILIES
 
     out = sys.stdout
     print("model variants (--model):", file=out)
-    for name in list_models():
-        print(f"  {name}", file=out)
-    for name in list_models("promptiqa"):
-        print(f"  {name}  (PromptIQA: needs --isp)", file=out)
+    for family in FAMILIES.values():  # the family table, in registration order
+        note = f"  ({family.title}: needs --isp)" if family.scoring is not None and family.scoring.takes_isp else ""
+        for name in family.variants:
+            print(f"  {name}{note}", file=out)
     print(f"weights (--weights NAME or a path; cache folder {weights_dir()}):", file=out)
     for name, entry in KNOWN_WEIGHTS.items():
         try:

@@ -117,7 +117,7 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             allow_unsafe=args.allow_unsafe_pickle,
             attributes=args.attributes,
             distribution=args.distribution,
-            prompt_flip=args.isp_flip,
+            isp_flip=args.isp_flip,
             backend=args.promptiqa_backend,
         )
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
@@ -128,15 +128,16 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
         raise UsageError(f"cannot use device {str(device)!r}: {str(exc).splitlines()[0]}") from None
     if slow:
         _allow_slow(scorer, args.precision)
-    if scorer.is_promptiqa:
+    if scorer.takes_isp:
         return _setup_promptiqa(scorer, args)
-    if scorer.model.config.prompt_set == "sdp" and args.scene is None:
+    prompt_set = getattr(scorer.model.config, "prompt_set", None)  # None: a family without text prompts
+    if prompt_set == "sdp" and args.scene is None:
         raise UsageError(f"this model uses scene-based prompts (SDP): pass --scene, one of {', '.join(SCENES)}, or "
                          "auto (chosen per image)")
-    if args.scene is not None and args.scene_explicit and scorer.model.config.prompt_set != "sdp":
+    if args.scene is not None and args.scene_explicit and prompt_set != "sdp":
         logger.warning("--scene only applies to scene-based prompts; this model uses %r prompts (for the Gamma-Prompt "
-                       "weights pass --prompt-set sdp)", scorer.model.config.prompt_set)
-    if args.scene is not None:
+                       "weights pass --prompt-set sdp)", prompt_set)
+    if args.scene is not None and prompt_set is not None:
         try:
             scorer.model.scene_index(args.scene, 1, scorer.device)
         except ValueError as exc:
@@ -152,7 +153,7 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
 
 def _allow_slow(scorer: Scorer, precision: str) -> None:
     """``--precision P --allow-slow``: P even where this device runs it slower than fp32 (a warning, not an error)."""
-    if scorer.is_promptiqa:
+    if scorer.takes_isp:
         raise UsageError(f"--precision {precision} applies to Gamma models; PromptIQA runs in fp32")
     try:
         scorer.model = scorer.model.to_precision(precision, allow_slow=True).eval()
@@ -175,7 +176,7 @@ def _setup_promptiqa(scorer: Scorer, args: argparse.Namespace) -> Scorer:
                          "with the columns image,score (image paths relative to the CSV; scores in [0, 1], or on the "
                          "scale of --mos-range / --dataset)")
     try:
-        scorer.set_prompt(args.isp_pairs)
+        scorer.set_isp(args.isp_pairs)
     except PromptFileError as exc:
         raise UsageError.from_library(exc) from None
     return scorer

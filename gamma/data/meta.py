@@ -25,9 +25,11 @@ import csv
 import logging
 import math
 import os
+import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -333,3 +335,34 @@ def validate_range(table: MetaTable, mos_range: Sequence[float], on_error: str =
             raise ValueError(msg)
         logger.warning(msg)
     return len(bad)
+
+
+def to_mos(score: Any, lo: float, hi: float, lower_better: bool = False) -> Any:
+    """Map normalised scores (0 = worst, 1 = best) back to a dataset's label scale.
+
+    :func:`gamma.data.meta.denormalize_mos`, the inverse of the training normalisation ``y = (mos - lo) / (hi - lo)``
+    (``y = 1 - y`` for DMOS-like labels, ``lower_better``), with the range given as two numbers; ``hi < lo`` reads
+    as a reversed scale. Tensors give tensors.
+    """
+    return _with_range(denormalize_mos, score, lo, hi, lower_better)
+
+
+def from_mos(mos: Any, lo: float, hi: float, lower_better: bool = False) -> Any:
+    """Normalise labels on a dataset's scale to [0, 1], higher is better (:func:`gamma.data.meta.normalize_mos`; the
+    inverse of :func:`to_mos`)."""
+    return _with_range(normalize_mos, mos, lo, hi, lower_better)
+
+
+def _with_range(convert: Callable[..., Any], values: Any, lo: float, hi: float, lower_better: bool) -> Any:
+    if hi == lo:
+        raise ValueError(f"MOS range must not be empty, got lo = hi = {lo}")
+    # A reversed range (hi < lo) is the ordered one with the label direction flipped.
+    mos_range, lower_better = ((lo, hi), lower_better) if lo < hi else ((hi, lo), not lower_better)
+    torch = sys.modules.get("torch")  # a tensor can only come from a loaded torch (this module does not need it)
+    if torch is not None and isinstance(values, torch.Tensor):
+        out = convert(values.detach().cpu().numpy(), mos_range, lower_better)
+        return torch.as_tensor(out, dtype=values.dtype, device=values.device)
+    return convert(values, mos_range, lower_better)
+
+
+# One input item: its display name and a function that decodes it into (3, H, W) in [0, 1].

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .._files import atomic_write
 from ..archs import keep_only_experts
-from ..archs.precision import exact_fp32
+from ..archs.precision import exact_fp32, place
 from ..data import DATASETS, collate
 from ..metrics import evaluate_scores
 from .checkpoint import write_json
@@ -129,8 +129,8 @@ def evaluate(model: torch.nn.Module, datasets: Mapping[str, torch.utils.data.Dat
     precision = getattr(eval_cfg, "precision", "fp32")
     if precision != "fp32":
         # The trained weights stay fp32 and the model untouched: a converted copy is scored, then dropped. Autocast
-        # would also cast what to_precision keeps in fp32, so the copy runs without it.
-        scored = copy.deepcopy(model).to_precision(precision)
+        # (amp) would also cast what to_precision keeps in fp32, so the copy runs without it.
+        scored = place(copy.deepcopy(model), None, precision)
         return evaluate(scored, datasets, device, eval_cfg=dataclasses.replace(eval_cfg, precision="fp32"),
                         workers=workers, dist_info=dist_info, progress=progress,
                         headline_only=headline_only)

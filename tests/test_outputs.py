@@ -225,8 +225,20 @@ def test_parts_of_a_sharded_run_keep_the_extra_columns_through_the_merge(photos,
     # Parts written without the extra columns cannot be continued by a run that writes them.
     plain = {k: records[0][k] for k in ("index", "name", "score", "mos", "error")}
     (tmp_path / ".other.csv.rank0-of-2.jsonl").write_text(json.dumps(plain) + "\n")
+    (tmp_path / ".other.csv.parts.meta.json").write_text(json.dumps({**record, "columns": list(records[0])}))
     assert main([*args, "--out", str(tmp_path / "other.csv"), "--resume"]) == 2
     assert "cannot resume from .other.csv.rank0-of-2.jsonl" in capsys.readouterr().err
+    # Parts scored with other weights (their record says so) are not merged with this run's rows.
+    part = tmp_path / ".third.csv.rank0-of-2.jsonl"
+    part.write_text(json.dumps(records[0]) + "\n")
+    other_weights = {**record["weights"], "sha256": "0" * 64, "path": "/elsewhere/Gamma.pth"}
+    (tmp_path / ".third.csv.parts.meta.json").write_text(
+        json.dumps({**record, "columns": list(records[0]), "weights": other_weights, "scene": "underwater"}))
+    assert main([*args, "--out", str(tmp_path / "third.csv"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume the part files of third.csv" in err and "weights: Gamma.pth (sha256 000000000000…) in the " \
+        f"file, {sdp_file.name}" in err and "scene: underwater in the file, auto in this run" in err
+    assert part.read_text() == json.dumps(records[0]) + "\n" and not (tmp_path / "third.csv").exists()
 
 
 @pytest.mark.slow

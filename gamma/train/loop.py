@@ -46,7 +46,7 @@ from ..archs import GammaModel
 from ..archs.precision import check_precision, resolve_precision
 from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
-from ..hub import resolve_weights
+from ..hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights
 from ..weights import load_into
 from .checkpoint import LAST, load_training_state, save_best, save_training_state, set_rng_state, write_json
 from .config import ConfigError, TrainConfig, config_to_dict
@@ -153,7 +153,12 @@ def build_model(cfg: TrainConfig) -> GammaModel:
     torch.manual_seed(cfg.seed)
     m = cfg.model
     # A known name (uniqa, gamma, gamma_sdp) is found through its environment variable or the weight cache.
-    pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
+    try:
+        pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
+    except WeightsNotFoundError as exc:  # name the option, and where a relative path was looked for
+        given = str(m.pretrained)
+        where = "" if given in KNOWN_WEIGHTS else f" (resolved to {Path(given).expanduser().absolute()})"
+        raise ConfigError(f"model.pretrained: {given!r}{where}: {exc}") from None
     try:
         model = create_model(m.name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **m.overrides)
     except (ValueError, TypeError) as exc:

@@ -327,7 +327,7 @@ def test_resume_refuses_other_weights_or_crops_or_columns_naming_them(image_dir,
     assert main(["score", *photos[:2], "--weights", str(first), *opts, "--out", str(out)]) == 0
     before = out.read_bytes()
     record = json.loads((tmp_path / f"s{suffix}.meta.json").read_text())
-    assert record["weights"]["sha256"] == sha256sum(first) and record["weights"]["path"] == str(first)
+    assert record["weights"]["sha256"] == sha256sum(first) and record["weights"]["path"] == str(first.absolute())
     assert record["crops"] == {"mode": "center", "num": 1, "seed": None} and record["columns"] == ["name", "score"]
     assert record["prompt_set"] == "naive" and record["precision"] == "fp32"
     assert record["gamma_version"] == gamma.__version__ and record["model"]["family"] == "gamma"

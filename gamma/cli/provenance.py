@@ -97,7 +97,7 @@ class Provenance:
         else:
             name = args.weights or ("gamma_sdp" if args.prompt_set == "sdp" else "gamma")
             path = resolve_weights(path=name, download=False)
-            weights = {"path": str(path), "sha256": file_sha256(path)}
+            weights = {"path": str(Path(path).absolute()), "sha256": file_sha256(path)}
         prompt_set = None if promptiqa else model.config.prompt_set
         crops = None
         if not promptiqa:
@@ -106,7 +106,7 @@ class Provenance:
                      "seed": protocol.seed if protocol.mode == "random" else None}
         isp = None
         if args.isp is not None:
-            isp = {"path": str(Path(args.isp).resolve()), "sha256": file_sha256(args.isp)}
+            isp = {"path": str(Path(args.isp).absolute()), "sha256": file_sha256(args.isp)}
             isp.update({"backend": scorer.backend, "flip": scorer.prompt_flip} if promptiqa
                        else {"outputs": args.adapt_outputs or "score"})
         return cls(

@@ -408,3 +408,21 @@ def test_an_empty_folder_warns_and_exits_nonzero_and_non_images_are_named(image_
     assert main(["score", str(empty), *FAST, "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "scored 1 image(s)" in err and "warning: skipped 7 file(s) without an image extension" in err
+
+
+def test_weights_are_hashed_once_per_content_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    from gamma.cli import provenance
+
+    path = tmp_path / "w.bin"
+    contents = (b"a" * 3_000_000, b"b" * 3_000_001)  # more than one 1 MiB block each
+    expected = [hashlib.sha256(c).hexdigest() for c in contents]
+    path.write_bytes(contents[0])
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(provenance.hashlib, "sha256", lambda: calls.append(1) or real())
+    assert provenance.file_sha256(path) == expected[0] and provenance.file_sha256(path) == expected[0]
+    assert len(calls) == 1  # the second call was answered from the cache
+    path.write_bytes(contents[1])  # another size (and time): hashed again
+    assert provenance.file_sha256(path) == expected[1] and len(calls) == 2

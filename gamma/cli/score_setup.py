@@ -119,7 +119,8 @@ def check_not_empty(args: argparse.Namespace) -> bool:
         return True
     where = " ".join([*args.paths, *(f"--list {f}" for f in args.list or [])])
     why = f"; {skipped.summary()}" if skipped.count else ""
-    print(f"gamma: warning: nothing to score: no images in {where}{why}", file=sys.stderr)
+    if os.environ.get("RANK", "0") in ("0", ""):  # under torchrun every process finds the same: one says it
+        print(f"gamma: warning: nothing to score: no images in {where}{why}", file=sys.stderr)
     return False
 
 

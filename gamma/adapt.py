@@ -83,7 +83,8 @@ class FitReport:
         srcc, plcc, rmse: fitted values against the targets, on the pairs (in-sample: optimistic).
         loo_srcc, loo_plcc, loo_rmse: leave-one-out predictions against the targets (each pair predicted by the whole
             procedure run on the others). Correlations are nan where undefined (a constant prediction).
-        notes: anything worth a warning (a flat map, constant features dropped).
+        notes: anything worth a warning (a flat map, constant features dropped, a degenerate fit: the strongest
+            ridge penalty, leave-one-out SRCC <= 0), each also logged as a warning.
     """
 
     method: str
@@ -254,15 +255,30 @@ def fit(
     mapping, details = _fit_map(x, y, method)
     fitted = mapping.predict(x if method == "ridge" else x[:, 0])
     loo = np.array([_loo_prediction(x, y, i, method) for i in range(n)])
-    notes = list(details.get("notes", ()))
+    loo_srcc = _corr(srcc, loo, y)
+    notes = [*details.get("notes", ()), *_degenerate(method, details.get("strength"), loo_srcc)]
     report = FitReport(
         method=method, features=names, pairs=n, direction=details.get("direction"), strength=details.get("strength"),
         srcc=_corr(srcc, fitted, y), plcc=_corr(plcc, fitted, y), rmse=_rmse(fitted, y),
-        loo_srcc=_corr(srcc, loo, y), loo_plcc=_corr(plcc, loo, y), loo_rmse=_rmse(loo, y), notes=tuple(notes),
+        loo_srcc=loo_srcc, loo_plcc=_corr(plcc, loo, y), loo_rmse=_rmse(loo, y), notes=tuple(notes),
     )
     for note in notes:
         logger.warning("adaptation: %s", note)
     return Adaptation(mapping, report)
+
+
+def _degenerate(method: str, strength: float | None, loo_srcc: float) -> list[str]:
+    """Warnings for a fit that says little: the strongest ridge penalty tried (the outputs barely predict the targets:
+    the map is close to their mean), or no ranking of held-out pairs better than chance (leave-one-out SRCC <= 0)."""
+    notes = []
+    if method == "ridge" and strength is not None and strength >= RIDGE_STRENGTHS[-1]:
+        notes.append(f"the ridge penalty is the strongest tried (lambda {strength:.3g}): the outputs barely predict "
+                     "the targets and the adapted scores stay close to their mean; check the pairs (more, more "
+                     "varied), or use outputs='score'")
+    if not loo_srcc > 0:  # also NaN: constant leave-one-out predictions rank nothing
+        notes.append(f"leave-one-out SRCC {loo_srcc:.3f}: the map ranks images it was not fitted on no better than "
+                     "chance; the adapted column is unreliable (check the pairs' scores and direction, add pairs)")
+    return notes
 
 
 def _fit_map(x: np.ndarray, y: np.ndarray, method: str) -> tuple[MonotoneMap | RidgeMap, dict[str, Any]]:

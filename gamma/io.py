@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Union
@@ -473,7 +473,8 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
 
 
-def iter_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = True) -> Iterator[str]:
+def iter_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = True,
+                     on_skip: Callable[[str], None] | None = None) -> Iterator[str]:
     """Expand files, folders and glob patterns lazily, in a deterministic order.
 
     - a file is yielded as given, whatever its suffix;
@@ -481,7 +482,8 @@ def iter_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], re
       sub-folders (sorted) when ``recursive``; hidden files and folders (``.name``) are skipped;
     - a pattern with ``*``, ``?`` or ``[`` is expanded with :func:`glob.glob` (``**`` matches sub-folders), its
       matches sorted; matching folders are expanded as above;
-    - a path that does not exist is yielded as given, so that the caller reports it like any unreadable file.
+    - a path that does not exist is yielded as given, so that the caller reports it like any unreadable file;
+    - ``on_skip`` (if given) is called with each file of a listed folder left out for its suffix.
 
     Nothing but the current folder's listing is held in memory, so a million files cost no more than a thousand.
     """
@@ -490,7 +492,7 @@ def iter_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], re
     for item in inputs:
         text = os.fspath(item)
         if os.path.isdir(text):
-            yield from _walk(text, recursive)
+            yield from _walk(text, recursive, on_skip=on_skip)
         elif os.path.exists(text) or not (_GLOB_CHARS & set(text)):
             yield text
         else:
@@ -499,12 +501,13 @@ def iter_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], re
                 logger.warning("no files match %s", text)
             for match in matches:
                 if os.path.isdir(match):
-                    yield from _walk(match, recursive)
+                    yield from _walk(match, recursive, on_skip=on_skip)
                 elif is_image_file(match):
                     yield match
 
 
-def _walk(folder: str, recursive: bool, _seen: set[tuple[int, int]] | None = None) -> Iterator[str]:
+def _walk(folder: str, recursive: bool, _seen: set[tuple[int, int]] | None = None,
+          on_skip: Callable[[str], None] | None = None) -> Iterator[str]:
     seen = set() if _seen is None else _seen
     try:
         st = os.stat(folder)
@@ -528,9 +531,11 @@ def _walk(folder: str, recursive: bool, _seen: set[tuple[int, int]] | None = Non
             subdirs.append(entry.path)
         elif is_image_file(entry.name):
             yield entry.path
+        elif on_skip is not None:
+            on_skip(entry.path)
     if recursive:
         for sub in subdirs:
-            yield from _walk(sub, recursive, seen)
+            yield from _walk(sub, recursive, seen, on_skip)
 
 
 def list_image_files(inputs: str | os.PathLike | Iterable[str | os.PathLike], recursive: bool = True) -> list[str]:

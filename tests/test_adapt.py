@@ -161,3 +161,27 @@ def test_report_fields_and_summary():
                       "loo_plcc", "loo_rmse", "notes"}
     assert d["features"] == ["score"] and d["pairs"] == 7 and d["strength"] is None
     assert "monotone map of score (increasing)" in r.summary() and "leave-one-out" in r.summary()
+
+
+# ------------------------------------------------------------------------------------------------ degenerate fits
+def test_a_degenerate_fit_warns_and_a_good_one_does_not(caplog):
+    """Issue: targets the outputs do not predict gave an adapted column without a word of warning."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(12, 3)), rng.normal(size=12)  # independent: nothing to learn
+    with caplog.at_level("WARNING", logger="gamma.adapt"):
+        report = fit(x, y, ["a", "b", "c"]).report
+    assert report.strength == RIDGE_STRENGTHS[-1] and report.loo_srcc <= 0
+    assert any("ridge penalty is the strongest tried" in n for n in report.notes)
+    assert any(f"leave-one-out SRCC {report.loo_srcc:.3f}" in n for n in report.notes)
+    assert "strongest tried" in caplog.text and "no better than chance" in caplog.text
+    assert "no better than chance" in report.summary()
+    # A monotone map whose held-out ranking fails: the SRCC warning alone.
+    shuffled = np.random.default_rng(0).permutation(np.linspace(0, 1, 10))  # LOO SRCC -0.66
+    assert any("no better than chance" in n for n in fit(shuffled, np.linspace(0, 1, 10), ["score"]).report.notes)
+    # Real signal: neither warning.
+    caplog.clear()
+    line_x, line_y = _noisy_line(12, slope=4.0)
+    features = np.stack([line_x, rng.normal(size=12)], axis=1)
+    with caplog.at_level("WARNING", logger="gamma.adapt"):
+        good = fit(features, line_y, ["score", "noise"]).report
+    assert good.strength < RIDGE_STRENGTHS[-1] and good.loo_srcc > 0.5 and good.notes == () and not caplog.text

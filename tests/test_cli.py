@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import read_rows
 from PIL import Image
 
 import gamma
 from gamma.cli import main
+from gamma.hub import sha256sum
 
 NAMES = ["astronaut", "chelsea", "coffee", "rocket"]
 
@@ -99,7 +101,9 @@ def test_jsonl_output(image_dir, tmp_path):
 def test_json_output_is_written_atomically_and_resumable(image_dir, tmp_path):
     out = tmp_path / "s.json"
     partial = tmp_path / ".s.json.partial.jsonl"
-    # An interrupted run leaves only the side file; the .json does not exist yet.
+    # An interrupted run leaves only the side file and its record; the .json does not exist yet.
+    assert main(["score", str(image_dir / "coffee.jpg"), *FAST, "--out", str(tmp_path / "ref.json")]) == 0
+    (tmp_path / "s.json.meta.json").write_text((tmp_path / "ref.json.meta.json").read_text())
     partial.write_text(json.dumps({"name": str(image_dir / "coffee.jpg"), "score": 0.5}) + "\n" + '{"name": "x')
     assert main(["score", str(image_dir), *FAST, "--out", str(out), "--resume"]) == 1
     rows = json.loads(out.read_text())
@@ -301,3 +305,124 @@ def test_subprocess_killed_mid_run_then_resumed(image_dir, tmp_path, capsys):
     names = [r[0] for r in rows[1:]]
     assert len(names) == 24 and len(set(names)) == 24
     assert rows[: len(before)] == before  # the killed run's complete rows are kept as they were
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def _weights(tmp_path: Path, name: str, seed: int, variant: str = "gamma_test") -> Path:
+    from gamma.weights import save_checkpoint
+
+    torch.manual_seed(seed)
+    return save_checkpoint(gamma.create_model(variant), tmp_path / name)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json"])
+def test_resume_refuses_other_weights_or_crops_or_columns_naming_them(image_dir, tmp_path, capsys, suffix):
+    """Issue: --resume appended rows of other weights (any format) and other columns (.jsonl/.json) silently."""
+    import pandas as pd
+
+    first, other = _weights(tmp_path, "first.pth", 0), _weights(tmp_path, "other.pth", 1)
+    photos = [str(image_dir / f"{n}.jpg") for n in NAMES]
+    opts = ["--crops", "center", "--no-progress", "--workers", "1"]
+    out = tmp_path / f"s{suffix}"
+    assert main(["score", *photos[:2], "--weights", str(first), *opts, "--out", str(out)]) == 0
+    before = out.read_bytes()
+    record = json.loads((tmp_path / f"s{suffix}.meta.json").read_text())
+    assert record["weights"]["sha256"] == sha256sum(first) and record["weights"]["path"] == str(first.absolute())
+    assert record["crops"] == {"mode": "center", "num": 1, "seed": None} and record["columns"] == ["name", "score"]
+    assert record["prompt_set"] == "naive" and record["precision"] == "fp32"
+    assert record["gamma_version"] == gamma.__version__ and record["model"]["family"] == "gamma"
+    # The output stays a plain table for pandas.
+    df = pd.read_csv(out) if suffix == ".csv" else pd.read_json(out, lines=suffix == ".jsonl")
+    assert list(df.columns) == ["name", "score"] and len(df) == 2
+    capsys.readouterr()
+    refusals = [
+        (["--weights", str(other), *opts], ["weights: first.pth (sha256", "other.pth (sha256"]),
+        (["--weights", str(first), "--crops", "five", *opts[2:]], ["crop protocol: center (1 per image) in the file",
+                                                                  "five (5 per image) in this run"]),
+        (["--weights", str(first), *opts, "--distribution"], ["columns: name,score in the file"]),
+        (["--weights", str(first), *opts, "--mos-range", "1", "5"], ["--mos-range: none in the file"]),
+    ]
+    for options, expected in refusals:
+        assert main(["score", *photos, *options, "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot resume {out}" in err and "Score into another --out, or pass --overwrite" in err, err
+        assert all(e in err for e in expected), (expected, err)
+        assert out.read_bytes() == before  # the earlier file intact
+    # The same settings continue it; a renamed copy of the same weights too (weights count by content).
+    same = tmp_path / "renamed.pth"
+    same.write_bytes(first.read_bytes())
+    assert main(["score", *photos, "--weights", str(same), *opts, "--out", str(out), "--resume"]) == 0
+    assert "skipped 2 already in" in capsys.readouterr().err
+    # An output without a record (an older gamma's, or copied alone) is not continued blindly.
+    (tmp_path / f"s{suffix}.meta.json").unlink()
+    assert main(["score", *photos, "--weights", str(first), *opts, "--out", str(out), "--resume"]) == 2
+    assert "has no record of how it was scored" in capsys.readouterr().err
+
+
+def test_jsonl_rows_with_other_columns_are_refused_without_a_record_mismatch(image_dir, tmp_path, capsys):
+    """The rows themselves are checked too: a .jsonl whose rows hold other fields than its record says."""
+    out = tmp_path / "s.jsonl"
+    photo = str(image_dir / "coffee.jpg")
+    assert main(["score", photo, *FAST, "--out", str(out)]) == 0
+    out.write_text(json.dumps({"name": "x.jpg", "score": 0.5, "std": 0.1}) + "\n")
+    capsys.readouterr()
+    assert main(["score", str(image_dir), *FAST, "--out", str(out), "--resume"]) == 2
+    assert "its rows hold the columns ['name', 'score', 'std']" in capsys.readouterr().err
+    assert json.loads(out.read_text()) == {"name": "x.jpg", "score": 0.5, "std": 0.1}
+
+
+def test_errors_file_lists_failures_and_resume_retries_them(image_dir, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(image_dir / "coffee.jpg").save(folder / "coffee.jpg")
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)
+    out, errors = tmp_path / "s.csv", tmp_path / "errors.csv"
+    assert main(["score", str(folder), *FAST, "--out", str(out), "--errors", str(errors)]) == 1
+    assert f"1 could not be read (named above and listed in {errors})" in capsys.readouterr().err
+    listed = read_rows(errors)
+    assert listed[0] == ["name", "error"] and [r[0] for r in listed[1:]] == [str(folder / "bad.png")]
+    assert listed[1][1] and not listed[1][1].startswith(str(folder))  # the reason, without the name again
+    # --resume tries failed files again: still broken, it is listed again; repaired, it is scored.
+    assert main(["score", str(folder), *FAST, "--out", str(out), "--errors", str(errors), "--resume"]) == 1
+    assert [r[0] for r in read_rows(errors)[1:]] == [str(folder / "bad.png")]
+    Image.open(image_dir / "rocket.jpg").save(folder / "bad.png")
+    assert main(["score", str(folder), *FAST, "--out", str(out), "--errors", str(errors), "--resume"]) == 0
+    assert read_rows(errors) == [["name", "error"]]
+    assert sorted(r[0] for r in read_rows(out)[1:]) == sorted(str(p) for p in folder.iterdir())
+
+
+def test_an_empty_folder_warns_and_exits_nonzero_and_non_images_are_named(image_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "s.csv"
+    assert main(["score", str(empty), *FAST, "--out", str(out)]) == 1
+    assert f"nothing to score: no images in {empty}" in capsys.readouterr().err
+    assert not out.exists()
+    for i in range(7):
+        (empty / f"notes{i}.txt").write_text("not an image")
+    assert main(["score", str(empty), *FAST, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "skipped 7 file(s) without an image extension" in err and "notes0.txt" in err and "and 2 more" in err
+    # Beside images: scored as usual, the others counted and the first named.
+    Image.open(image_dir / "coffee.jpg").save(empty / "coffee.jpg")
+    assert main(["score", str(empty), *FAST, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "scored 1 image(s)" in err and "warning: skipped 7 file(s) without an image extension" in err
+
+
+def test_weights_are_hashed_once_per_content_and_again_when_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    from gamma.cli import provenance
+
+    path = tmp_path / "w.bin"
+    contents = (b"a" * 3_000_000, b"b" * 3_000_001)  # more than one 1 MiB block each
+    expected = [hashlib.sha256(c).hexdigest() for c in contents]
+    path.write_bytes(contents[0])
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(provenance.hashlib, "sha256", lambda: calls.append(1) or real())
+    assert provenance.file_sha256(path) == expected[0] and provenance.file_sha256(path) == expected[0]
+    assert len(calls) == 1  # the second call was answered from the cache
+    path.write_bytes(contents[1])  # another size (and time): hashed again
+    assert provenance.file_sha256(path) == expected[1] and len(calls) == 2

@@ -181,3 +181,33 @@ def test_full_disk_while_scoring_is_an_error_naming_the_output_and_resume_comple
     with open(out, newline="") as fh:
         names = [row[0] for row in csv.reader(fh)][1:]
     assert sorted(names) == sorted(str(p) for p in many.iterdir())  # each once, the half-written row dropped
+
+
+# ------------------------------------------------------------------------------------------------ gamma train
+def test_train_table_prints_the_table_and_where_and_points_a_split_folder_to_its_parent(tmp_path, capsys, caplog):
+    run = tmp_path / "run"
+    for k, srcc in ((1, 0.90), (2, 0.94)):
+        (run / f"split_{k}").mkdir(parents=True)
+        result = {"split_index": k, "finished": True, "best": {"epoch": 1, "mean": {}, "datasets": {
+            "koniq10k": {"srcc": srcc, "plcc": srcc + 0.01, "krcc": srcc - 0.1, "n": 10}}}}
+        (run / f"split_{k}" / "results.json").write_text(json.dumps(result))
+    assert main(["train", "--table", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| run | KonIQ-10k") and ".920/.930" in out  # the medians
+    assert f"written to {run / 'table.md'}, {run / 'table.csv'}, {run / 'table.json'}" in out
+    # Given one split's folder: an error pointing to the run folder above it.
+    assert main(["train", "--table", str(run / "split_1")]) == 2  # the trainer logs its errors
+    assert "this is one split's folder" in caplog.text and f"--table {run}" in caplog.text
+
+
+def test_a_missing_model_file_names_the_option_and_the_resolved_path(tmp_path, monkeypatch):
+    from gamma.train.config import ConfigError, load_config
+    from gamma.train.loop import build_model
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.name=gamma_test", "model.pretrained=weights/mine.pth"])
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg)
+    message = str(info.value)
+    assert message.startswith("model.pretrained: 'weights/mine.pth'")
+    assert str(tmp_path / "weights" / "mine.pth") in message

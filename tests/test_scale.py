@@ -109,6 +109,9 @@ def test_resume_merges_parts_left_by_a_crashed_sharded_run_in_input_order(photos
     (tmp_path / ".scores.csv.rank0-of-2.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rank0))
     record1 = {"index": 1, "name": str(photos[1]), "score": scores[str(photos[1])], "mos": None, "error": None}
     (tmp_path / ".scores.csv.rank1-of-2.jsonl").write_text(json.dumps(record1) + "\n" + '{"index": 3, "na')
+    # What rank 0 recorded before the parts were written: the reference run's record, with the parts' fields.
+    record = json.loads((tmp_path / "reference.csv.meta.json").read_text())
+    (tmp_path / ".scores.csv.parts.meta.json").write_text(json.dumps({**record, "columns": list(record1)}))
     args = ["score", *map(str, photos), *FAST, "--out", str(out)]
     assert main(args) == 2  # neither --resume nor --overwrite: the parts are not touched
     assert "--resume" in capsys.readouterr().err and len(list(tmp_path.glob(".scores.csv.rank*"))) == 2
@@ -116,7 +119,8 @@ def test_resume_merges_parts_left_by_a_crashed_sharded_run_in_input_order(photos
     err = capsys.readouterr().err
     assert "scored 6 image(s)" in err and "skipped" not in err and "broken.jpg" in err
     assert read_rows(out) == expected
-    assert not list(tmp_path.glob(".scores.csv.rank*"))  # merged, then removed
+    assert not list(tmp_path.glob(".scores.csv.rank*")) and not list(tmp_path.glob(".scores.csv.parts*"))  # merged
+    assert json.loads((tmp_path / "scores.csv.meta.json").read_text())["columns"] == ["name", "score"]
 
 
 # ------------------------------------------------------------------------------------------------ torchrun

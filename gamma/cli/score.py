@@ -1,7 +1,8 @@
 """``gamma score``: its options, and scoring in one process (under torchrun: :mod:`gamma.cli.sharded`).
 
-Exit status: 0 when every image was scored, 1 when some could not be read (each is named on stderr; the others are
-still scored), 2 for usage or setup errors (bad options, weights not found).
+Exit status: 0 when every image was scored, 1 when some could not be read (each is named on stderr and, with
+``--errors FILE``, listed there; the others are still scored) or when there was nothing to score (an empty folder),
+2 for usage or setup errors (bad options, weights not found, an output that ``--resume`` must not continue).
 """
 
 from __future__ import annotations
@@ -19,9 +20,20 @@ from ..hub import KNOWN_WEIGHTS
 from ..io import MAX_PIXELS
 from ..prompts import ATTRIBUTES, PROMPT_SETS, SCENES
 from .common import add_renamed, positive_int
-from .score_setup import Tally, announce, iter_inputs, make_scorer, progress, report, resolve_options
+from .provenance import Provenance
+from .score_setup import (
+    SkippedFiles,
+    Tally,
+    announce,
+    check_not_empty,
+    iter_inputs,
+    make_scorer,
+    progress,
+    report,
+    resolve_options,
+)
 from .sharded import part_files, score_sharded, world_size
-from .writers import RowWriter
+from .writers import ErrorWriter, RowWriter, error_reason
 
 if TYPE_CHECKING:
     from ..scorer import Scorer
@@ -75,7 +87,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--num-crops", type=positive_int, help="crops per image for random/grid (default 10)")
     s.add_argument("--seed", type=int, help="seed of the random crop offsets (default 0)")
     s.add_argument("--out", "-o", help="output file: .csv, .jsonl or .json (default: CSV on stdout)")
-    s.add_argument("--resume", action="store_true", help="skip images already in --out and append the rest")
+    s.add_argument("--resume", action="store_true", help="skip images already in --out and append the rest (refused "
+                   "when --out was scored with other weights, prompts, scene, crops, precision or columns: its "
+                   "record is <out>.meta.json); files that could not be scored are tried again")
+    s.add_argument("--errors", metavar="FILE", help="write the files that could not be scored to FILE (CSV "
+                   "name,error; replaced at every run)")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--mos-range", nargs=2, type=float, metavar=("LO", "HI"),
                    help="also write scores mapped to a dataset's label scale (column mos)")
@@ -96,6 +112,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     args.max_pixels = MAX_PIXELS if args.max_pixels is None else args.max_pixels
     resolve_options(args)
+    if not check_not_empty(args):  # before the model loads; the same answer in every process of a sharded run
+        return 1
     if world_size() > 1 or (args.out is not None and part_files(Path(args.out))):
         return score_sharded(args)  # torchrun; or the parts a crashed torchrun run left
     RowWriter.check_target(args.out, args.resume, args.overwrite)  # before the model loads
@@ -105,11 +123,16 @@ def run(args: argparse.Namespace) -> int:
         print("gamma: interrupted", file=sys.stderr)
         return 130
     announce(scorer)
-    # The columns depend on the model (PromptIQA, SDP prompts for the scene column): known once it is built.
-    writer = RowWriter(args.out, scorer.columns(), resume=args.resume, overwrite=args.overwrite)
+    # The columns depend on the model (PromptIQA, SDP prompts for the scene column): known once it is built; so is
+    # the record of what the scores depend on, which --resume checks before anything is appended.
+    provenance = Provenance.from_scorer(scorer, args) if args.out is not None else None
+    writer = RowWriter(args.out, scorer.columns(), resume=args.resume, overwrite=args.overwrite,
+                       provenance=provenance)
+    errors, skipped = ErrorWriter(args.errors), SkippedFiles()
     try:
         writer.open()
-        tally = _score_files(args, scorer, writer)
+        errors.open()
+        tally = _score_files(args, scorer, writer, errors, skipped)
     except KeyboardInterrupt:
         print("gamma: interrupted; run again with --resume to continue", file=sys.stderr)
         writer.close(complete=False)
@@ -117,12 +140,17 @@ def run(args: argparse.Namespace) -> int:
     except BaseException:
         writer.close(complete=False)
         raise
+    finally:
+        errors.close()
     writer.close(complete=True)
-    report(tally, args.out, verbose=args.verbose)
+    report(tally, args.out, verbose=args.verbose, skipped=skipped, errors=args.errors)
+    if tally.failed and not tally.scored and not tally.skipped:
+        print("gamma: warning: no image could be scored", file=sys.stderr)
     return 1 if tally.failed else 0
 
 
-def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) -> Tally:
+def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter, errors: ErrorWriter,
+                 skipped: SkippedFiles) -> Tally:
     """Score the images of ``args`` that are not in the output yet, streaming one row per image."""
     # Counting first walks the inputs twice but keeps memory flat and gives the bar an ETA.
     total = None if args.no_progress else sum(1 for _ in iter_inputs(args))
@@ -132,7 +160,7 @@ def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) ->
     start = time.perf_counter()
 
     def todo() -> Iterator[str]:
-        for path in iter_inputs(args):
+        for path in iter_inputs(args, skipped):
             if path in seen:
                 tally.skipped += 1
                 bar.update(1)
@@ -148,6 +176,7 @@ def _score_files(args: argparse.Namespace, scorer: Scorer, writer: RowWriter) ->
             else:
                 tally.failed += 1
                 bar.write(f"gamma: cannot score {result.error}", file=sys.stderr)
+                errors.write(result.name, error_reason(result.name, result.error))
             bar.update(1)
     finally:
         bar.close()

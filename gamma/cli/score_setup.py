@@ -33,6 +33,31 @@ class Tally:
     seconds: float = 0.0  # how long that took (sharded: the slowest process)
 
 
+class SkippedFiles:
+    """Files of the listed folders left out because their names have no image extension: counted, the first few
+    named (a folder of a million sidecar files costs a counter, not a list); each one is logged at debug level."""
+
+    SHOWN = 5
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first: list[str] = []
+
+    def __call__(self, path: str) -> None:
+        self.count += 1
+        if len(self.first) < self.SHOWN:
+            self.first.append(path)
+        logger.debug("skipping %s: no image extension", path)
+
+    def summary(self) -> str | None:
+        """One line for stderr, or None when nothing was skipped."""
+        if not self.count:
+            return None
+        more = f" and {self.count - len(self.first)} more" if self.count > len(self.first) else ""
+        return (f"skipped {self.count} file(s) without an image extension in the folders given "
+                f"({', '.join(self.first)}{more}; -v names each; name a file explicitly to score it anyway)")
+
+
 def resolve_options(args: argparse.Namespace) -> None:
     """Check option combinations and fill in what ``--dataset`` implies (before any file is touched); read the
     ``--isp`` file (every image in it checked to exist) before the model loads."""
@@ -74,15 +99,29 @@ def _apply_dataset(args: argparse.Namespace) -> None:
         args.scene = info.scene
 
 
-def iter_inputs(args: argparse.Namespace) -> Iterator[str]:
-    """The images to score, in a deterministic order: PATHs expanded (folders, globs), then each --list's paths."""
+def iter_inputs(args: argparse.Namespace, skipped: SkippedFiles | None = None) -> Iterator[str]:
+    """The images to score, in a deterministic order: PATHs expanded (folders, globs), then each --list's paths;
+    files in the folders without an image extension go to ``skipped``."""
     if args.paths:
-        yield from iter_image_files(args.paths, recursive=not args.no_recursive)
+        yield from iter_image_files(args.paths, recursive=not args.no_recursive, on_skip=skipped)
     for listed in args.list or []:
         try:
             yield from iter_listed_files(listed)
         except (OSError, UnicodeDecodeError, ValueError) as exc:  # rows scored so far stay; --resume continues
             raise UsageError(f"cannot read the file list {listed}: {exc}") from None
+
+
+def check_not_empty(args: argparse.Namespace) -> bool:
+    """Warn on stderr and return False when the inputs hold no image at all (an empty folder, a glob or list that
+    names nothing, a folder of files without image extensions)."""
+    skipped = SkippedFiles()
+    if next(iter(iter_inputs(args, skipped)), None) is not None:
+        return True
+    where = " ".join([*args.paths, *(f"--list {f}" for f in args.list or [])])
+    why = f"; {skipped.summary()}" if skipped.count else ""
+    if os.environ.get("RANK", "0") in ("0", ""):  # under torchrun every process finds the same: one says it
+        print(f"gamma: warning: nothing to score: no images in {where}{why}", file=sys.stderr)
+    return False
 
 
 def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
@@ -198,14 +237,18 @@ def progress(total: int | None, disable: bool, desc: str = "scoring") -> Any:
     return tqdm(total=total, unit="img", desc=desc, file=sys.stderr, disable=disable, dynamic_ncols=True)
 
 
-def report(tally: Tally, out: str | None, processes: int = 1, verbose: bool = False) -> None:
-    """The closing line on stderr (and with ``-v`` the rate, which scripts/bench_scale.py reads)."""
+def report(tally: Tally, out: str | None, processes: int = 1, verbose: bool = False,
+           skipped: SkippedFiles | None = None, errors: str | None = None) -> None:
+    """The closing lines on stderr (and with ``-v`` the rate, which scripts/bench_scale.py reads)."""
     parts = [f"scored {tally.scored} image(s)" + (f" in {processes} processes" if processes > 1 else "")]
     if tally.skipped:
         parts.append(f"skipped {tally.skipped} already in {out} or named twice")
     if tally.failed:
-        parts.append(f"{tally.failed} could not be read (named above)")
+        listed = f" and listed in {errors}" if errors else ""
+        parts.append(f"{tally.failed} could not be read (named above{listed})")
     print("gamma: " + ", ".join(parts), file=sys.stderr)
+    if skipped is not None and skipped.count:
+        print(f"gamma: warning: {skipped.summary()}", file=sys.stderr)
     if verbose and tally.seconds:
         print(f"gamma: rate: {tally.new / tally.seconds:.3f} images/s ({tally.new} image(s) decoded and scored in "
               f"{tally.seconds:.2f} s, {processes} process(es))", file=sys.stderr)

@@ -6,7 +6,9 @@ share on its own device and appends one record per input (index, name, score or 
 --out, `.scores.csv.rank<r>-of-<N>.jsonl`. After all processes are done, rank 0 merges the parts by index into --out
 (the same rows, in the same order, as one process writes) and deletes them. A crash of any process leaves the parts:
 `--resume` (with any number of processes, one included) skips what they hold and merges them with the new records.
-Multi-node: --out must be on a filesystem that every node sees.
+Multi-node: --out must be on a filesystem that every node sees. Rank 0 records what the parts were scored with
+(:mod:`gamma.cli.provenance`) in `.scores.csv.parts.meta.json`; `--resume` continues parts only when this run's
+record is the same, and the merged --out gets its own record, `scores.csv.meta.json`.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .common import PeerError, UsageError
-from .score_setup import Tally, announce, iter_inputs, make_scorer, progress, report
-from .writers import RowWriter, truncate_partial_line
+from .provenance import Provenance, check_resume, sidecar_path, write_sidecar
+from .score_setup import SkippedFiles, Tally, announce, iter_inputs, make_scorer, progress, report
+from .writers import ErrorWriter, RowWriter, error_reason, truncate_partial_line
 
 if TYPE_CHECKING:
     from ..scorer import Scorer
@@ -49,6 +52,11 @@ def world_size() -> int:
 
 def _part_path(out: Path, rank: int, world: int) -> Path:
     return out.with_name(f".{out.name}.rank{rank}-of-{world}.jsonl")
+
+
+def _parts_record(out: Path) -> Path:
+    """The name whose sidecar records what the parts of ``out`` were scored with (``.scores.csv.parts.meta.json``)."""
+    return out.with_name(f".{out.name}.parts")
 
 
 def part_files(out: Path) -> list[Path]:
@@ -104,8 +112,10 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     if info.is_main:
         announce(scorer)
         try:
-            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
-            _prepare_parts(out, args, part_columns)
+            provenance = Provenance.from_scorer(scorer, args)  # rank 0 only: the weights are hashed once
+            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite,
+                               provenance=provenance)
+            _prepare_parts(out, args, provenance.with_columns(part_columns))
         except UsageError as exc:
             error = str(exc)
     _collective_check(error, info)
@@ -121,8 +131,9 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     # 4. Score this process's share into its part.
     part = RowWriter(str(_part_path(out, info.rank, info.world_size)), part_columns, resume=True, overwrite=False)
     part.open()
+    skipped = SkippedFiles()
     try:
-        mine = _score_part(args, scorer, part, info, done=(done_out, done_parts))
+        mine = _score_part(args, scorer, part, info, done=(done_out, done_parts), skipped=skipped)
     except KeyboardInterrupt:
         if info.is_main:
             print("gamma: interrupted; run again with --resume to continue", file=sys.stderr)
@@ -133,10 +144,11 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     everyone = all_gather_objects(mine, info)
     if not info.is_main:
         return 0
-    tally = _merge_parts(out, writer)
+    tally = _merge_parts(out, writer, ErrorWriter(args.errors))
     tally.skipped += sum(t.skipped for t in everyone)
     tally.new, tally.seconds = sum(t.new for t in everyone), max(t.seconds for t in everyone)
-    report(tally, args.out, info.world_size, verbose=args.verbose)
+    # Every process walks all inputs (keeping its share): rank 0 has seen every file skipped for its suffix.
+    report(tally, args.out, info.world_size, verbose=args.verbose, skipped=skipped, errors=args.errors)
     return 1 if tally.failed else 0
 
 
@@ -146,13 +158,16 @@ def _part_columns(columns: list[str]) -> list[str]:
     return ["index", "name", "score", "mos", *extra, "error"]
 
 
-def _prepare_parts(out: Path, args: argparse.Namespace, part_columns: list[str]) -> None:
-    """Parts of an earlier run: continued with --resume (a half-written last record dropped; their fields must be
-    this run's), deleted with --overwrite, else an error."""
+def _prepare_parts(out: Path, args: argparse.Namespace, provenance: Provenance) -> None:
+    """Parts of an earlier run: continued with --resume (their record and fields must be this run's; a half-written
+    last record is dropped), deleted with --overwrite, else an error. Then this run's record of the parts is written."""
     parts = part_files(out)
+    record = _parts_record(out)
+    part_columns = provenance.columns
     if not parts:
-        return
-    if args.resume:
+        pass
+    elif args.resume:
+        check_resume(record, provenance, what=f"the part files of {out.name} ({parts[0].name} ...)")
         for path in parts:
             truncate_partial_line(path)
             first = next(iter(_read_part(path)), None)
@@ -166,6 +181,7 @@ def _prepare_parts(out: Path, args: argparse.Namespace, part_columns: list[str])
     else:
         raise UsageError(f"an interrupted run left {len(parts)} part file(s) of {out} ({parts[0].name} ...): pass "
                          "--resume to continue it, or --overwrite to start again")
+    write_sidecar(record, provenance)
 
 
 def _read_part(path: Path) -> Iterator[dict[str, Any]]:
@@ -190,7 +206,7 @@ def _names_in_parts(out: Path) -> set[str]:
 
 
 def _score_part(args: argparse.Namespace, scorer: Scorer, part: RowWriter, info: DistInfo,
-                done: tuple[set[str], set[str]]) -> Tally:
+                done: tuple[set[str], set[str]], skipped: SkippedFiles) -> Tally:
     """Score inputs ``i % world == rank`` that no earlier run scored: how many, how long, how many were skipped as
     already in --out."""
     rank, world = info.rank, info.world_size
@@ -198,7 +214,7 @@ def _score_part(args: argparse.Namespace, scorer: Scorer, part: RowWriter, info:
     indices: deque[int] = deque()  # the index of each path handed to the scorer, whose results come in that order
 
     def todo() -> Iterator[str]:
-        for i, path in enumerate(iter_inputs(args)):
+        for i, path in enumerate(iter_inputs(args, skipped)):
             if i % world != rank:
                 continue
             if path in done[0] or path in done[1]:  # in --out (counted as skipped), or in a part (merged below)
@@ -225,9 +241,10 @@ def _score_part(args: argparse.Namespace, scorer: Scorer, part: RowWriter, info:
     return tally
 
 
-def _merge_parts(out: Path, writer: RowWriter) -> Tally:
-    """Append the parts' rows to ``writer`` in input order (by index), once per name; name the failures; delete the
-    parts. Memory: one record per part, and the names written (as ``--resume`` holds them)."""
+def _merge_parts(out: Path, writer: RowWriter, errors: ErrorWriter) -> Tally:
+    """Append the parts' rows to ``writer`` in input order (by index), once per name; name the failures (on stderr
+    and in ``errors``); delete the parts and their record. Memory: one record per part, and the names written (as
+    ``--resume`` holds them)."""
     parts = part_files(out)
     tally = Tally()
     seen = writer.done  # names already in --out (a resumed run) and those merged here
@@ -243,6 +260,7 @@ def _merge_parts(out: Path, writer: RowWriter) -> Tally:
             yield index, k, record
 
     writer.open()
+    errors.open()
     try:
         for _, _, record in heapq.merge(*(stream(k, p) for k, p in enumerate(parts))):
             name = record["name"]
@@ -253,6 +271,7 @@ def _merge_parts(out: Path, writer: RowWriter) -> Tally:
             if record.get("error"):
                 tally.failed += 1
                 print(f"gamma: cannot score {record['error']}", file=sys.stderr)
+                errors.write(name, error_reason(name, record["error"]))
                 continue
             score = record["score"]
             extra = {c: record[c] for c in writer.columns if c not in ("name", "score", "mos")}
@@ -262,10 +281,13 @@ def _merge_parts(out: Path, writer: RowWriter) -> Tally:
     except BaseException:
         writer.close(complete=False)  # the parts stay: --resume merges them again, skipping the rows written
         raise
+    finally:
+        errors.close()
     writer.close(complete=True)
     if unordered:
         logger.warning("the inputs changed between the interrupted run and --resume: some rows of %s are not in input "
                        "order", out)
     for path in parts:
         path.unlink(missing_ok=True)
+    sidecar_path(_parts_record(out)).unlink(missing_ok=True)
     return tally

@@ -2,7 +2,9 @@
 
 :class:`RowWriter` streams one row per image and flushes it; with ``--resume`` it first reads the names already
 written (dropping a half-written last row), so the run skips them. ``.json`` is built in a JSON Lines side file and
-written atomically at the end.
+written atomically at the end. Given a :class:`~gamma.cli.provenance.Provenance`, it writes the output's record
+beside it (``<out>.meta.json``) and refuses to continue an output whose record or columns differ.
+:class:`ErrorWriter` lists the files that could not be scored (``--errors``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, TextIO
 from .._files import atomic_write
 from ..data.meta import is_number
 from .common import UsageError
+from .provenance import Provenance, check_resume, sidecar_path, write_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +68,8 @@ def _read_csv_names(path: Path, columns: list[str]) -> set[str]:
     return done
 
 
-def _read_jsonl_names(path: Path) -> set[str]:
+def _read_jsonl_names(path: Path, columns: list[str], shown: Path) -> set[str]:
+    """The names in a JSON Lines stream; a usage error when a row's fields are not ``columns`` (in order)."""
     truncate_partial_line(path)
     done: set[str] = set()
     with open(path, encoding="utf-8") as fh:
@@ -73,9 +77,15 @@ def _read_jsonl_names(path: Path) -> set[str]:
             if not line.strip():
                 continue
             try:
-                done.add(json.loads(line)["name"])
+                row = json.loads(line)
+                name = row["name"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 logger.warning("%s:%d: ignoring an unreadable row", path, line_no)
+                continue
+            if list(row) != columns:
+                raise UsageError(f"cannot resume {shown}: its rows hold the columns {list(row)}, this run writes "
+                                 f"{columns}; score into another --out or pass --overwrite")
+            done.add(name)
     return done
 
 
@@ -87,8 +97,10 @@ class RowWriter:
     written atomically at the end; until then the ``.json`` file is either absent or the previous complete one.
     """
 
-    def __init__(self, out: str | None, columns: list[str], resume: bool, overwrite: bool) -> None:
+    def __init__(self, out: str | None, columns: list[str], resume: bool, overwrite: bool,
+                 provenance: Provenance | None = None) -> None:
         self.columns = columns
+        self.provenance = provenance.with_columns(columns) if provenance is not None else None
         self.done: set[str] = set()
         self.path = Path(out) if out else None
         self.format = self.check_target(out, resume, overwrite)
@@ -97,13 +109,17 @@ class RowWriter:
         if self.path is None:
             return
         stream_path = self.partial_path if self.format == "json" else self.path
+        if self._replace or not (self.path.exists() or stream_path.exists()):
+            return
+        if self.provenance is not None:  # before anything is read or repaired: a refusal leaves the file as it was
+            check_resume(self.path, self.provenance)
         if self.format == "json" and resume and self.path.exists() and not stream_path.exists():
             self._seed_partial_from_json()
-        if stream_path.exists() and not self._replace:
+        if stream_path.exists():
             if self.format == "csv":
                 self.done = _read_csv_names(stream_path, columns)
             else:
-                self.done = _read_jsonl_names(stream_path)
+                self.done = _read_jsonl_names(stream_path, columns, self.path)
 
     @staticmethod
     def check_target(out: str | None, resume: bool, overwrite: bool) -> str:
@@ -134,6 +150,10 @@ class RowWriter:
             stream_path.unlink(missing_ok=True)
             if self.format == "json":
                 self.path.unlink(missing_ok=True)
+        if self.provenance is not None:
+            write_sidecar(self.path, self.provenance)
+        elif self._replace:  # a record of the replaced rows would describe rows that are gone
+            sidecar_path(self.path).unlink(missing_ok=True)
         new_file = not stream_path.exists() or stream_path.stat().st_size == 0
         self._fh = open(stream_path, "a", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self._csv = csv.writer(self._fh, lineterminator="\n")
@@ -207,6 +227,43 @@ class RowWriter:
                 out.write(("\n  " if first else ",\n  ") + line.strip())
                 first = False
             out.write("\n]\n" if not first else "]\n")
+
+
+class ErrorWriter:
+    """``--errors FILE``: a CSV ``name,error`` of the files this run could not score, one row each, flushed as they
+    come (replaced at every run: a resumed run tries the failed files again, so its list is the complete one)."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = Path(path) if path else None
+        self.count = 0
+        self._fh: TextIO | None = None
+
+    def open(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "w", newline="", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._csv = csv.writer(self._fh, lineterminator="\n")
+        self._csv.writerow(["name", "error"])
+        self._fh.flush()
+
+    def write(self, name: str, error: str) -> None:
+        self.count += 1
+        if self._fh is None:
+            return
+        self._csv.writerow([name, error])
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def error_reason(name: str, error: str | None) -> str:
+    """The reason of a failed input, without the name the scorer's message starts with."""
+    text = error or "unknown error"
+    return text[len(name) + 2:] if text.startswith(f"{name}: ") else text
 
 
 def _format(value: Any) -> str:

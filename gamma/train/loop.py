@@ -43,7 +43,7 @@ from ..archs import GammaModel
 from ..archs.precision import check_precision, resolve_precision, tf32_mode
 from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
-from ..hub import resolve_weights
+from ..hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights
 from ..weights import load_into
 from .checkpoint import (
     LAST,
@@ -183,7 +183,12 @@ def build_model(cfg: TrainConfig) -> GammaModel:
     torch.manual_seed(cfg.seed)
     m = cfg.model
     # A known name (uniqa, gamma, gamma_sdp) is found through its environment variable or the weight cache.
-    pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
+    try:
+        pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
+    except WeightsNotFoundError as exc:  # name the option, and where a relative path was looked for
+        given = str(m.pretrained)
+        where = "" if given in KNOWN_WEIGHTS else f" (resolved to {Path(given).expanduser().absolute()})"
+        raise ConfigError(f"model.pretrained: {given!r}{where}: {exc}") from None
     try:
         model = create_model(m.name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **m.overrides)
     except (ValueError, TypeError) as exc:

@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     # intermixed: `-opt x.yml name=a --resume epochs=4` (overrides on both sides of a flag) must parse
     args = build_parser().parse_intermixed_args(list(argv) if argv is not None else None)
     if args.table:
-        return summarize(args.table)
+        summary = summarize(args.table)
+        print(Path(summary["files"]["md"]).read_text(encoding="utf-8"), end="")  # noqa: T201 - command-line output
+        print(f"written to {', '.join(summary['files'].values())}")  # noqa: T201
+        return summary
     if not args.opt:
         raise ConfigError("no option file: pass -opt options/<experiment>.yml (see options/)")
     overrides = list(args.overrides)
@@ -89,6 +92,9 @@ def summarize(folder: str | Path, label: str | None = None) -> dict[str, Any]:
     folder = Path(folder)
     files = sorted(folder.glob("split_*/results.json"), key=lambda f: _split_number(f.parent.name))
     if not files:
+        if (folder / "results.json").is_file() and folder.name.startswith("split_"):  # one split's own folder
+            raise ConfigError(f"--table {folder}: this is one split's folder; the table is made over the splits of "
+                              f"the run: --table {folder.parent}")
         raise ConfigError(f"--table {folder}: no split_*/results.json found (has any split finished?)")
     results, unfinished = [], []
     for f in files:

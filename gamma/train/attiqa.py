@@ -38,10 +38,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._files import atomic_write
 from ..archs import AttiqaModel, attribute_ranking_loss
-from ..config import AttiqaConfig
 from ..data import DatasetEntry, IQADataset, build_dataset, collate
 from ..data.synthetic import generate_for_entries
 from ..factory import create_model, list_models
+from ..families import family_of_checkpoint
 from ..hub import resolve_weights
 from ..io import list_image_files
 from ..metrics import evaluate_scores
@@ -138,7 +138,7 @@ def check_student(cfg: TrainConfig) -> None:
                               f"({', '.join(list_models('attiqa'))}), got {name!r}")
         return
     path = resolve_weights(path=cfg.model.pretrained)
-    if not isinstance(read_checkpoint(path, allow_unsafe=cfg.model.allow_unsafe).config, AttiqaConfig):
+    if family_of_checkpoint(read_checkpoint(path, allow_unsafe=cfg.model.allow_unsafe)).name != "attiqa":
         raise ConfigError(f"model.pretrained: {path} is not an ATTIQA student; stage {cfg.stage} trains one "
                           f"(model.name: one of {', '.join(list_models('attiqa'))})")
 

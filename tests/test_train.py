@@ -218,18 +218,18 @@ def _read_predictions(path: Path) -> list[list[str]]:
 def test_nan_loss_stops_with_a_clear_message(workspace, monkeypatch):
     from gamma.archs.gamma import GammaModel
 
-    score = GammaModel._score
+    score = GammaModel.score_crops
     calls = {"n": 0}
 
-    def poisoned(self, crops, scene_index):
+    def poisoned(self, crops, scene=None):
         calls["n"] += 1
-        out = score(self, crops, scene_index)
+        out = score(self, crops, scene)
         return out * float("nan") if self.training and calls["n"] >= 3 else out
 
-    monkeypatch.setattr(GammaModel, "_score", poisoned)
+    monkeypatch.setattr(GammaModel, "score_crops", poisoned)
     with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at epoch 1, step 3 .*before updating the weights"):
         run(workspace, "name=nan")
-    monkeypatch.setattr(GammaModel, "_score", score)
+    monkeypatch.setattr(GammaModel, "score_crops", score)
     assert cli(["-opt", str(workspace / "base.yml"), "name=nan", "overwrite=true", "epochs=1",
                 "max_steps_per_epoch=1"]) == 0
 

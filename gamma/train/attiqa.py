@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._files import atomic_write
 from ..archs import AttiqaModel, attribute_ranking_loss
+from ..archs.attiqa import check_attribute_targets
 from ..data import DatasetEntry, IQADataset, build_dataset, collate
 from ..data.synthetic import generate_for_entries
 from ..factory import create_model, list_models
@@ -273,11 +274,7 @@ def attribute_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: shapes differ or are not (B, A), or the targets are not finite.
     """
-    if pred.dim() != 2 or pred.shape != target.shape:
-        raise ValueError(f"pred and target must both be (batch, attributes), got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    if not bool(torch.isfinite(target).all()):
-        raise ValueError("teacher targets contain NaN or infinite values")
+    check_attribute_targets(pred, target)
     return (pred - target.to(pred.dtype)).square().mean(dim=0).sum()
 
 

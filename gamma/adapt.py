@@ -1,4 +1,4 @@
-"""Training-free adaptation: fit a map from a model's outputs to a prompt's scores (docs/usage.md#prompt-files).
+"""Training-free adaptation: fit a map from a model's outputs to a prompt's scores (docs/usage.md#isp-files).
 
 A prompt is a handful of images with scores on some scale (MOS 1..5, DMOS 0..100, an aesthetic rating ...). Gamma's
 outputs for those images (its score, the five level probabilities, the attribute scores) are the features; the

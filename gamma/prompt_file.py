@@ -1,4 +1,4 @@
-"""Prompt files: a few images with their scores, as a CSV ``image,score`` (docs/usage.md#prompt-files).
+"""ISP files: a few images with their scores, as a CSV ``image,score`` (docs/usage.md#isp-files).
 
 The same file steers PromptIQA (its image-score pair prompt, docs/promptiqa.md) and adapts Gamma to a scale
 (:mod:`gamma.adapt`)::

@@ -231,7 +231,7 @@ def test_convert_round_trips_to_identical_fp32_scores(release_file, tmp_path, ca
     assert info["name"] == path.name and info["size"] == st.st_size and info["mtime_ns"] == st.st_mtime_ns
     assert info["precision"] == "fp32" and len(info["sha256"]) == 64
     ckpt = read_checkpoint(dest)
-    assert ckpt.kind == "gamma" and ckpt.config.prompt_set == "sdp"  # recorded: no prompt_set needed to load it
+    assert ckpt.kind == "native" and ckpt.config.prompt_set == "sdp"  # recorded: no prompt_set needed to load it
     converted = gamma.create_model(pretrained=dest)
     reference = _scores(original, images)
     assert torch.equal(_scores(converted, images), reference)  # the same weights, the same ops

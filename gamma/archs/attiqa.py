@@ -202,6 +202,19 @@ class AttiqaModel(TrainableModule):
 
 
 # ---------------------------------------------------------------------------------------------------- loss
+def check_attribute_targets(pred: torch.Tensor, target: torch.Tensor) -> None:
+    """What an attribute loss takes: predictions and teacher scores of one shape (B, A), the scores finite.
+
+    Raises:
+        ValueError: shapes differ or are not (B, A), or the targets are not finite.
+    """
+    if pred.dim() != 2 or pred.shape != target.shape:
+        raise ValueError(f"pred and target must both be (batch, attributes), got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError("teacher targets contain NaN or infinite values")
+
+
 def attribute_ranking_loss(pred: torch.Tensor, target: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
     """ATTIQA's pretraining loss: margin ranking on in-batch pairs ordered by the teacher, summed over attributes.
 
@@ -222,11 +235,7 @@ def attribute_ranking_loss(pred: torch.Tensor, target: torch.Tensor, margin: flo
     Raises:
         ValueError: shapes differ or are not (B, A), or the targets are not finite.
     """
-    if pred.dim() != 2 or pred.shape != target.shape:
-        raise ValueError(f"pred and target must both be (batch, attributes), got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    if not bool(torch.isfinite(target).all()):
-        raise ValueError("teacher targets contain NaN or infinite values")
+    check_attribute_targets(pred, target)
     i, j = torch.triu_indices(pred.shape[0], pred.shape[0], offset=1, device=pred.device)  # (P,) each
     order = torch.sign(target[i] - target[j]).to(pred.dtype)  # (P, A): +1, -1, or 0 for a tie
     hinge = (margin - order * (pred[i] - pred[j])).clamp_min(0) * order.abs()  # ties contribute 0

@@ -1,4 +1,5 @@
-"""What Gamma's image tower accepts: batches of RGB images in [0, 1], checked with errors that say what to do."""
+"""What gamma's models accept (Gamma's image tower, PromptIQA, Gamma + ISP): batches of RGB images in [0, 1], checked
+with errors that say what to do."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def check_images(images: torch.Tensor, check_range: bool = True) -> torch.Tensor
         if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
             raise ValueError(
                 f"pixel values must be RGB in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
-                + ("; do not CLIP-normalise: the model does it" if lo < -RANGE_TOLERANCE
-                   else "; divide 0-255 images by 255")
+                + ("; do not normalise them (no ImageNet or CLIP-normalise step): the model does it"
+                   if lo < -RANGE_TOLERANCE else "; divide 0-255 images by 255")
             )
     return images

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PromptIQAConfig
+from .inputs import check_images
 from .trainable import TrainableModule
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,6 @@ logger = logging.getLogger(__name__)
 # The official model normalises every channel as (x - 0.5) / 0.5 (the ViT-B/8 AugReg weights' own mean and std).
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.5
-
-# Pixel values may overshoot [0, 1] by this much (resampling, colour conversion) before they count as out of range.
-RANGE_TOLERANCE = 1e-3
 
 # How many encoded ISPPs the model keeps (least recently used first out).
 PROMPT_CACHE_SIZE = 8
@@ -444,33 +442,6 @@ def resize_like_cv2(images: torch.Tensor, size: int) -> torch.Tensor:
     """
     out = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=False)
     return (out * 255).round().clamp(0, 255) / 255
-
-
-def check_images(images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
-    """Validate a batch (B, 3, H, W) of RGB images in [0, 1].
-
-    Raises:
-        ValueError: not a tensor, wrong shape, not floating point, empty, NaN/inf, or values outside [0, 1].
-    """
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != 3:
-        hint = "; for a single image use x.unsqueeze(0)" if images.dim() == 3 else ""
-        raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(images.shape)}{hint}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}"
-                         + ("; convert with x.float() / 255" if images.dtype == torch.uint8 else ""))
-    if images.numel() == 0:
-        raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
-    if not bool(torch.isfinite(images).all()):
-        raise ValueError("images contain NaN or infinite values")
-    if check_range:
-        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
-        if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-            raise ValueError(f"pixel values must be RGB in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
-                             + ("; do not normalise: the model does it" if lo < 0 else "; divide 0-255 images by 255"))
-    return images
-
 
 
 def image_list(images: Sequence[torch.Tensor], check_range: bool = True) -> list[torch.Tensor]:

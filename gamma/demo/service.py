@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..adapt import MIN_PAIRS
-from ..archs.gamma import GammaModel
+from ..families import is_family, scoring_of
 from ..io import MAX_PIXELS
 from ..prompts import ATTRIBUTES, LEVELS
 from ..scorer import Scorer, to_mos
@@ -68,7 +68,7 @@ class DemoService:
                 base = self._scorers.get("stored")
                 if base is None and key != "stored":
                     base = self.scorer(None)
-                gamma_model = base is None or isinstance(base.model, GammaModel)
+                gamma_model = base is None or {"attributes", "distribution"} <= scoring_of(base.model).outputs
                 self._scorers[key] = Scorer(
                     self.weights, prompt_set=self.prompt_set, device=self.device, precision=precision,
                     max_pixels=self.max_pixels, num_workers=0, attributes=gamma_model, distribution=gamma_model)
@@ -76,13 +76,13 @@ class DemoService:
 
     @property
     def is_gamma(self) -> bool:
-        return isinstance(self.scorer().model, GammaModel)
+        return is_family(self.scorer().model, "gamma")
 
     @property
     def scenes(self) -> list[str]:
         """Scenes the model can be told (SDP models; ``auto`` first), else an empty list."""
         model = self.scorer().model
-        if not isinstance(model, GammaModel) or model.config.prompt_set != "sdp":
+        if not is_family(model, "gamma") or model.config.prompt_set != "sdp":
             return []
         from ..prompts import SCENES
 
@@ -93,8 +93,9 @@ class DemoService:
         if self.weights is None:
             return f"NO MODEL: {self.missing}"
         model = self.scorer().model
-        kind = "Gamma" if isinstance(model, GammaModel) else type(model).__name__
-        extra = f", prompts {model.config.prompt_set}" if isinstance(model, GammaModel) else ""
+        gamma = is_family(model, "gamma")
+        kind = "Gamma" if gamma else type(model).__name__
+        extra = f", prompts {model.config.prompt_set}" if gamma else ""
         return f"{kind} from {os.path.basename(os.fspath(self.weights))}{extra}"
 
     # ---------------------------------------------------------------------------------------------- uploads
@@ -192,7 +193,7 @@ class DemoService:
 
         base = self.scorer()
         model = base.model
-        if not isinstance(model, GammaModel):
+        if not callable(getattr(model, "watch_routing", None)):  # the routers of Gamma's MoAE blocks
             raise DemoInputError("the Experts tab reads Gamma's MoAE routers; this model has none")
         blocks = image_moae_blocks(model)
         if not blocks:

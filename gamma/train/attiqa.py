@@ -38,10 +38,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .._files import atomic_write
 from ..archs import AttiqaModel, attribute_ranking_loss
-from ..config import AttiqaConfig
+from ..archs.attiqa import check_attribute_targets
 from ..data import DatasetEntry, IQADataset, build_dataset, collate
 from ..data.synthetic import generate_for_entries
 from ..factory import create_model, list_models
+from ..families import family_of_checkpoint
 from ..hub import resolve_weights
 from ..io import list_image_files
 from ..metrics import evaluate_scores
@@ -138,7 +139,7 @@ def check_student(cfg: TrainConfig) -> None:
                               f"({', '.join(list_models('attiqa'))}), got {name!r}")
         return
     path = resolve_weights(path=cfg.model.pretrained)
-    if not isinstance(read_checkpoint(path, allow_unsafe=cfg.model.allow_unsafe).config, AttiqaConfig):
+    if family_of_checkpoint(read_checkpoint(path, allow_unsafe=cfg.model.allow_unsafe)).name != "attiqa":
         raise ConfigError(f"model.pretrained: {path} is not an ATTIQA student; stage {cfg.stage} trains one "
                           f"(model.name: one of {', '.join(list_models('attiqa'))})")
 
@@ -273,11 +274,7 @@ def attribute_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: shapes differ or are not (B, A), or the targets are not finite.
     """
-    if pred.dim() != 2 or pred.shape != target.shape:
-        raise ValueError(f"pred and target must both be (batch, attributes), got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    if not bool(torch.isfinite(target).all()):
-        raise ValueError("teacher targets contain NaN or infinite values")
+    check_attribute_targets(pred, target)
     return (pred - target.to(pred.dtype)).square().mean(dim=0).sum()
 
 

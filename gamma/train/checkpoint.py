@@ -185,7 +185,7 @@ def load_training_state(path: str | os.PathLike) -> Checkpoint:
         CheckpointError: missing, unreadable, or a weights-only file without training state.
     """
     ckpt = read_checkpoint(path)
-    if ckpt.kind != "gamma" or ckpt.extra.get("kind") != "training_state":
+    if ckpt.kind != "native" or ckpt.extra.get("kind") != "training_state":
         raise CheckpointError(f"{path} holds weights only, not a training state to resume from")
     for key in ("optimizer", "progress", "rng"):
         if key not in ckpt.extra:

@@ -53,12 +53,13 @@ from torch.utils.data import DataLoader
 
 from .. import adapt
 from .._files import atomic_write
-from ..archs import GammaModel, PromptedIQA
+from ..archs import PromptedIQA
 from ..data import IQADataset, build_dataset, collate
 from ..data.promptiqa import draw_label_augment, random_vertical_flip
 from ..data.requirements import write_requirement
 from ..data.transforms import TestTransform
 from ..factory import create_model, list_models
+from ..families import is_family
 from ..hub import resolve_weights
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, broadcast_object
@@ -80,6 +81,7 @@ from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also re
     mix_seed,
     model_view,
     resolve_gamma,
+    takes_isp,
     to_device,
 )
 from .sampling import SeededView, Slot
@@ -235,10 +237,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         model = create_model(name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **overrides)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}") from exc
-    if not isinstance(model, (PromptedIQA, GammaModel)):
+    if not (takes_isp(model) or is_family(model, "gamma")):
         raise ConfigError(f"model: stage promptiqa takes PromptIQA, Gamma + ISP or (eval_only) Gamma models, got "
                           f"{type(model).__name__}")
-    if isinstance(model, GammaModel) and not cfg.eval_only:
+    if is_family(model, "gamma") and not cfg.eval_only:
         raise ConfigError("model: a Gamma model has no prompt input; stage promptiqa only evaluates it (eval_only: "
                           "true, with promptiqa.mapping: fit or fit_all to map its outputs onto the ISPs' scale)")
     return model

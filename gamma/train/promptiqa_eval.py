@@ -29,10 +29,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import adapt
-from ..archs import GammaISP, GammaModel, PromptedIQA, PromptIQA
+from ..archs import GammaModel, PromptedIQA
 from ..data import IQADataset, collate
 from ..data.promptiqa import random_vertical_flip, sample_ispp
 from ..factory import create_model
+from ..families import family_of_model, is_family
 from ..hub import WeightsNotFoundError, resolve_weights
 from ..io import load_promptiqa_image
 from ..metrics import evaluate_scores
@@ -87,10 +88,17 @@ class WholeImages(Dataset):
                 "dataset": self.entry.name, "path": self.paths[i], "index": self.ds.rows[i]}
 
 
+def takes_isp(model: nn.Module) -> bool:
+    """Whether ``model`` scores relative to a set of image-score pairs (PromptIQA, Gamma + ISP): its family's
+    :attr:`gamma.families.Scoring.takes_isp`."""
+    scoring = family_of_model(model).scoring
+    return scoring is not None and scoring.takes_isp
+
+
 def model_view(model: nn.Module, ds: IQADataset, backend: str) -> Dataset:
     """How ``model`` reads ``ds``: PromptIQA the whole picture at its input size (train and test); Gamma + ISP and
     Gamma the dataset's own transforms (training crops; full test images through Gamma's crop protocol)."""
-    if isinstance(model, PromptIQA):
+    if is_family(model, "promptiqa"):
         return WholeImages(ds, model.config.image_size, backend)
     return ds
 
@@ -209,7 +217,7 @@ class Evaluator:
             isp_scores = rng.uniform(0.0, 1.0, len(rows))
         if inverted:
             isp_scores = 1.0 - isp_scores
-        if isinstance(model, PromptedIQA):
+        if takes_isp(model):
             view = model_view(model, s.prompt_source, self.cfg.promptiqa.decode)
             images = [view[int(i)]["img"] for i in rows]
             if noise in ("images", "both"):
@@ -264,7 +272,7 @@ class Evaluator:
         first draw's scores."""
         labels = np.asarray(s.test.labels, dtype=np.float64)
         per_draw, first = [], None
-        draws = self.cfg.promptiqa.isp_draws if (isinstance(model, PromptedIQA) or mapping != "none") else 1
+        draws = self.cfg.promptiqa.isp_draws if (takes_isp(model) or mapping != "none") else 1
         for d in range(draws):
             scores = self.scores(model, s, d, inverted, mapping)
             first = scores if first is None else first
@@ -287,8 +295,8 @@ class Evaluator:
 
 def model_label(cfg: TrainConfig, model: nn.Module) -> str:
     """The run's row in the adaptation table."""
-    kind = {PromptIQA: "PromptIQA", GammaISP: "Gamma + ISP"}.get(type(model), "Gamma")
-    if isinstance(model, GammaModel):
+    kind = family_of_model(model).title
+    if is_family(model, "gamma"):
         kind = {"fit": GAMMA_MAPPED, "fit_all": GAMMA_MAPPED_ALL}.get(cfg.promptiqa.mapping, GAMMA_AS_IS)
     return f"{kind} ({cfg.name})"
 
@@ -302,7 +310,7 @@ def adaptation(run: Run, ev: Evaluator, sets: Sequence[EvalSet]) -> dict[str, di
     rows = {model_label(cfg, run.model): {v: ev.evaluate(run.model, sets, v == "inverted_isps", mapping)["datasets"]
                                           for v in PROMPT_VARIANTS}}
     if cfg.promptiqa.baselines:
-        gamma = run.model.gamma if isinstance(run.model, GammaISP) else create_model(pretrained=resolve_gamma(cfg))
+        gamma = run.model.gamma if is_family(run.model, "gamma_isp") else create_model(pretrained=resolve_gamma(cfg))
         gamma = gamma.to(run.dist.device)
         gev = Evaluator(run)
         for label, how in ((GAMMA_AS_IS, "none"), (GAMMA_MAPPED, "fit"), (GAMMA_MAPPED_ALL, "fit_all")):

@@ -38,6 +38,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._files import atomic_write
 from ..archs.crops import CropProtocol
@@ -45,6 +46,7 @@ from ..archs.gamma import GammaModel
 from ..archs.moae import MoAE
 from ..data.transforms import resize_short_side
 from ..factory import create_model
+from ..families import is_family
 from ..io import ImageDecodeError, list_image_files, load_image
 from ..prompts import ATTRIBUTE_PROMPTS, ATTRIBUTES
 
@@ -182,10 +184,10 @@ def label_images(
         if prompts is not None:
             raise ValueError("prompts: the measured teacher has no prompts; give a CLIP-layout teacher")
         return _label(files, keys, teacher, Path(cache_dir), dict(teacher.settings), batch_size, chunk_size, on_error)
-    checkpoint = None if isinstance(teacher, GammaModel) else str(teacher)
-    model = teacher if isinstance(teacher, GammaModel) else create_model(None, pretrained=teacher,
-                                                                          allow_unsafe=allow_unsafe)
-    if not isinstance(model, GammaModel):
+    given = isinstance(teacher, nn.Module)
+    checkpoint = None if given else str(teacher)
+    model = teacher if given else create_model(None, pretrained=teacher, allow_unsafe=allow_unsafe)
+    if not is_family(model, "gamma"):  # the attribute prompts need CLIP towers with a text side
         raise ValueError(f"the teacher must be a CLIP-layout model, got {type(model).__name__}")
     if device is not None:
         model = model.to(device)
@@ -312,7 +314,7 @@ def _inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
 def _label_chunk(model: GammaModel | MeasuredTeacher, chunk: Sequence[tuple[str, str]], batch_size: int,
                  on_error: str, skipped: dict[str, str]) -> list[tuple]:
     """Rows ``(key, 5 scores)`` of a chunk of (file, key), in chunk order (unreadable files skipped or raised)."""
-    clip = isinstance(model, GammaModel)
+    clip = not isinstance(model, MeasuredTeacher)
     images: dict[str, torch.Tensor] = {}
     for file, key in chunk:
         try:

@@ -288,21 +288,28 @@ def restore(run: Run, path: Path) -> None:
     """Load a training checkpoint into ``run`` (weights, optimiser, scaler, counters, RNG). The optimiser's settings
     and the learning rate come from the configuration (a changed schedule is re-planned, :func:`check_resume`)."""
     ckpt = load_training_state(path)
-    ex = ckpt.extra
-    p = Progress(**_progress_fields(ex["progress"]))
-    run.optimizer.load_state_dict(ex["optimizer"])
-    saved_lr = current_lr(run)
-    check_resume(ex.get("train_config") or {}, run.cfg, p.epoch, run.lr_at, saved_lr, path)  # before any change
     load_into(run.model, ckpt, strict=True)
-    o = run.cfg.optim
-    for group in run.optimizer.param_groups:  # (load_state_dict brought back the checkpoint's)
-        group.update(lr=run.lr_at(p.epoch), betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    ex = ckpt.extra
+    run.optimizer.load_state_dict(ex["optimizer"])
+    _replan(run, ex, path)
     if ex.get("scaler") is not None:
         run.scaler.load_state_dict(ex["scaler"])
-    run.progress = p
+    run.progress = Progress(**_progress_fields(ex["progress"]))
     set_rng_state(ex["rng"])
+    p = run.progress
     logger.info("resumed from %s: epoch %d, step %d of it (global step %d)", path, p.epoch + 1, p.step_in_epoch,
                 p.global_step)
+
+
+def _replan(run: Run, ex: dict[str, Any], path: Path) -> None:
+    """Check the resumed configuration against the checkpoint's (:func:`check_resume`) and give the optimiser the
+    configuration's settings and the learning rate of the epoch in progress (``load_state_dict`` restored the
+    checkpoint's)."""
+    epoch = int(ex["progress"].get("epoch", 0))
+    check_resume(ex.get("train_config") or {}, run.cfg, epoch, run.lr_at, current_lr(run), path)
+    o = run.cfg.optim
+    for group in run.optimizer.param_groups:
+        group.update(lr=run.lr_at(epoch), betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def _progress_fields(saved: dict[str, Any]) -> dict[str, Any]:

@@ -220,7 +220,7 @@ def _read_predictions(path: Path) -> list[list[str]]:
 def test_nan_loss_stops_with_a_clear_message(workspace, monkeypatch):
     from gamma.archs.gamma import GammaModel
 
-    score = GammaModel.score_crops  # the training forward
+    score = GammaModel.score_crops
     calls = {"n": 0}
 
     def poisoned(self, crops, scene=None):

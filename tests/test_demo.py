@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import gamma
-from gamma.train.config import load_config
+from gamma.train.config import ConfigError, load_config
 from gamma.train.main import main
-from gamma.train.stages import follow_up_config
+from gamma.train.stages import follow_up_config, run_stage
 from gamma.weights import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,25 @@ def test_demo_writes_the_comparison(demo):
         figures = [row["mean"]["srcc"], row["mean"]["plcc"]]
         figures += [v for d in row["datasets"].values() for v in (d["srcc"], d["plcc"])]
         assert len(figures) == 8 and all(np.isfinite(v) and -1 <= v <= 1 for v in figures), row
+
+
+def test_the_demo_reruns_over_a_finished_run_but_keeps_an_unfinished_one(demo):
+    """demo_base.yml's overwrite: true lets the demo's command run again over its finished runs; it does not replace
+    a run that could be resumed (only --restart or overwrite=true on the command line does)."""
+    root, result = demo
+    first = load_config("options/demo.yml", [f"data_root={root / 'data'}", f"output_dir={root / 'exp'}", *TINY, THEN])
+    assert first.overwrite and not first.restart  # inherited from demo_base.yml, not asked for on the command line
+    cfg = follow_up_config(first.pretrain.then[1], first, Path(result["backbone"]))
+    folder = Path(result["stages"]["demo_nomoae"]["run_dir"])
+    again = run_stage(cfg)  # finished: started over
+    assert again["finished"] and again["global_step"] == result["stages"]["demo_nomoae"]["global_step"]
+    (folder / "results.json").unlink()  # as if the run had been stopped before its end
+    kept = (folder / "last.pth").read_bytes()
+    message = (r"holds an unfinished run \(last.pth\); continue it with --resume, start over with --restart .*"
+               "overwrite: true from an option file does not replace")
+    with pytest.raises(ConfigError, match=message):
+        run_stage(cfg)
+    assert (folder / "last.pth").read_bytes() == kept
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -280,11 +281,16 @@ def test_stage_results_tables_and_requirements(workspace):
     assert picked[0] == min(s.prompt_source.labels) and picked[-1] == max(s.prompt_source.labels)
 
 
-def test_stage_resume_repeats_the_uninterrupted_run(workspace):
+def test_stage_resume_repeats_the_uninterrupted_run(workspace, caplog):
     short = "max_steps_per_epoch=4"
     whole = run_stage(workspace, "whole", "epochs=2", short)
     run_stage(workspace, "split", "epochs=1", short)
-    resumed = main(["-opt", str(workspace / "base.yml"), "name=split", "epochs=2", short, "--resume"])
+    with caplog.at_level(logging.WARNING, logger="gamma.train"):  # a finished 1-epoch run extended: re-planned
+        resumed = main(["-opt", str(workspace / "base.yml"), "name=split", "epochs=2", short, "--resume"])
+    lr = stage.lr_at(load_config(workspace / "base.yml", ["epochs=2"]), 1)
+    assert lr > 0 and "epochs 1 -> 2" in caplog.text and f"epoch 2 of 2 trains at lr {lr:.3g}" in caplog.text
+    epochs = [json.loads(line) for line in (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in epochs if r["kind"] == "epoch"] == pytest.approx([1e-3, lr], rel=1e-12)
     assert_close(resumed["step_losses"], whole["step_losses"][len(whole["step_losses"]) // 2 :], rtol=1e-5, atol=1e-7)
     a = read_checkpoint(Path(whole["run_dir"]) / "last.pth").state_dict
     b = read_checkpoint(Path(resumed["run_dir"]) / "last.pth").state_dict

@@ -29,12 +29,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import interrupt_at
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from gamma.train.checkpoint import RunLockedError, load_training_state, write_json
 from gamma.train.config import ConfigError, load_config
+from gamma.train.loop import TrainingInterrupted
 from gamma.train.main import cli, main
 from gamma.train.run_folder import MetricsLog
 from gamma.weights import CheckpointError
@@ -234,18 +236,18 @@ def test_full_disk_at_checkpoint_is_a_clear_error_and_keeps_the_previous_checkpo
 
 def test_damaged_checkpoint_and_unintended_restart_are_refused(workspace, reference, caplog):
     opt = str(workspace / "run.yml")
-    with pytest.raises(ConfigError, match=rf"{reference} already holds a run \(last.pth\).*--resume"):
+    with pytest.raises(ConfigError, match=rf"{reference} holds a finished run; extend it with --resume epochs=N"):
         main(["-opt", opt, "name=ref"])
     folder = run_dir(workspace, "damaged")
     shutil.copytree(reference, folder)
     data = (folder / "last.pth").read_bytes()
     (folder / "last.pth").write_bytes(data[: len(data) // 2])
     with caplog.at_level(logging.ERROR, logger="gamma.train.main"):
-        assert cli(["-opt", opt, "name=damaged", "--resume"]) == 2
+        assert cli(["-opt", opt, "name=damaged", "--resume", f"epochs={EPOCHS + 1}"]) == 2  # (extending reads it)
     assert f"cannot read checkpoint {folder / 'last.pth'} (truncated or not a checkpoint?)" in caplog.text
     (folder / "last.pth").write_bytes(b"")
     with pytest.raises(CheckpointError, match="checkpoint file is empty"):
-        main(["-opt", opt, "name=damaged", "--resume"])
+        main(["-opt", opt, "name=damaged", "--resume", f"epochs={EPOCHS + 1}"])
 
 
 def test_image_that_goes_bad_during_training_stops_with_its_name_and_keeps_the_checkpoint(workspace, reference,
@@ -274,6 +276,112 @@ def test_damaged_results_json_is_named_or_resumed_from_the_checkpoint(workspace,
     out = main(["-opt", str(workspace / "run.yml"), "name=splits", "--all_splits", "--resume", "splits=[1]"])
     assert out["splits"][0]["finished"] and out["splits"][0]["global_step"] == EPOCHS * STEPS_PER_EPOCH
     assert json.loads((folder / "results.json").read_text())["finished"]
+
+
+# ------------------------------------------------------------------------------- resume with another schedule
+def records(folder: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def cosine(epoch: int, epochs: int, lr: float = 1e-3) -> float:
+    return lr * 0.5 * (1 + np.cos(np.pi * epoch / epochs))
+
+
+def test_extending_a_finished_run_replans_the_schedule_instead_of_training_at_lr_0(workspace, reference, caplog):
+    # The issue's reproduction: a finished run resumed with more epochs trained its extra epoch at lr 0 (the old
+    # cosine's floor), with the same scores as before. Now the schedule is that of the longer run from the start.
+    folder = run_dir(workspace, "extended")
+    shutil.copytree(reference, folder)
+    with caplog.at_level(logging.INFO, logger="gamma"):
+        out = main(["-opt", str(workspace / "run.yml"), "name=extended", "--resume", f"epochs={EPOCHS + 1}"])
+    assert out["finished"] and out["epochs"] == EPOCHS + 1
+    new_lr = cosine(EPOCHS, EPOCHS + 1)
+    assert new_lr > 0
+    assert (f"re-planned as if the run had been planned with these settings from the start; epoch {EPOCHS + 1} of "
+            f"{EPOCHS + 1} trains at lr {new_lr:.3g}") in caplog.text
+    assert f"epochs {EPOCHS} -> {EPOCHS + 1}" in caplog.text
+    extra = [r for r in records(folder, "train") if r["epoch"] == EPOCHS + 1]
+    assert len(extra) == STEPS_PER_EPOCH and all(r["lr"] == pytest.approx(new_lr, rel=1e-12) for r in extra)
+    assert records(folder, "epoch")[-1]["lr"] == pytest.approx(new_lr, rel=1e-12)
+    before, after = weights(reference / "last.pth"), weights(folder / "last.pth")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the extra epoch trained
+    evals = evaluations(folder)
+    assert len(evals) == EPOCHS + 1 and evals[-1][1] != evals[-2][1]
+
+
+def test_resuming_a_finished_run_says_so_and_leaves_its_folder_untouched(workspace, reference, caplog):
+    folder = run_dir(workspace, "done")
+    shutil.copytree(reference, folder)
+    before = {f: sha(f) for f in folder.rglob("*") if f.is_file()}
+    with caplog.at_level(logging.INFO, logger="gamma"):
+        assert cli(["-opt", str(workspace / "run.yml"), "name=done", "--resume"]) == 0
+    assert f"{folder} holds a finished run of {EPOCHS} epochs; nothing to resume" in caplog.text
+    assert f"--resume epochs=N with N > {EPOCHS}" in caplog.text and "resumed from" not in caplog.text
+    assert {f: sha(f) for f in folder.rglob("*") if f.is_file()} == before
+    # a length below what it trained cannot be resumed: the message names the option
+    with pytest.raises(ConfigError, match=rf"epochs=2: {folder} holds a finished run of {EPOCHS} epochs"):
+        main(["-opt", str(workspace / "run.yml"), "name=done", "--resume", "epochs=2"])
+
+
+def test_schedule_settings_changed_mid_run_are_replanned_or_refused(workspace, caplog):
+    opt = str(workspace / "run.yml")
+    with pytest.raises(KeyboardInterrupt):  # stopped after epoch 1 of 3 (a real SIGINT, saved and stopped)
+        interrupted(opt, "name=mid", at_step=STEPS_PER_EPOCH - 1)
+    folder = run_dir(workspace, "mid")
+    kept = sha(folder / "last.pth")
+    with pytest.raises(ConfigError, match=r"epochs=1: the run in .* has already trained 1 of its 3 planned epochs"):
+        main(["-opt", opt, "name=mid", "--resume", "epochs=1"])
+    assert sha(folder / "last.pth") == kept
+    with caplog.at_level(logging.INFO, logger="gamma"):
+        main(["-opt", opt, "name=mid", "--resume", "optim.lr=5e-4", "optim.min_lr=1e-4"])
+    lr = 1e-4 + cosine(1, EPOCHS, 4e-4)  # the new curve at epoch 2, not the old one's
+    assert "optim.lr 0.001 -> 0.0005" in caplog.text and f"epoch 2 of {EPOCHS} trains at lr {lr:.3g}" in caplog.text
+    assert [r["lr"] for r in records(folder, "epoch")] == pytest.approx([1e-3, lr, 1e-4 + cosine(2, EPOCHS, 4e-4)])
+
+
+# ---------------------------------------------------------------------------- nothing resumable thrown away
+def interrupted(*argv: str, at_step: int) -> None:
+    """Run ``main(-opt ...)`` and send it a real SIGINT while step ``at_step`` is logged (it saves and stops after the
+    next step); the run's TrainingInterrupted comes out as KeyboardInterrupt."""
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, at_step)
+        try:
+            main(["-opt", *argv])
+        except TrainingInterrupted as exc:
+            raise KeyboardInterrupt from exc
+
+
+def test_inherited_overwrite_does_not_replace_an_unfinished_run(workspace, caplog):
+    # demo_base.yml sets overwrite: true; an option file built on such a base must not throw a resumable run away
+    (workspace / "child.yml").write_text("base: run.yml\noverwrite: true\nname: child\n")
+    opt = str(workspace / "child.yml")
+    with pytest.raises(KeyboardInterrupt):
+        interrupted(opt, at_step=STEPS_PER_EPOCH + 1)  # stops mid-epoch 2
+    folder = run_dir(workspace, "child")
+    kept, kept_metrics = sha(folder / "last.pth"), sha(folder / "metrics.jsonl")
+    with caplog.at_level(logging.ERROR, logger="gamma.train.main"):
+        assert cli(["-opt", opt]) == 2  # the same command again, without --resume
+    assert (f"{folder} holds an unfinished run (last.pth); continue it with --resume, start over with --restart (or "
+            "overwrite=true on the command line)") in caplog.text
+    assert "overwrite: true from an option file does not replace an unfinished run" in caplog.text
+    assert sha(folder / "last.pth") == kept and sha(folder / "metrics.jsonl") == kept_metrics
+    with pytest.raises(ConfigError, match="contradict"):
+        main(["-opt", opt, "--restart", "--resume"])
+    out = main(["-opt", opt, "--restart"])  # starts over: every step of every epoch in this call, one log
+    assert out["finished"] and len(out["step_losses"]) == EPOCHS * STEPS_PER_EPOCH
+    assert sorted(train_losses(folder)) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    # a finished run is still replaced by the inherited overwrite: the demo's command re-runs
+    again = main(["-opt", opt])
+    assert again["finished"] and again["step_losses"] == out["step_losses"]
+
+
+def test_overwrite_on_the_command_line_restarts_an_unfinished_run(workspace):
+    opt = str(workspace / "run.yml")
+    with pytest.raises(KeyboardInterrupt):
+        interrupted(opt, "name=cmdline", at_step=1)
+    assert load_config(opt, ["overwrite=true"]).restart and not load_config(opt, ["overwrite=false"]).restart
+    out = main(["-opt", opt, "name=cmdline", "overwrite=true"])
+    assert out["finished"] and len(out["step_losses"]) == EPOCHS * STEPS_PER_EPOCH
 
 
 # ---------------------------------------------------------------------------------------------- option files

@@ -202,3 +202,22 @@ def test_one_loader_names_unknown_keys_of_model_dataset_and_training_configs():
     assert GammaConfig.from_dict(cfg.to_dict()) == cfg and cfg.to_dict()["levels"] == list(cfg.levels)
     entry = DatasetEntry.from_dict({"name": "koniq10k", "split_index": 2})
     assert DatasetEntry.from_dict(entry.to_dict()) == entry and isinstance(entry.to_dict()["mos_range"], list)
+
+
+def test_only_the_command_line_may_ask_to_replace_an_unfinished_run(tmp_path):
+    # demo_base.yml's overwrite: true is inherited by every demo file; it must not count as the user's request
+    write(tmp_path / "base.yml", "overwrite: true\n")
+    child = write(tmp_path / "child.yml", "base: base.yml\nname: child\n")
+    inherited = load_config(child)
+    assert inherited.overwrite and not inherited.restart
+    assert load_config(child, ["overwrite=true"]).restart
+    assert not load_config(child, ["overwrite=false"]).restart and not load_config(child, ["epochs=2"]).restart
+    assert "restart" not in config_to_dict(load_config(child, ["overwrite=true"]))  # never written to config.yaml
+    with pytest.raises(ConfigError, match="unknown key 'restart'"):  # and no option file can set it
+        load_config(write(tmp_path / "sneaky.yml", "restart: true\n"))
+    # a chain's next stage inherits the first stage's request, not the overwrite its option file passes on
+    from gamma.train.stages import follow_up_config
+
+    stage = write(tmp_path / "next.yml", "name: next\nepochs: 1\n")
+    assert not follow_up_config(str(stage), inherited, tmp_path / "w.pth").restart
+    assert follow_up_config(str(stage), load_config(child, ["overwrite=true"]), tmp_path / "w.pth").restart

@@ -53,7 +53,7 @@ from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, cleanup, setup, wait_for_main
 from .evaluate import METRICS, autocast
 from .loop import Objective, Run, build_datasets, build_model, train
-from .run_folder import run_dir_of, split_config
+from .run_folder import finished_results, run_dir_of, split_config
 from .teacher import MEASURED, check_prompts, label_images, read_labels
 
 logger = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ def pretrain(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,  
         the label caches used.
     """
     check_pretrain(cfg)
+    if resume and (done := finished_results(cfg)) is not None:  # finished: its folder is left as it is
+        return done
     own = dist is None
     dist = setup(cfg.device, cfg.ddp.backend, cfg.ddp.timeout_s) if own else dist
     try:

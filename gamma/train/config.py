@@ -276,7 +276,7 @@ class TrainConfig:
     sampler: Literal["uniform", "balanced"] = "uniform"  # uniform: one shuffle of the concatenation (size-proportional)
     max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests); None = whole epochs
     drop_last: bool = False  # drop each epoch's last, partial batch (the release's training loader does)
-    overwrite: bool = False  # allow a fresh run into a folder that already holds one
+    overwrite: bool = False  # allow a fresh run into a folder that holds a finished run (an unfinished one: restart)
     eval_only: bool = False  # only evaluate model.pretrained on the held-out parts (e.g. paper Table 6)
     model: ModelCfg = field(default_factory=ModelCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
@@ -287,6 +287,9 @@ class TrainConfig:
     pretrain: PretrainCfg = field(default_factory=PretrainCfg)  # stage pretrain_clip
     attiqa: AttiqaCfg = field(default_factory=AttiqaCfg)  # stages attiqa_pretrain / attiqa_finetune
     promptiqa: PromptIQACfg = field(default_factory=PromptIQACfg)  # stage promptiqa
+    # Not an option (no file can set it): the command line asked to start over (--restart, or overwrite=true given
+    # there), which alone may replace an unfinished run. Set by load_config from its overrides.
+    restart: bool = field(default=False, init=False, repr=False)
 
     def validate(self) -> None:
         """Cross-field checks; each error names its key."""
@@ -543,7 +546,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
     ``${VAR}`` / ``${VAR:-default}`` in strings are replaced from the environment after the overrides are applied.
     The run's ``split_index`` is given to every dataset entry (an entry may only say ``split_index: all``), and
-    ``data_root`` to every entry without its own.
+    ``data_root`` to every entry without its own. ``overwrite=true`` among ``overrides`` sets ``restart`` (the
+    command line's own request to start over, which may replace an unfinished run).
 
     Args:
         path: an option YAML, or None for the defaults.
@@ -566,6 +570,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
                 raise ConfigError(f"{section}.{i}.split_index: the split is chosen for the whole run (split_index / "
                                   "--split_index); an entry may only say split_index: all (every row, no split file)")
     cfg.validate()
+    # overwrite=true among the overrides (the command line) may replace an unfinished run; from a file it may not
+    cfg.restart = cfg.overwrite and any(item.split("=", 1)[0].strip() == "overwrite" for item in overrides or [])
     return resolve_entries(cfg)
 
 

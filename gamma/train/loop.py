@@ -13,9 +13,10 @@ cosine annealing stepped once per epoch. What a run writes into its folder ``<ou
 - ``results.json`` at the end (``final``, ``best`` and ``best_per_dataset`` figures) and ``table.md`` / ``.csv`` /
   ``.json`` (the same in the layout of the paper's Table 1); ``train.log``.
 
-Resuming (``--resume``) restores weights, optimiser, scheduler, grad scaler, counters and RNG states; the data order
-and every augmentation are functions of (seed, epoch, position) (:mod:`gamma.train.sampling`), so a resumed run
-computes the same losses as an uninterrupted one, from an epoch boundary or from a mid-epoch checkpoint.
+Resuming (``--resume``) restores weights, optimiser, grad scaler, counters and RNG states; the data order and every
+augmentation are functions of (seed, epoch, position) (:mod:`gamma.train.sampling`) and the learning rate one of
+(configuration, epoch), so a resumed run computes the same losses as an uninterrupted one, from an epoch boundary or
+from a mid-epoch checkpoint; a changed schedule is re-planned (:mod:`gamma.train.resume`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,8 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig, config_to_dict
 from .distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, broadcast_buffers
 from .evaluate import autocast, evaluate, median_table, write_table
-from .run_folder import MetricsLog, flatten, log_summary, open_run, run_results, write_predictions
+from .resume import check_resume, planned_lr
+from .run_folder import MetricsLog, finished_results, log_summary, open_run, run_results, write_predictions
 from .sampling import EpochPlan, SeededView, SlotBatchSampler
 from .selection import block, metric_value, selection_view, split_off_holdouts
 
@@ -116,7 +119,7 @@ class Objective:
       ``step(run, batches, step)``: one step's forward and backward passes, returning this process's loss sum (a
       float64 tensor) and the divisor that makes the sum over all processes the step's loss (else Gamma's micro-batches
       through ``loss_sum``);
-    - ``lr_at(epoch)``: the learning rate of each 0-based epoch (else ``optim.scheduler``);
+    - ``lr_at(epoch)``: the learning rate of each 0-based epoch (else :func:`gamma.train.resume.planned_lr`);
     - ``select_sets``: holdouts chosen by the objective (its ``evaluate`` then returns ``'selection'``), instead of the
       loop carving them for ``eval.select_on: train_holdout``;
     - ``results(run, out)``: adds the stage's own entries to ``results.json``.
@@ -164,7 +167,7 @@ class Run:
     model: GammaModel  # the bare model
     net: torch.nn.Module  # what the training forward calls: the model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
+    lr_at: Callable[[int], float]  # the learning rate of each 0-based epoch (set at the epoch's start)
     scaler: torch.amp.GradScaler
     plan: EpochPlan | Any  # the objective's own plan has at least `steps_per_epoch`; None when evaluating only
     train_view: SeededView
@@ -266,11 +269,8 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
     if not params:
         raise ConfigError("the model has no trainable parameters")
     o = cfg.optim
-    lr_at = objective.lr_at if objective is not None else None
-    optimizer = torch.optim.Adam(params, lr=lr_at(0) if lr_at else o.lr, betas=o.betas, eps=o.eps,
-                                 weight_decay=o.weight_decay)
-    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs, eta_min=o.min_lr)
-                 if o.scheduler == "cosine" and lr_at is None else None)
+    lr_at = objective.lr_at if objective is not None and objective.lr_at is not None else partial(planned_lr, cfg)
+    optimizer = torch.optim.Adam(params, lr=lr_at(0), betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.amp == "fp16")
     net: torch.nn.Module = objective.wrap(model) if objective is not None and objective.wrap is not None else model
     if dist.enabled and not cfg.eval_only:
@@ -295,7 +295,7 @@ def prepare(cfg: TrainConfig, dist: DistInfo, run_dir: Path, log: MetricsLog | N
                     cfg.epochs, dist.world_size, "es" if dist.world_size > 1 else "")
         logger.info("model: %s; %.1f M parameters, %.1f M trainable", cfg.model.name or cfg.model.pretrained,
                     model.num_parameters() / 1e6, model.num_parameters(trainable_only=True) / 1e6)
-    return Run(cfg=cfg, run_dir=run_dir, dist=dist, model=model, net=net, optimizer=optimizer, scheduler=scheduler,
+    return Run(cfg=cfg, run_dir=run_dir, dist=dist, model=model, net=net, optimizer=optimizer, lr_at=lr_at,
                scaler=scaler, plan=plan, train_view=SeededView(train_sets), eval_sets=eval_sets, log=log,
                select_sets=select_sets, objective=objective)
 
@@ -305,21 +305,31 @@ def _has_batch_norm(model: torch.nn.Module) -> bool:
 
 
 def restore(run: Run, path: Path) -> None:
-    """Load a training checkpoint into ``run`` (weights, optimiser, schedule, scaler, counters, RNG)."""
+    """Load a training checkpoint into ``run`` (weights, optimiser, scaler, counters, RNG). The optimiser's settings
+    and the learning rate come from the configuration (a changed schedule is re-planned, :func:`check_resume`)."""
     ckpt = load_training_state(path)
     load_into(run.model, ckpt, strict=True)
     ex = ckpt.extra
     run.optimizer.load_state_dict(ex["optimizer"])
-    if run.scheduler is not None and ex.get("scheduler") is not None:
-        run.scheduler.load_state_dict(ex["scheduler"])
+    _replan(run, ex, path)
     if ex.get("scaler") is not None:
         run.scaler.load_state_dict(ex["scaler"])
     run.progress = Progress(**_progress_fields(ex["progress"]))
     set_rng_state(rank_rng_state(ex, run.dist.rank, run.dist.world_size), run.dist.device)
-    _warn_config_changes(ex.get("train_config") or {}, config_to_dict(run.cfg), path)
     p = run.progress
     logger.info("resumed from %s: epoch %d, step %d of it (global step %d)", path, p.epoch + 1, p.step_in_epoch,
                 p.global_step)
+
+
+def _replan(run: Run, ex: dict[str, Any], path: Path) -> None:
+    """Check the resumed configuration against the checkpoint's (:func:`check_resume`) and give the optimiser the
+    configuration's settings and the learning rate of the epoch in progress (``load_state_dict`` restored the
+    checkpoint's)."""
+    epoch = int(ex["progress"].get("epoch", 0))
+    check_resume(ex.get("train_config") or {}, run.cfg, epoch, run.lr_at, current_lr(run), path)
+    o = run.cfg.optim
+    for group in run.optimizer.param_groups:
+        group.update(lr=run.lr_at(epoch), betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
 
 
 def _progress_fields(saved: dict[str, Any]) -> dict[str, Any]:
@@ -330,19 +340,6 @@ def _progress_fields(saved: dict[str, Any]) -> dict[str, Any]:
         steps = out.pop("loss_steps", 0)
         out["epoch_loss_sum"], out["epoch_samples"] = out.pop("loss_sum"), steps
     return {k: v for k, v in out.items() if k in Progress.__dataclass_fields__}
-
-
-def _warn_config_changes(old: dict[str, Any], new: dict[str, Any], path: Path) -> None:
-    # Settings that do not change what is trained (and the folder's own name) are not worth a warning. A holdout
-    # for choosing the best epoch does: its images are not trained on.
-    ignore = {"overwrite", "workers", "eval", "log", "splits", "output_dir", "device", "ddp", "name", "checkpoint"}
-    matter = {"eval/select_on", "eval/holdout_fraction"}
-    old_flat = {k: v for k, v in flatten(old).items() if k.split("/")[0] not in ignore or k in matter}
-    new_flat = {k: v for k, v in flatten(new).items() if k.split("/")[0] not in ignore or k in matter}
-    changed = sorted(k for k in set(old_flat) | set(new_flat) if old_flat.get(k) != new_flat.get(k))
-    if changed:
-        logger.warning("resuming %s with a different configuration (%s): the run is no longer the one it started as",
-                       path, ", ".join(k.replace("/", ".") for k in changed[:8]) + (" ..." if len(changed) > 8 else ""))
 
 
 # -------------------------------------------------------------------------------------------------- training
@@ -374,7 +371,7 @@ def save_state(run: Run, name: str = LAST) -> Path | None:
     path = run.run_dir / name
     rng_per_rank = all_gather_objects(rng_state(run.dist.device), run.dist)
     if run.dist.is_main:
-        save_training_state(path, run.model, optimizer=run.optimizer, scheduler=run.scheduler, scaler=run.scaler,
+        save_training_state(path, run.model, optimizer=run.optimizer, scheduler=None, scaler=run.scaler,
                             progress=run.progress.to_dict(), train_config=config_to_dict(run.cfg),
                             rng_per_rank=rng_per_rank)
     barrier(run.dist)
@@ -393,9 +390,8 @@ def train_one_epoch(run: Run) -> None:
         TrainingInterrupted: a stop signal arrived; a resumable checkpoint was written first.
     """
     cfg, p, plan, obj = run.cfg, run.progress, run.plan, run.objective
-    if obj is not None and obj.lr_at is not None:
-        for group in run.optimizer.param_groups:
-            group["lr"] = obj.lr_at(p.epoch)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr_at(p.epoch)
     run.net.train()
     own_loader = obj is not None and obj.loader is not None
     batches = iter(obj.loader(run, p.epoch, p.step_in_epoch) if own_loader else make_loader(run, p.epoch,
@@ -574,12 +570,11 @@ def fit(run: Run) -> None:
         evaluate_epoch(run, 0)
     while p.epoch < cfg.epochs:
         train_one_epoch(run)
-        if run.scheduler is not None:
-            run.scheduler.step()  # cosine annealing, once per epoch
         done = p.epoch + 1
         if run.dist.is_main:
-            logger.info("epoch %d/%d: train loss %.5f, next lr %.3g", done, cfg.epochs,
-                        p.epoch_loss_sum / max(p.epoch_samples, 1), current_lr(run))
+            upcoming = f", next lr {run.lr_at(done):.3g}" if done < cfg.epochs else ""
+            logger.info("epoch %d/%d: train loss %.5f, lr %.3g%s", done, cfg.epochs,
+                        p.epoch_loss_sum / max(p.epoch_samples, 1), current_lr(run), upcoming)
             run.log.write({"kind": "epoch", "epoch": done, "step": p.global_step,
                            "train_loss": p.epoch_loss_sum / max(p.epoch_samples, 1), "lr": current_lr(run)})
         evaluating = _should_eval(cfg, done)
@@ -611,7 +606,10 @@ def train(cfg: TrainConfig, dist: DistInfo, resume: bool = False,
           objective: Objective | Callable[[Path], Objective] | None = None) -> dict[str, Any]:
     """Run one training (one split): returns its results (also written to ``results.json``). ``objective``
     replaces Gamma's data, loss and evaluation (:class:`Objective`); given as a function of the run folder, it is
-    built once the folder is locked (a stage that writes files there first)."""
+    built once the folder is locked (a stage that writes files there first). ``resume`` of a finished run (at the
+    same ``epochs``) returns its results and leaves the folder as it is."""
+    if resume and (done := finished_results(cfg)) is not None:
+        return done
     with open_run(cfg, dist, resume) as (run_dir, log):
         if callable(objective) and not isinstance(objective, Objective):
             objective = objective(run_dir)

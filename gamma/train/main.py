@@ -1,4 +1,4 @@
-"""Command line of the trainer: ``python train.py -opt options/unified.yml [--split_index N] [--resume]
+"""Command line of the trainer: ``python train.py -opt options/unified.yml [--split_index N] [--resume | --restart]
 [--all_splits] [key=value ...]`` and the console command ``gamma-train``.
 
 :func:`main` takes an argument list and returns the results as a dict (tests call it); :func:`cli` is the console
@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every split in `splits` (default 1-10) one after another, then write the median table")
     p.add_argument("--resume", action="store_true",
                    help="continue from the run folder's last checkpoint (with --all_splits: skip finished splits)")
+    p.add_argument("--restart", action="store_true",
+                   help="start over, replacing what the run folder holds (also an unfinished run, which an overwrite: "
+                        "true from an option file does not replace)")
     p.add_argument("--eval_only", action="store_true", help="only evaluate model.pretrained (same as eval_only=true)")
     p.add_argument("--table", metavar="DIR",
                    help="only summarise: write the median table of the finished split_*/results.json under DIR")
@@ -76,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         overrides.append(f"split_index={args.split_index}")
     if args.eval_only:
         overrides.append("eval_only=true")
+    if args.restart and args.resume:
+        raise ConfigError("--restart and --resume contradict each other: continue the run, or start it over")
     cfg = load_config(args.opt, overrides)
+    cfg.restart = cfg.restart or args.restart
     if args.print_config:
         print(config_to_yaml(cfg), end="")  # noqa: T201 - command-line output
         return {"config": config_to_dict(cfg)}

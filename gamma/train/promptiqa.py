@@ -84,6 +84,7 @@ from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also re
     takes_isp,
     to_device,
 )
+from .run_folder import finished_results
 from .sampling import SeededView, Slot
 from .selection import carve_holdout
 
@@ -411,6 +412,8 @@ def train_split(cfg: TrainConfig, dist: DistInfo, resume: bool = False) -> dict[
     """Train (or with ``eval_only`` evaluate) one split in the trainer's loop; returns the results (also in
     ``results.json``) and writes the adaptation table (``adaptation.md``) when the run has its rows."""
     check_config(cfg)
+    if resume and (done := finished_results(cfg)) is not None:  # finished: its folder is left as it is
+        return done
     results = train(cfg, dist, resume=resume, objective=objective(cfg, dist))
     if dist.is_main:
         rows = {**compared_rows(cfg), **((results["final"] or {}).get("adaptation") or {})}

@@ -48,36 +48,75 @@ def split_config(cfg: TrainConfig, split_index: int) -> TrainConfig:
     return resolve_entries(cfg_k)
 
 
-def finished_results(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The results of the run of ``cfg`` when its ``results.json`` says it finished (a resumed run over all splits
-    does not run it again), else None; a damaged file is logged and counts as unfinished."""
-    done = run_dir_of(cfg) / "results.json"
+def read_finished(run_dir: Path) -> dict[str, Any] | None:
+    """The content of ``run_dir/results.json`` when it says the run finished, else None (also for a damaged file,
+    which is logged: the folder's checkpoint then decides what is left to do)."""
+    done = run_dir / "results.json"
     if not done.is_file():
         return None
     try:
         previous = json.loads(done.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # damaged: the split's checkpoint decides what is left to do
-        logger.warning("%s is unreadable (%s); resuming split %d from its checkpoint", done, exc, cfg.split_index)
+    except (OSError, ValueError) as exc:
+        logger.warning("%s is unreadable (%s); counting the run as unfinished", done, exc)
         return None
-    if not previous.get("finished"):
+    return previous if isinstance(previous, dict) and previous.get("finished") else None
+
+
+def finished_results(cfg: TrainConfig) -> dict[str, Any] | None:
+    """For ``--resume``: the results of the run of ``cfg`` when it finished at ``cfg.epochs`` (it is not run again and
+    its folder is left as it is), else None (nothing finished, or ``epochs`` raised to extend it).
+
+    Raises:
+        ConfigError: ``epochs`` is below the epochs the finished run trained.
+    """
+    run_dir = run_dir_of(cfg)
+    previous = read_finished(run_dir)
+    if previous is None:
         return None
-    logger.info("split %d: finished earlier (%s), not run again", cfg.split_index, done)
+    trained = int(previous.get("epochs") or 0)
+    if previous.get("eval_only") or cfg.eval_only:
+        what = "an evaluation-only run" if previous.get("eval_only") else f"a run of {trained} epochs"
+        if previous.get("eval_only") != cfg.eval_only:
+            raise ConfigError(f"{run_dir} holds {what}; --resume cannot turn it into the other kind: start over with "
+                              "--restart, or choose another name=")
+        logger.info("split %d: %s holds a finished evaluation (nothing to resume; start over with --restart)",
+                    cfg.split_index, run_dir)
+        return previous
+    if cfg.epochs > trained:
+        return None  # extended: the loop resumes it with its schedule re-planned
+    if cfg.epochs < trained:
+        raise ConfigError(f"epochs={cfg.epochs}: {run_dir} holds a finished run of {trained} epochs, which cannot be "
+                          f"shortened; extend it with --resume epochs=N (N > {trained}), or start over with --restart")
+    logger.info("split %d: %s holds a finished run of %d epoch%s; nothing to resume (results.json kept). To train it "
+                "longer: --resume epochs=N with N > %d (the learning-rate schedule is re-planned); to start over: "
+                "--restart", cfg.split_index, run_dir, trained, "" if trained == 1 else "s", trained)
     return previous
 
 
 def prepare_folder(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     """Make ``run_dir`` ready for a run (its lock is held): remove half-written files, refuse to start over a run
-    without ``overwrite``, and with ``overwrite`` remove what a new run would otherwise mix with the old one's."""
+    unless asked, and when starting over remove what a new run would otherwise mix with the old one's.
+
+    An unfinished run (``last.pth`` without a finished ``results.json``) is only replaced when the command line asks
+    (``--restart``, or ``overwrite=true`` given there: ``cfg.restart``); a finished one also by ``overwrite: true``
+    from an option file (the demo's re-runs).
+    """
     for partial in run_dir.glob(".*.tmp"):  # half-written by a run killed while saving (we hold the folder's lock)
         logger.info("removing %s, left by an interrupted write", partial)
         partial.unlink(missing_ok=True)
     has_state = (run_dir / LAST).exists()
     if resume and not has_state:
         logger.warning("--resume: no checkpoint in %s yet; starting from the beginning", run_dir)
-    if not resume and has_state and not cfg.overwrite:
-        raise ConfigError(f"{run_dir} already holds a run ({LAST}); continue it with --resume, start over with "
-                          "overwrite=true, or choose another name=")
-    if not resume and cfg.overwrite:
+    finished = not resume and read_finished(run_dir) is not None
+    if not resume and has_state and not finished and not cfg.restart:
+        inherited = (" (overwrite: true from an option file does not replace an unfinished run)" if cfg.overwrite
+                     else "")
+        raise ConfigError(f"{run_dir} holds an unfinished run ({LAST}); continue it with --resume, start over with "
+                          f"--restart (or overwrite=true on the command line), or choose another name={inherited}")
+    if finished and has_state and not (cfg.overwrite or cfg.restart):
+        raise ConfigError(f"{run_dir} holds a finished run; extend it with --resume epochs=N, start over with "
+                          "--restart (or overwrite=true), or choose another name=")
+    if not resume and (cfg.overwrite or cfg.restart):
         for stale in ("metrics.jsonl", "metrics.csv", "results.json", LAST, "best.pth", "best.safetensors", "table.md",
                       "table.csv", "table.json"):
             (run_dir / stale).unlink(missing_ok=True)

@@ -175,7 +175,9 @@ def follow_up_config(item: str, cfg: TrainConfig, weights: Path) -> TrainConfig:
     shared = {"data": [e.to_dict() for e in cfg.data], "data_root": cfg.data_root, "output_dir": cfg.output_dir,
               "split_index": cfg.split_index, "seed": cfg.seed, "workers": cfg.workers, "overwrite": cfg.overwrite,
               "log": config_to_dict(cfg.log), "model.pretrained": str(weights)}
-    return load_config(option_file, [*(f"{k}={json.dumps(v)}" for k, v in shared.items()), *own])
+    follow_up = load_config(option_file, [*(f"{k}={json.dumps(v)}" for k, v in shared.items()), *own])
+    follow_up.restart = cfg.restart  # only the first stage's command line may ask to replace an unfinished run
+    return follow_up
 
 
 def write_summary(run_dir: Path, stages: dict[str, Any], seconds: float) -> dict[str, Any]:

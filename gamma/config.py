@@ -242,6 +242,9 @@ class PromptIQAConfig(_FamilyConfig):
     ispp_blocks: int = 3  # ISPP fusion blocks (run over the prompt features before they meet the image)
     fusion_blocks: int = 8  # image-prompt fusion blocks
     drop: float = 0.1  # dropout in the MAL attention blocks and in the score head
+    # Table 6 "w/o prompt": no ISPP, prompt encoder or fusion module; the visual feature goes straight to the regression
+    # (LayerNorm, 2 FC, sigmoid). Prompts are then accepted and ignored.
+    no_prompt: bool = False
 
     def __post_init__(self) -> None:
         self.taps = tuple(int(t) for t in self.taps)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Union
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PromptIQAConfig
+from .inputs import value_range
 from .trainable import TrainableModule
 
 logger = logging.getLogger(__name__)
@@ -488,10 +490,10 @@ def check_images(images: torch.Tensor, check_range: bool = True) -> torch.Tensor
                          + ("; convert with x.float() / 255" if images.dtype == torch.uint8 else ""))
     if images.numel() == 0:
         raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}")
-    if not bool(torch.isfinite(images).all()):
+    lo, hi = value_range(images)  # one device-to-host transfer for both checks
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError("images contain NaN or infinite values")
     if check_range:
-        lo, hi = (float(v) for v in torch.aminmax(images.detach()))
         if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
             raise ValueError(f"pixel values must be RGB in [0, 1], got values in [{lo:.4g}, {hi:.4g}]"
                              + ("; do not normalise: the model does it" if lo < 0 else "; divide 0-255 images by 255"))

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ._dataclass_dict import from_dict, to_dict
-from .prompts import PROMPT_SETS
+from .prompts import ATTRIBUTES, PROMPT_SETS
 
 
 @dataclass
@@ -185,9 +185,12 @@ class AttiqaConfig(_FamilyConfig):
     regressor_hidden: int = 512  # hidden width of the MOS regressor over the 5 * head_hidden concatenated features
     crop_size: int = 320  # test crops (the paper follows QPT: five 320 x 320 crops, averaged)
     resize: int = 340  # test images are first resized so their short side is this (0: keep the size)
+    # One attribute head per name, the teacher's columns in this order; Table 7's single-prompt ablation: ("quality",)
+    attributes: tuple[str, ...] = ATTRIBUTES
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(n) for n in self.layers)
+        self.attributes = tuple(str(a) for a in self.attributes)
         self.validate()
 
     def validate(self) -> None:
@@ -199,6 +202,8 @@ class AttiqaConfig(_FamilyConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resize and self.resize < self.crop_size:
             raise ValueError(f"resize ({self.resize}) must be 0 or at least crop_size ({self.crop_size})")
+        if not self.attributes or len(set(self.attributes)) < len(self.attributes) or not all(self.attributes):
+            raise ValueError(f"attributes must be distinct non-empty names (one head each), got {self.attributes}")
 
 #: Named ATTIQA students. ``attiqa_resnet50`` is the paper's; ``attiqa_test`` keeps its structure (Bottleneck blocks,
 #: a 2048-wide feature, five heads, the regressor) with one block per stage, narrow blocks and small heads.

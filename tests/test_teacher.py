@@ -75,8 +75,8 @@ def test_labels_are_the_attribute_scores_of_the_resized_picture(clip_file, folde
 def test_cached_labels_are_not_recomputed_and_a_different_teacher_is_refused(clip_file, folder, tmp_path):
     model = gamma.create_model(None, pretrained=clip_file)
     calls = []
-    original = model.attributes
-    model.attributes = lambda x: calls.append(x.shape[0]) or original(x)  # count the images scored
+    original = model.crop_features
+    model.crop_features = lambda x: calls.append(x.shape[0]) or original(x)  # count the images scored
     first = label_images(folder, model, tmp_path / "cache", chunk_size=4)
     assert sum(calls) == 6
     second = label_images(folder, model, tmp_path / "cache", chunk_size=4)

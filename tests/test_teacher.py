@@ -117,11 +117,11 @@ def test_resumes_after_sigkill(clip_file, folder, tmp_path):
     cache = tmp_path / "cache"
     code = ("import sys, time, gamma, gamma.train.teacher as t\n"
             "m = gamma.create_model(None, pretrained=sys.argv[1])\n"
-            "orig = m.attributes\n"
+            "orig = m.crop_features\n"
             "def slow(x):\n"
             "    time.sleep(0.5)\n"
             "    return orig(x)\n"
-            "m.attributes = slow\n"
+            "m.crop_features = slow\n"
             "t.label_images(sys.argv[2], m, sys.argv[3], chunk_size=1)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, str(clip_file), str(folder), str(cache)], env=env)
@@ -135,8 +135,8 @@ def test_resumes_after_sigkill(clip_file, folder, tmp_path):
     assert len(read_labels(cache).paths) == done  # every finished chunk is a complete, readable file
     model = gamma.create_model(None, pretrained=clip_file)
     calls = []
-    original = model.attributes
-    model.attributes = lambda x: calls.append(x.shape[0]) or original(x)
+    original = model.crop_features
+    model.crop_features = lambda x: calls.append(x.shape[0]) or original(x)
     resumed = label_images(folder, model, cache)
     assert sum(calls) == 6 - done  # only the images the killed run had not finished
     fresh = label_images(folder, clip_file, tmp_path / "fresh")

@@ -165,7 +165,14 @@ def test_other_prompt_pairs_score_those_pairs_and_get_their_own_cache(clip_file,
     assert np.array_equal(again.scores, default.scores)
     with pytest.raises(ValueError, match="prompts"):
         label_images(folder, model, tmp_path / "default", prompts=other)
-    with pytest.raises(ValueError, match="missing: noisiness"):
-        label_images(folder, model, tmp_path / "bad", prompts={a: other[a] for a in ATTRIBUTES[:4]})
+    # Any named pairs: one label column each, in the mapping's order (Table 7's single pair is one of them).
+    four = label_images(folder, model, tmp_path / "four", prompts={a: swapped[a] for a in ATTRIBUTES[:4]})
+    assert four.attributes == ATTRIBUTES[:4] and four.scores.shape == (6, 4)
+    np.testing.assert_allclose(four.scores, flipped.scores[:, :4], rtol=0, atol=1e-6)
+    assert read_labels(tmp_path / "four").attributes == ATTRIBUTES[:4]
+    with pytest.raises(ValueError, match="pair of non-empty strings"):
+        label_images(folder, model, tmp_path / "bad", prompts={"quality": "Good image"})
+    with pytest.raises(ValueError, match="a pair for each of"):
+        label_images(folder, model, tmp_path / "bad", prompts={})
     with pytest.raises(ValueError, match="measured teacher has no prompts"):
         label_images(folder, "measured", tmp_path / "measured", prompts=other)

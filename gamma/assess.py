@@ -108,13 +108,19 @@ def attributes(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor
 
 def attribute_scores(model: nn.Module, feats: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
     """Attribute name -> crop-averaged P(positive prompt) (B,) from image-tower features (U, B, E)."""
-    text = model.text_features("attributes")  # (5 attributes, 2 = positive/negative, E)
+    return dict(zip(ATTRIBUTES, pair_probabilities(model, feats, weights).unbind(dim=-1), strict=True))
+
+
+def pair_probabilities(model: nn.Module, feats: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Crop-averaged P(positive prompt) (B, A) of each of the A (positive, negative) pairs in
+    ``model.attribute_tokens`` (the five attributes', or others an ATTIQA teacher puts there), from image-tower
+    features (U, B, E)."""
+    text = model.text_features("attributes")  # (A pairs, 2 = positive/negative, E)
     with _fp32(feats):
         image = F.normalize(feats, dim=-1)
         scale = model.clip_model.logit_scale.exp().to(image.dtype)
-        logits = scale * torch.einsum("ube,ape->ubap", image, text.to(image.dtype))  # (U, B, 5, 2)
-        probs = crop_mean(logits.softmax(dim=-1)[..., 0], weights)  # (B, 5)
-    return dict(zip(ATTRIBUTES, probs.unbind(dim=-1), strict=True))
+        logits = scale * torch.einsum("ube,ape->ubap", image, text.to(image.dtype))  # (U, B, A, 2)
+        return crop_mean(logits.softmax(dim=-1)[..., 0], weights)  # (B, A)
 
 
 def tower_description(model: nn.Module) -> str:

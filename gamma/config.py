@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 from ._dataclass_dict import from_dict, to_dict
-from .prompts import PROMPT_SETS
+from .prompts import ATTRIBUTES, PROMPT_SETS
 
 
 @dataclass
@@ -217,9 +217,12 @@ class AttiqaConfig(ModelConfig):
     regressor_hidden: int = 512  # hidden width of the MOS regressor over the 5 * head_hidden concatenated features
     crop_size: int = 320  # test crops (the paper follows QPT: five 320 x 320 crops, averaged)
     resize: int = 340  # test images are first resized so their short side is this (0: keep the size)
+    # One attribute head per name, the teacher's columns in this order; Table 7's single-prompt ablation: ("quality",)
+    attributes: tuple[str, ...] = ATTRIBUTES
 
     def __post_init__(self) -> None:
         self.layers = tuple(int(n) for n in self.layers)
+        self.attributes = tuple(str(a) for a in self.attributes)
         self.validate()
 
     def validate(self) -> None:
@@ -231,6 +234,8 @@ class AttiqaConfig(ModelConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resize and self.resize < self.crop_size:
             raise ValueError(f"resize ({self.resize}) must be 0 or at least crop_size ({self.crop_size})")
+        if not self.attributes or len(set(self.attributes)) < len(self.attributes) or not all(self.attributes):
+            raise ValueError(f"attributes must be distinct non-empty names (one head each), got {self.attributes}")
 
 #: Named ATTIQA students. ``attiqa_resnet50`` is the paper's; ``attiqa_test`` keeps its structure (Bottleneck blocks,
 #: a 2048-wide feature, five heads, the regressor) with one block per stage, narrow blocks and small heads.
@@ -270,6 +275,9 @@ class PromptIQAConfig(ModelConfig):
     ispp_blocks: int = 3  # ISPP fusion blocks (run over the prompt features before they meet the image)
     fusion_blocks: int = 8  # image-prompt fusion blocks
     drop: float = 0.1  # dropout in the MAL attention blocks and in the score head
+    # Table 6 "w/o prompt": no ISPP, prompt encoder or fusion module; the visual feature goes straight to the regression
+    # (LayerNorm, 2 FC, sigmoid). Prompts are then accepted and ignored.
+    no_prompt: bool = False
 
     def __post_init__(self) -> None:
         self.taps = tuple(int(t) for t in self.taps)

@@ -142,6 +142,57 @@ def test_prompt_ablation_pretrains_on_the_given_pairs(root, clip_teacher, monkey
     assert len(out["step_losses"]) == 4 and gamma.create_model(None, pretrained=out["backbone"]) is not None
 
 
+# ------------------------------------------------------------------------------------------------ single prompt
+def test_single_prompt_ablation_pretrains_one_head_on_one_pair(root, clip_teacher):
+    """Table 7's single-prompt row (ablation/pretrain_single_prompt.yml): a one-head student ranked on one teacher
+    column, P("Good image") against "Bad image"; then fine-tuned from it."""
+    import json
+
+    from gamma.train.teacher import label_images, read_labels
+
+    option = OPT / "ablation" / "pretrain_single_prompt.yml"
+    shipped = load_config(option)
+    assert shipped.model.overrides == {"attributes": ["quality"]} and shipped.stage == "attiqa_pretrain"
+    assert shipped.attiqa.prompts == {"quality": ["Good image", "Bad image"]} and shipped.attiqa.loss == "ranking"
+    # TINY without its whole-dict model.overrides, so that the option file's attributes stay
+    tiny = [t for t in TINY if not t.startswith("model.overrides")] + ["model.overrides.crop_size=32",
+                                                                         "model.overrides.resize=34"]
+    common = [f"data_root={root}", f"output_dir={root}/exp", *tiny, "attiqa.folders=[]", "attiqa.eval_folders=[]",
+              "data=[{name: toy, root: toy, meta_file: toy/meta.csv, kind: nr, mos_range: [0, 10], split_mode: "
+              "computed, resize: 34, crop_size: 32}]", "checkpoint.every_steps=0", "epochs=1",
+              f"attiqa.teacher={clip_teacher}"]
+    with pytest.raises(ConfigError, match="not the five attributes"):  # one head, Table 1's five pairs
+        main(["-opt", str(option), *common, "attiqa.prompts=null"])
+    with pytest.raises(ConfigError, match="a pair for each of quality"):  # the pairs must name the heads
+        main(["-opt", str(option), *common, "attiqa.prompts={sharpness: [Sharp image, Blurry image]}"])
+    out = main(["-opt", str(option), *common])
+    cache = root / "exp" / "teacher_labels_single_prompt" / "toy"
+    settings = json.loads((cache / "teacher.json").read_text())
+    assert settings["prompts"] == {"quality": ["Good image", "Bad image"]}
+    assert (cache / "labels.csv").read_text().splitlines()[0] == "path,quality"
+    labels = read_labels(cache)
+    assert labels.attributes == ("quality",) and labels.scores.shape == (N, 1)
+    assert np.all((labels.scores > 0) & (labels.scores < 1)) and labels.scores.std() > 0
+    # The column is P(positive) of the pair: the swapped pair gives 1 - it.
+    files = [str(root / "toy" / p) for p in labels.paths[:4]]
+    swapped = label_images(files, clip_teacher, root / "swapped", root=root / "toy",
+                           prompts={"quality": ("Bad image", "Good image")})
+    np.testing.assert_allclose(swapped.scores, 1 - labels.scores[:4], atol=1e-6)
+    assert len(out["step_losses"]) == 4 and all(np.isfinite(out["step_losses"]))
+    assert set(out["history"][-1]["datasets"]) == {"quality"}  # the head's agreement with its teacher column
+    student = gamma.create_model(None, pretrained=out["backbone"])
+    assert list(student.heads) == ["quality"] and student.config.attributes == ("quality",)
+    assert student.regressor[0].in_features == student.config.head_hidden
+    with torch.no_grad():
+        assert student.eval().attribute_scores(torch.rand(2, 3, 32, 32)).shape == (2, 1)
+    # Fine-tuning starts from it: the one head travels in the checkpoint's config.
+    tuned = run(root, OPT / "livec.yml", "livec", "model.name=null", "model.overrides={}",
+                f"model.pretrained={out['backbone']}", "data.0.split_mode=computed", "splits=[1]", "epochs=1",
+                "name=single_prompt_livec")
+    assert np.isfinite(tuned["history"][-1]["datasets"]["livec"]["srcc"])
+    assert list(gamma.create_model(None, pretrained=Path(tuned["run_dir"]) / "last.pth").heads) == ["quality"]
+
+
 # ------------------------------------------------------------------------------------------------ linear probing
 def test_linear_probe_trains_only_the_regressor(pretrained_l2, root):
     start = Path(pretrained_l2["backbone"])

@@ -221,6 +221,37 @@ def test_truncated_text_encoding_equals_full_context(tiny_sdp_model):
     assert_close(short, full, rtol=1e-5, atol=1e-5 * max_abs(full))  # rounding follows the largest features (~3.5)
 
 
+def test_text_length_is_read_once_per_prompt_buffer(tiny_sdp_model, monkeypatch):
+    """Issue 23: the EOT cut of fixed prompts is read back from the device once per prompt buffer, not per forward
+    (training recomputes the text features every step); a new buffer (set_prompt_set) is read again."""
+    import gamma.archs.clip as clip_module
+
+    calls = []
+    real = clip_module.token_length
+    monkeypatch.setattr(clip_module, "token_length", lambda t: calls.append(t.shape) or real(t))
+    perturb_moae(tiny_sdp_model)
+    tiny_sdp_model.train()
+    x = torch.rand(2, 3, 224, 224)
+    for _ in range(3):  # the text tower trains: features recomputed with autograd on every call
+        tiny_sdp_model(x, scene="natural").sum().backward()
+    assert len(calls) == 1
+    with torch.no_grad():
+        full = tiny_sdp_model.clip_model.encode_text(tiny_sdp_model.prompt_tokens.flatten(0, 1))
+        got = tiny_sdp_model.text_features("levels").flatten(0, 1)
+    assert_close(got, F.normalize(full, dim=-1), rtol=1e-5, atol=1e-6)
+    tiny_sdp_model.set_prompt_set("naive")
+    with torch.no_grad():
+        tiny_sdp_model.text_features("levels")
+    assert len(calls) == 2
+
+
+def test_scene_index_equals_the_rows_whatever_the_mix(tiny_sdp_model):
+    for scene in ("face", ["natural", "face", "auto"], ["aigc"] * 3):
+        got = tiny_sdp_model.scene_index(scene, 3, torch.device("cpu"))
+        expected = torch.tensor(gamma.prompts.scene_rows(scene, 3), dtype=torch.long)
+        assert got.dtype == torch.long and torch.equal(got, expected)
+
+
 def test_sdp_prompts_are_tokenised_per_scene(tiny_sdp_model):
     assert tiny_sdp_model.prompt_tokens.shape == (len(SCENES), 5, 77)
     eot = 49407

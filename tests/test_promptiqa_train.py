@@ -613,6 +613,39 @@ def test_table6_without_mixed_training_at_toy_size(workspace):
     assert r["finished"] and set(r["final"]["datasets"]) == {NAMES[0]} and r["global_step"] == 3
 
 
+def test_table6_without_prompt_at_toy_size(workspace):
+    """Table 6, w/o prompt (table6_no_prompt.yml): a PromptIQA without prompt encoder and fusion, the visual feature
+    straight into the regression; it trains in the stage, and its scores do not depend on the prompt."""
+    shipped = load_config(REPO / "options" / "promptiqa" / "table6_no_prompt.yml")
+    assert shipped.model.overrides == {"no_prompt": True} and len(shipped.eval_data) == 6
+    assert (shipped.promptiqa.scale_p, shipped.promptiqa.flip_p, len(shipped.data)) == (0.0, 0.0, 12)
+    r = run_stage(workspace, "t6_no_prompt", "model.overrides={no_prompt: true}", "max_steps_per_epoch=3")
+    assert r["finished"] and r["global_step"] == 3 and set(r["final"]["datasets"]) == set(NAMES)
+    run_dir = Path(r["run_dir"])
+    keys = read_checkpoint(run_dir / "last.pth").state_dict
+    prompt_path = ("i_p_fusion.", "mlp.", "prompt_fusion.", "blocks.")
+    assert not [k for k in keys if k.startswith(prompt_path)] and "score_block.0.weight" in keys
+    model = gamma.create_model(None, pretrained=run_dir / "last.pth").eval()
+    full = gamma.create_model("promptiqa_test").eval()
+    assert model.config.no_prompt and model.num_parameters() < full.num_parameters()
+    gen = torch.Generator().manual_seed(0)
+    x, p = torch.rand(3, 3, 48, 48, generator=gen), torch.rand(4, 3, 48, 48, generator=gen)
+    with torch.no_grad():
+        plain = model(x)
+        assert torch.equal(plain, model.regress(model.image_features(model.preprocess(x))))
+        for scores in ([0.1, 0.2, 0.3, 0.9], [0.9, 0.8, 0.0, 1.0]):
+            assert torch.equal(model(x, prompt=(p, scores)), plain)
+        assert model.encode_prompt(p, [0.1, 0.2, 0.3, 0.9]).shape == (4, 0)
+        # the full model does read its prompt (so the comparison above is not vacuous)
+        assert not torch.equal(full(x, prompt=(p, [0.1, 0.2, 0.3, 0.9])), full(x, prompt=(p, [0.9, 0.8, 0.0, 1.0])))
+        with pytest.raises(ValueError, match="prompt must be"):
+            full(x)
+    # Evaluated by the stage's test protocol: random ISP scores change nothing.
+    toy = ["eval_only=true", "model.name=null", f"model.pretrained={run_dir / 'last.pth'}"]
+    standard = _predictions(run_stage(workspace, "t6_no_prompt_eval", *toy))
+    assert _predictions(run_stage(workspace, "t6_no_prompt_random", *toy, "promptiqa.isp_random=scores")) == standard
+
+
 # ------------------------------------------------------------------------------------------------ DDP
 @pytest.mark.slow
 def test_two_process_ddp_trains_what_one_process_trains(workspace):

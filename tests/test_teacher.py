@@ -75,8 +75,8 @@ def test_labels_are_the_attribute_scores_of_the_resized_picture(clip_file, folde
 def test_cached_labels_are_not_recomputed_and_a_different_teacher_is_refused(clip_file, folder, tmp_path):
     model = gamma.create_model(None, pretrained=clip_file)
     calls = []
-    original = model.attributes
-    model.attributes = lambda x: calls.append(x.shape[0]) or original(x)  # count the images scored
+    original = model.crop_features
+    model.crop_features = lambda x: calls.append(x.shape[0]) or original(x)  # count the images scored
     first = label_images(folder, model, tmp_path / "cache", chunk_size=4)
     assert sum(calls) == 6
     second = label_images(folder, model, tmp_path / "cache", chunk_size=4)
@@ -117,11 +117,11 @@ def test_resumes_after_sigkill(clip_file, folder, tmp_path):
     cache = tmp_path / "cache"
     code = ("import sys, time, gamma, gamma.train.teacher as t\n"
             "m = gamma.create_model(None, pretrained=sys.argv[1])\n"
-            "orig = m.attributes\n"
+            "orig = m.crop_features\n"
             "def slow(x):\n"
             "    time.sleep(0.5)\n"
             "    return orig(x)\n"
-            "m.attributes = slow\n"
+            "m.crop_features = slow\n"
             "t.label_images(sys.argv[2], m, sys.argv[3], chunk_size=1)\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code, str(clip_file), str(folder), str(cache)], env=env)
@@ -135,8 +135,8 @@ def test_resumes_after_sigkill(clip_file, folder, tmp_path):
     assert len(read_labels(cache).paths) == done  # every finished chunk is a complete, readable file
     model = gamma.create_model(None, pretrained=clip_file)
     calls = []
-    original = model.attributes
-    model.attributes = lambda x: calls.append(x.shape[0]) or original(x)
+    original = model.crop_features
+    model.crop_features = lambda x: calls.append(x.shape[0]) or original(x)
     resumed = label_images(folder, model, cache)
     assert sum(calls) == 6 - done  # only the images the killed run had not finished
     fresh = label_images(folder, clip_file, tmp_path / "fresh")
@@ -165,7 +165,14 @@ def test_other_prompt_pairs_score_those_pairs_and_get_their_own_cache(clip_file,
     assert np.array_equal(again.scores, default.scores)
     with pytest.raises(ValueError, match="prompts"):
         label_images(folder, model, tmp_path / "default", prompts=other)
-    with pytest.raises(ValueError, match="missing: noisiness"):
-        label_images(folder, model, tmp_path / "bad", prompts={a: other[a] for a in ATTRIBUTES[:4]})
+    # Any named pairs: one label column each, in the mapping's order (Table 7's single pair is one of them).
+    four = label_images(folder, model, tmp_path / "four", prompts={a: swapped[a] for a in ATTRIBUTES[:4]})
+    assert four.attributes == ATTRIBUTES[:4] and four.scores.shape == (6, 4)
+    np.testing.assert_allclose(four.scores, flipped.scores[:, :4], rtol=0, atol=1e-6)
+    assert read_labels(tmp_path / "four").attributes == ATTRIBUTES[:4]
+    with pytest.raises(ValueError, match="pair of non-empty strings"):
+        label_images(folder, model, tmp_path / "bad", prompts={"quality": "Good image"})
+    with pytest.raises(ValueError, match="a pair for each of"):
+        label_images(folder, model, tmp_path / "bad", prompts={})
     with pytest.raises(ValueError, match="measured teacher has no prompts"):
         label_images(folder, "measured", tmp_path / "measured", prompts=other)

@@ -1,4 +1,4 @@
-"""The ATTIQA student: a ResNet encoder, five attribute heads and a MOS regressor over the heads' hidden features.
+"""The ATTIQA student: a ResNet encoder, attribute heads (five) and a MOS regressor over the heads' hidden features.
 
 ATTIQA (Kwon et al., "ATTIQA: Generalizable Image Quality Feature Extractor using Attribute-aware Pretraining", ACCV
 2024) pretrains this network on the *order* of five zero-shot CLIP attribute scores (the teacher, computed by
@@ -10,6 +10,7 @@ choices the paper leaves open are listed, with reasons, in docs/attiqa.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,8 +19,8 @@ from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from ..config import AttiqaConfig
-from ..prompts import ATTRIBUTES
 from .crops import CropProtocol, prepare, unique_crops
+from .inputs import value_range
 from .trainable import TrainableModule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,12 +47,13 @@ class AttiqaModel(TrainableModule):
     """ATTIQA student.
 
     Call it with RGB images in [0, 1] (B, 3, H, W). In training mode it returns what the stage trains, per input crop:
-    the MOS prediction (B,) when fine-tuning, the five attribute predictions (B, 5) when pretraining. In eval mode it
+    the MOS prediction (B,) when fine-tuning, the attribute predictions (B, A) when pretraining. In eval mode it
     returns MOS predictions of whole images of any size: the short side is resized to ``config.resize`` and the
     predictions of the five ``config.crop_size`` crops (corners and centre) are averaged (the paper's test protocol;
     :meth:`set_crop_protocol` can change it).
-    :meth:`attribute_scores` gives the five attribute predictions (B, 5) that pretraining ranks; they are unbounded
-    scalars whose order, not value, is learned.
+    :meth:`attribute_scores` gives the attribute predictions (B, A) that pretraining ranks; they are unbounded
+    scalars whose order, not value, is learned. The A heads are ``config.attributes``: the paper's five
+    (:data:`gamma.prompts.ATTRIBUTES`), or for its Table 7 single-prompt ablation one, ``("quality",)``.
 
     Submodules: ``backbone`` (torchvision ``ResNet``, ``fc`` replaced by identity: its state_dict keys are those of
     torchvision's ``resnet50`` minus ``fc.*``), ``heads.<attribute>.{hidden.0, out}``, ``regressor.{0, 2}``.
@@ -66,9 +68,10 @@ class AttiqaModel(TrainableModule):
         self.backbone.fc = nn.Identity()  # the pooled feature (B, 2048) feeds the heads
         dim = 512 * Bottleneck.expansion
         self.feature_dim = dim
-        self.heads = nn.ModuleDict({a: AttributeHead(dim, config.head_hidden) for a in ATTRIBUTES})
+        self.attribute_names = config.attributes
+        self.heads = nn.ModuleDict({a: AttributeHead(dim, config.head_hidden) for a in self.attribute_names})
         self.regressor = nn.Sequential(
-            nn.Linear(len(ATTRIBUTES) * config.head_hidden, config.regressor_hidden),
+            nn.Linear(len(self.attribute_names) * config.head_hidden, config.regressor_hidden),
             nn.ReLU(),
             nn.Linear(config.regressor_hidden, 1),
         )
@@ -142,17 +145,17 @@ class AttiqaModel(TrainableModule):
         return self.backbone(x)
 
     def heads_forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Heads' hidden features (B, 5, h) and attribute scores (B, 5), attributes in :data:`ATTRIBUTES` order."""
+        """Heads' hidden features (B, A, h) and attribute scores (B, A), in ``config.attributes`` order."""
         feats = self.features(crops)
-        hidden, scores = zip(*(self.heads[a](feats) for a in ATTRIBUTES), strict=True)
+        hidden, scores = zip(*(self.heads[a](feats) for a in self.attribute_names), strict=True)
         return torch.stack(hidden, dim=1), torch.stack(scores, dim=1)
 
     def attribute_scores(self, crops: torch.Tensor) -> torch.Tensor:
-        """The five attribute predictions (B, 5) of crops (what pretraining ranks against the teacher)."""
+        """The attribute predictions (B, A) of crops (what pretraining ranks against the teacher)."""
         return self.heads_forward(_check(crops))[1]
 
     def score_crops(self, crops: torch.Tensor) -> torch.Tensor:
-        """MOS predictions (B,) of crops: the regressor over the five hidden features, concatenated (B, 5 * h)."""
+        """MOS predictions (B,) of crops: the regressor over the heads' hidden features, concatenated (B, A * h)."""
         hidden, _ = self.heads_forward(_check(crops))
         return self.regressor(hidden.flatten(1)).squeeze(-1)
 
@@ -162,8 +165,8 @@ class AttiqaModel(TrainableModule):
 
     def attributes(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Attribute name -> prediction (B,) of full images with the test protocol (unbounded; order matters)."""
-        scores = self._over_crops(images, self.attribute_scores)  # (B, 5)
-        return dict(zip(ATTRIBUTES, scores.unbind(dim=-1), strict=True))
+        scores = self._over_crops(images, self.attribute_scores)  # (B, A)
+        return dict(zip(self.attribute_names, scores.unbind(dim=-1), strict=True))
 
     def crop_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features (B, 2048) of full images with the test protocol, averaged over the crops."""
@@ -182,7 +185,7 @@ class AttiqaModel(TrainableModule):
             raise ValueError(f"an ATTIQA student has no prompts to switch to {prompt_set!r}")
 
     def forward(self, images: torch.Tensor, scene: str | Sequence[str] | None = None) -> torch.Tensor:  # noqa: ARG002
-        """Training mode: per crop, MOS predictions (B,) when fine-tuning, attribute predictions (B, 5) when
+        """Training mode: per crop, MOS predictions (B,) when fine-tuning, attribute predictions (B, A) when
         pretraining. Eval mode: MOS predictions (B,) per image (test protocol). ``scene`` is accepted and ignored (the
         student has no scene-specific part), so the trainer calls it as it calls Gamma."""
         if self.training:
@@ -250,7 +253,7 @@ def _check(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images must be a float tensor (B, 3, H, W) of RGB values in [0, 1], got {shape}")
     if not images.is_floating_point() or images.numel() == 0:
         raise ValueError(f"images must be a non-empty floating-point tensor in [0, 1], got dtype {images.dtype}")
-    if not bool(torch.isfinite(images).all()):
+    if not all(math.isfinite(v) for v in value_range(images)):  # one device-to-host transfer
         raise ValueError("images contain NaN or infinite values")
     return images
 

@@ -142,14 +142,16 @@ def set_tower_precision(visual: nn.Module, precision: str) -> None:
             setattr(mlp, name, Int8Linear(layer) if int8 else layer.to_linear())
 
 
-def encode_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
+def encode_text(clip: CLIP, tokens: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """Text features (N, E) at the EOT position of ``tokens`` (N, context_length).
 
     The causal mask means position j only sees positions <= j, so everything after the last EOT of the batch is cut
-    before the transformer runs: the same features as the full 77-token pass for a fraction of the work.
+    before the transformer runs: the same features as the full 77-token pass for a fraction of the work. ``length``
+    is that cut, :func:`token_length` of ``tokens``; pass it for fixed prompts to spare reading it back from the device
+    on every call.
     """
     eot = tokens.argmax(dim=-1)  # (N,) EOT has the largest id
-    length = int(eot.max()) + 1
+    length = token_length(tokens) if length is None else length
     x = clip.token_embedding(tokens[:, :length])  # (N, L, W)
     x = x + clip.positional_embedding[:length].to(x.dtype)
     mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
@@ -157,6 +159,11 @@ def encode_text(clip: CLIP, tokens: torch.Tensor) -> torch.Tensor:
     x = clip.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), eot]  # (N, W)
     return x @ clip.text_projection  # (N, E)
+
+
+def token_length(tokens: torch.Tensor) -> int:
+    """Positions up to the last EOT of any prompt in ``tokens`` (..., context_length) (a device-to-host read)."""
+    return int(tokens.argmax(dim=-1).max()) + 1
 
 
 def encode_image(clip: CLIP, pixels: torch.Tensor) -> torch.Tensor:
@@ -199,6 +206,9 @@ class TextFeatureCache:
         self.params = text_parameters(clip)
         # name -> (key, tokens, features, inference tensor?)
         self.entries: dict[str, tuple[tuple, torch.Tensor, torch.Tensor, bool]] = {}
+        # name -> (the tokens tensor seen, its in-place version, its token_length): the prompts are fixed buffers, so
+        # their length and their equality with a cached entry's are read from the device once per buffer, not per call
+        self.seen: dict[str, tuple[torch.Tensor, int, int]] = {}
 
     def __call__(self, clip: CLIP, name: str, tokens: torch.Tensor, routing: tuple) -> torch.Tensor:
         """Features (..., E) of ``tokens`` (..., C), cached under ``name``; ``routing`` keys the experts' masks."""
@@ -206,13 +216,19 @@ class TextFeatureCache:
         key = (tuple((p.data_ptr(), p._version, p.dtype) for p in self.params), routing, tokens.device,
                autocast_state(tokens.device))
         entry = self.entries.get(name)
+        seen = self.seen.get(name)
+        unchanged = seen is not None and seen[0] is tokens and seen[1] == tokens._version  # the buffer of last call
+        if not unchanged:
+            seen = (tokens, tokens._version, token_length(tokens))
         # The same prompts (tokens compared by value: a caller may swap a model's prompt buffer) under the same key; an
         # inference-mode tensor may only be reused where autograd is off.
-        if (not needs_grad and entry is not None and entry[0] == key and torch.equal(entry[1], tokens)
+        if (not needs_grad and entry is not None and entry[0] == key and (unchanged or torch.equal(entry[1], tokens))
                 and not (entry[3] and torch.is_grad_enabled())):
+            self.seen[name] = seen
             return entry[2]
         *lead, ctx = tokens.shape
-        feats = F.normalize(encode_text(clip, tokens.reshape(-1, ctx)), dim=-1).view(*lead, -1)
+        feats = F.normalize(encode_text(clip, tokens.reshape(-1, ctx), seen[2]), dim=-1).view(*lead, -1)
+        self.seen[name] = seen
         if needs_grad:
             self.entries.pop(name, None)
         else:
@@ -221,3 +237,4 @@ class TextFeatureCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.seen.clear()

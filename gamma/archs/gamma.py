@@ -363,7 +363,10 @@ class GammaModel(TrainableModule):
             raise ValueError(
                 "this model uses scene-based prompts (SDP): pass scene=one of " + ", ".join(SCENES) + " or 'auto'"
             )
-        return torch.tensor(rows, device=device, dtype=torch.long)
+        if len(set(rows)) == 1:  # one scene for the batch (every training batch): filled on the device, no copy
+            return torch.full((batch,), rows[0], dtype=torch.long, device=device)
+        index = torch.tensor(rows, dtype=torch.long)  # built on the CPU, copied without blocking the host
+        return (index.pin_memory() if device.type == "cuda" else index).to(device, non_blocking=True)
 
     def check_images(self, images: torch.Tensor) -> torch.Tensor:
         """Validate a batch of RGB images in [0, 1] (:func:`gamma.archs.inputs.check_images`); returns it in the

@@ -235,18 +235,27 @@ class PromptedIQA(TrainableModule):
     score_range = (0.0, 1.0)
 
     def build_prompt_path(self, dim: int, heads: int, prompt_blocks: int, ispp_blocks: int, fusion_blocks: int,
-                          drop: float) -> None:
-        """Create the prompt path's modules (after the visual encoder's, so that the state_dict keeps its order)."""
-        # Prompt encoder: each (image, score) pair as two tokens, then mean -> MLP.
-        self.i_p_fusion = nn.Sequential(*(Block(dim, heads, qkv_bias=False, eps=1e-5) for _ in range(prompt_blocks)))
-        self.mlp = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim))
-        # ISPP fusion, image-prompt fusion, regression.
-        self.prompt_fusion = nn.Sequential(*(Block(dim, heads, qkv_bias=False, eps=1e-5) for _ in range(ispp_blocks)))
-        self.blocks = nn.Sequential(*(Block(dim, heads, qkv_bias=True, eps=1e-6) for _ in range(fusion_blocks)))
+                          drop: float, prompted: bool = True) -> None:
+        """Create the prompt path's modules (after the visual encoder's, so that the state_dict keeps its order).
+
+        ``prompted=False`` builds the regression alone (PromptIQA's Table 6 "w/o prompt": no ISPP, prompt encoder or
+        fusion module; see :meth:`fuse`).
+        """
+        self.prompted = prompted
+        if prompted:
+            # Prompt encoder: each (image, score) pair as two tokens, then mean -> MLP.
+            self.i_p_fusion = nn.Sequential(*(Block(dim, heads, qkv_bias=False, eps=1e-5)
+                                              for _ in range(prompt_blocks)))
+            self.mlp = nn.Sequential(nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim))
+            # ISPP fusion, image-prompt fusion.
+            self.prompt_fusion = nn.Sequential(*(Block(dim, heads, qkv_bias=False, eps=1e-5)
+                                                 for _ in range(ispp_blocks)))
+            self.blocks = nn.Sequential(*(Block(dim, heads, qkv_bias=True, eps=1e-6) for _ in range(fusion_blocks)))
+        # Regression.
         self.norm = nn.LayerNorm(dim)
         self.score_block = nn.Sequential(nn.Linear(dim, dim // 2), nn.ReLU(), nn.Dropout(drop),
                                          nn.Linear(dim // 2, 1), nn.Sigmoid())
-        self.prompt_dim = dim
+        self.prompt_dim = dim if prompted else 0  # without a prompt path an encoded ISPP has no features
         self.check_input_range = True
         self._prompt_cache: OrderedDict[tuple, tuple[torch.Tensor, bool, Any]] = OrderedDict()
 
@@ -265,16 +274,27 @@ class PromptedIQA(TrainableModule):
 
         The score becomes a second token, the score repeated ``dim`` times (the paper's expansion E(s)).
         """
+        if not self.prompted:
+            return features.new_zeros(features.shape[0], 0)  # (n, 0): nothing of the ISPP reaches the score
         pair = torch.stack([features, scores.to(features.dtype)[:, None].expand_as(features)], dim=1)  # (n, 2, dim)
         return self.mlp(self.i_p_fusion(pair).mean(dim=1))  # (n, dim)
 
     def fuse(self, features: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """Scores (B,) of visual features (B, dim) against ISP features (B or 1, n, dim)."""
+        """Scores (B,) of visual features (B, dim) against ISP features (B or 1, n, dim).
+
+        Without a prompt path (``prompted`` False) the prompts are not read: score = R(V(I)), the paper's Eq. 1.
+        """
+        if not self.prompted:
+            return self.regress(features)
         prompts = self.prompt_fusion(prompts)  # (B or 1, n, dim): the "assessment requirement" feature
         prompts = prompts.expand(features.shape[0], -1, -1)
         x = self.blocks(torch.cat([features[:, None], prompts], dim=1))  # (B, 1+n, dim), token 0 = the image
         # The official head runs on every token and keeps token 0; the other tokens' outputs are never used.
-        return self.score_block(self.norm(x[:, 0])).squeeze(-1)  # (B,) in (0, 1)
+        return self.regress(x[:, 0])
+
+    def regress(self, feature: torch.Tensor) -> torch.Tensor:
+        """The image quality regression R: a feature (B, dim) -> scores (B,) in (0, 1) (LayerNorm, 2 FC, sigmoid)."""
+        return self.score_block(self.norm(feature)).squeeze(-1)
 
     # ------------------------------------------------------------------------------------------------ prompt
     def encode_prompt(self, images: Images, scores: object) -> torch.Tensor:
@@ -292,6 +312,8 @@ class PromptedIQA(TrainableModule):
         if hit is not None and (not hit[1] or not torch.is_grad_enabled()):  # inference tensors only without autograd
             self._prompt_cache.move_to_end(key)
             return hit[0]
+        if not self.prompted:  # no prompt encoder: the ISPP is checked, never encoded
+            return torch.zeros(scores_t.shape[0], 0, device=self.norm.weight.device, dtype=self.norm.weight.dtype)
         features = self.image_features(self.preprocess(images))
         isp = self.isp_features(features, scores_t.to(features.device))  # (n, dim)
         if key is not None:  # (the images too: a key by identity stays valid while its tensors live)
@@ -322,15 +344,18 @@ class PromptedIQA(TrainableModule):
         return digest.hexdigest(), weights, self.check_input_range
 
     # ----------------------------------------------------------------------------------------------- scoring
-    def forward(self, images: Images, prompt: Prompt) -> torch.Tensor:
+    def forward(self, images: Images, prompt: Prompt | None = None) -> torch.Tensor:
         """Scores (B,) in (0, 1) of ``images`` against ``prompt``.
 
         Args:
             images: RGB in [0, 1], a (B, 3, H, W) tensor or a list of (3, H, W) tensors.
             prompt: ``(prompt_images, prompt_scores)`` (n images as above, n scores in [0, 1]), or ISP features
-                (n, dim) from :meth:`encode_prompt`.
+                (n, dim) from :meth:`encode_prompt`. A model without a prompt path (``no_prompt``) ignores it and
+                may be called without one.
         """
-        if isinstance(prompt, torch.Tensor):
+        if prompt is None and not self.prompted:
+            isp = torch.zeros(1, 0)
+        elif isinstance(prompt, torch.Tensor):
             isp = prompt
             if isp.dim() != 2 or isp.shape[1] != self.prompt_dim or isp.shape[0] < 1:
                 raise ValueError(f"an encoded prompt must have shape (n, {self.prompt_dim}), got {tuple(isp.shape)}; "
@@ -389,7 +414,8 @@ class PromptIQA(PromptedIQA):
             cnn += [nn.Conv2d(channels[i], channels[i + 1], kernel), nn.BatchNorm2d(channels[i + 1]),
                     nn.ReLU(inplace=True), nn.AvgPool2d(pool)]
         self.cnn = nn.Sequential(*cnn)  # (b, D, g, g) -> (b, dim, 1, 1)
-        self.build_prompt_path(dim, cfg.heads, cfg.prompt_blocks, cfg.ispp_blocks, cfg.fusion_blocks, cfg.drop)
+        self.build_prompt_path(dim, cfg.heads, cfg.prompt_blocks, cfg.ispp_blocks, cfg.fusion_blocks, cfg.drop,
+                               prompted=not cfg.no_prompt)
 
     # ----------------------------------------------------------------------------------------------- inputs
     @property

@@ -1,6 +1,7 @@
 """Stage ``attiqa_pretrain``: ATTIQA's attribute-aware pretraining of a student (docs/attiqa.md#trainer-stages).
 
-The student (:class:`gamma.archs.AttiqaModel`) learns the *order* of five teacher attribute scores with the
+The student (:class:`gamma.archs.AttiqaModel`) learns the *order* of five teacher attribute scores (one per head: the
+student's ``attributes``, the teacher's prompt pairs; Table 7's single-prompt ablation has one) with the
 margin-ranking loss (:func:`gamma.archs.attribute_ranking_loss`) on the in-batch pairs of each micro-batch, summed
 over the attributes. It runs in the trainer's own loop (:func:`gamma.train.loop.train` with an
 :class:`~gamma.train.loop.Objective`), so checkpoints, ``--resume``, DDP, signals and the run folder are those of every
@@ -15,7 +16,7 @@ stage. What is ATTIQA's:
 - **evaluation**: each head's agreement with the teacher (SRCC / PLCC / KRCC of its output against the teacher's
   score of that attribute) on the held-out parts of the ``data`` / ``eval_data`` entries and ``attiqa.eval_folders``,
   pooled; the student's test protocol (``eval.crop_mode``) is used. The "datasets" of the run's evaluation records
-  and tables are the five attributes.
+  and tables are the attributes.
 
 At the end the final weights are written as ``attiqa.output`` (a student checkpoint,
 ``gamma.create_model(None, pretrained=...)``), the file the stages of ``attiqa.then`` start from. Stage
@@ -28,6 +29,7 @@ import csv
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .._files import atomic_write
 from ..archs import AttiqaModel, attribute_ranking_loss
 from ..archs.attiqa import check_attribute_targets
+from ..config import AttiqaConfig, get_attiqa_variant
 from ..data import DatasetEntry, IQADataset, build_dataset, collate
 from ..data.synthetic import generate_for_entries
 from ..factory import create_model, list_models
@@ -99,7 +102,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False, all_splits: bool = False,  
 def check_pretrain(cfg: TrainConfig) -> None:
     """Configuration checks of stage ``attiqa_pretrain`` (each error names its key)."""
     a = cfg.attiqa
-    check_student(cfg)
+    names = check_student(cfg).attributes
     if not a.teacher:
         raise ConfigError("attiqa.teacher: stage attiqa_pretrain needs a teacher: a CLIP-layout checkpoint (OpenAI "
                           f"ViT-B/16 for the paper) or {MEASURED!r}")
@@ -115,40 +118,62 @@ def check_pretrain(cfg: TrainConfig) -> None:
     if a.prompts is not None:
         if a.teacher == MEASURED:
             raise ConfigError(f"attiqa.prompts: the {MEASURED!r} teacher has no prompts; give a CLIP-layout teacher")
-        read_prompts(a.prompts)
+        read_prompts(a.prompts, names)
+    elif names != ATTRIBUTES:
+        raise ConfigError(f"attiqa.prompts: the student's heads ({', '.join(names)}) are not the five attributes of "
+                          "Table 1's prompt pairs; give the teacher a [positive, negative] pair for each head")
 
 
-def read_prompts(path: str) -> dict[str, tuple[str, str]]:
-    """The teacher's prompt pairs from ``attiqa.prompts``: a YAML file ``{attribute: [positive, negative]}`` naming
-    each of the five attributes (:func:`gamma.train.teacher.check_prompts`).
+def read_prompts(value: str | Mapping[str, Sequence[str]],
+                 names: Sequence[str] = ATTRIBUTES) -> dict[str, tuple[str, str]]:
+    """The teacher's prompt pairs from ``attiqa.prompts``: ``{name: [positive, negative]}`` with a pair for each of
+    ``names`` (the student's heads: the five attributes, or Table 7's single ``quality``), given inline or as a YAML
+    file (:func:`gamma.train.teacher.check_prompts`). Returned in the order of ``names``.
 
     Raises:
-        ConfigError: the file is missing, not YAML, or not five pairs (the message names the file).
+        ConfigError: the file is missing or not YAML, or not one pair per name (the message names the file).
     """
+    if isinstance(value, Mapping):
+        try:
+            return check_prompts(value, names)
+        except ValueError as exc:
+            raise ConfigError(f"attiqa.prompts: {exc}") from None
     try:
-        with open(path, encoding="utf-8") as fh:
-            return check_prompts(yaml.safe_load(fh))
+        with open(value, encoding="utf-8") as fh:
+            return check_prompts(yaml.safe_load(fh), names)
     except (OSError, yaml.YAMLError, ValueError) as exc:
-        raise ConfigError(f"attiqa.prompts: {path}: {exc}") from None
+        raise ConfigError(f"attiqa.prompts: {value}: {exc}") from None
 
 
-def check_student(cfg: TrainConfig) -> None:
-    """The run's model must be an ATTIQA student (a variant name, or a student checkpoint as ``model.pretrained``)."""
+def check_student(cfg: TrainConfig) -> AttiqaConfig:
+    """The run's model must be an ATTIQA student (a variant name, or a student checkpoint as ``model.pretrained``).
+
+    Returns:
+        its config, ``model.overrides`` applied (the heads it will have: ``attributes``).
+    """
     name = cfg.model.name
     if name is not None:
         if name not in list_models("attiqa"):
             raise ConfigError(f"model.name: stage {cfg.stage} trains an ATTIQA student "
                               f"({', '.join(list_models('attiqa'))}), got {name!r}")
-        return
-    path = resolve_weights(path=cfg.model.pretrained)
-    if family_of_checkpoint(read_checkpoint(path, allow_unsafe=cfg.model.allow_unsafe)).name != "attiqa":
-        raise ConfigError(f"model.pretrained: {path} is not an ATTIQA student; stage {cfg.stage} trains one "
-                          f"(model.name: one of {', '.join(list_models('attiqa'))})")
+        config = get_attiqa_variant(name)
+    else:
+        path = resolve_weights(path=cfg.model.pretrained)
+        ckpt = read_checkpoint(path, allow_unsafe=cfg.model.allow_unsafe)
+        if family_of_checkpoint(ckpt).name != "attiqa":
+            raise ConfigError(f"model.pretrained: {path} is not an ATTIQA student; stage {cfg.stage} trains one "
+                              f"(model.name: one of {', '.join(list_models('attiqa'))})")
+        config = ckpt.config
+    overrides = {k: v for k, v in cfg.model.overrides.items() if k != "backbone"}  # backbone: a weight file
+    try:
+        return config.replace(**overrides) if overrides else config
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.overrides: {exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------ data
 class TeacherLabelled(Dataset):
-    """An :class:`IQADataset` whose items also carry ``teacher``: the five teacher scores (5,) of the picture.
+    """An :class:`IQADataset` whose items also carry ``teacher``: the teacher's scores (A,) of the picture.
 
     Pictures without a label (unreadable when the teacher ran; listed in the cache's ``skipped.csv``) are left out.
     """
@@ -165,7 +190,7 @@ class TeacherLabelled(Dataset):
             ds = IQADataset(ds.entry, ds.phase, ds.table, [ds.rows[i] for i in kept], ds.transform)
         self.ds = ds
         self.entry = ds.entry
-        self.teacher = np.stack([labels[keys[i]] for i in kept]).astype(np.float32)  # (N, 5)
+        self.teacher = np.stack([labels[keys[i]] for i in kept]).astype(np.float32)  # (N, A)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -221,6 +246,7 @@ def pretraining_objective(cfg: TrainConfig, dist: DistInfo) -> tuple[Objective, 
         the objective and ``{dataset name: its label cache}``.
     """
     a = cfg.attiqa
+    heads = check_student(cfg).attributes  # the teacher's label columns, one per head
     folders = [folder_entry(cfg, f, crop=True) for f in a.folders]
     eval_folders = [folder_entry(cfg, f, crop=False) for f in a.eval_folders]
     names = [e.name for e in (*cfg.data, *cfg.eval_data, *folders, *eval_folders)]
@@ -237,7 +263,7 @@ def pretraining_objective(cfg: TrainConfig, dist: DistInfo) -> tuple[Objective, 
                 generate_for_entries(cfg.pretrain.synthetic, cfg.data, cfg.data_root)
             for entry in (*folders, *eval_folders):
                 write_folder_list(entry)
-            _label_all(cfg, train_entries, eval_entries)
+            _label_all(cfg, train_entries, eval_entries, heads, dist.device)
         except BaseException as exc:  # noqa: BLE001 - other ranks must hear about it before they block
             error = exc
     wait_for_main(dist)  # labelling may outlast ddp.timeout_s: the other ranks wait without NCCL's watchdog
@@ -280,8 +306,10 @@ def attribute_l2_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target.to(pred.dtype)).square().mean(dim=0).sum()
 
 
-def _label_all(cfg: TrainConfig, train_entries: list[DatasetEntry], eval_entries: list[DatasetEntry]) -> None:
-    """Teacher labels of every picture the run uses (cached; only missing ones are computed), one cache per dataset."""
+def _label_all(cfg: TrainConfig, train_entries: list[DatasetEntry], eval_entries: list[DatasetEntry],
+               names: Sequence[str], device: torch.device) -> None:
+    """Teacher labels of every picture the run uses (cached; only missing ones are computed), one cache per dataset,
+    one column per name (the student's heads); the teacher runs on ``device``, the run's (rank 0's) device."""
     a = cfg.attiqa
     files: dict[str, tuple[DatasetEntry, list[str]]] = {}
     for entry, phase in [*((e, "train") for e in train_entries), *((e, e.eval_key) for e in eval_entries)]:
@@ -291,12 +319,10 @@ def _label_all(cfg: TrainConfig, train_entries: list[DatasetEntry], eval_entries
     model = None
     for name, (entry, paths) in files.items():
         if model is None and teacher != MEASURED:
-            model = create_model(None, pretrained=teacher, allow_unsafe=cfg.model.allow_unsafe)
-            if cfg.device != "cpu" and torch.cuda.is_available():
-                model = model.to("cuda" if cfg.device == "auto" else cfg.device)
+            model = create_model(None, pretrained=teacher, allow_unsafe=cfg.model.allow_unsafe, device=device)
         label_images(list(dict.fromkeys(paths)), model if model is not None else MEASURED, _cache_dir(cfg, name),
                      root=entry.image_root, batch_size=a.teacher_batch_size, chunk_size=a.chunk_size,
-                     on_error="skip", prompts=read_prompts(a.prompts) if a.prompts is not None else None)
+                     on_error="skip", prompts=read_prompts(a.prompts, names) if a.prompts is not None else None)
 
 
 # ------------------------------------------------------------------------------------------------ feature analysis
@@ -365,7 +391,7 @@ def head_agreement(run: Run) -> dict[str, Any]:
     per: dict[str, dict[str, float]] = {}
     if preds:
         pred, target = np.concatenate(preds), np.concatenate(targets)
-        per = {a: evaluate_scores(pred[:, k], target[:, k]) for k, a in enumerate(ATTRIBUTES)}
+        per = {a: evaluate_scores(pred[:, k], target[:, k]) for k, a in enumerate(model.attribute_names)}
     mean = {m: float(np.mean([v[m] for v in per.values()])) if per else float("nan") for m in METRICS}
     return {"datasets": per, "mean": mean, "predictions": {}}
 
@@ -373,7 +399,7 @@ def head_agreement(run: Run) -> dict[str, Any]:
 @torch.no_grad()
 def predict_attributes(model: AttiqaModel, ds: Dataset, dist: DistInfo, batch_size: int, amp: str = "none",
                        workers: int = 0) -> np.ndarray:
-    """The student's attribute predictions (N, 5) of every picture of ``ds`` (test protocol), gathered over processes
+    """The student's attribute predictions (N, A) of every picture of ``ds`` (test protocol), gathered over processes
     (each scores every ``world_size``-th picture; pictures of one batch that differ in size are scored apart)."""
     mine = list(range(dist.rank, len(ds), dist.world_size))
     loader = DataLoader(Subset(ds, mine), batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -382,18 +408,19 @@ def predict_attributes(model: AttiqaModel, ds: Dataset, dist: DistInfo, batch_si
     for batch in loader:
         images = batch["img"]
         images = list(images) if isinstance(images, torch.Tensor) else images
-        out = torch.empty(len(images), len(ATTRIBUTES), dtype=torch.float64)
+        out = torch.empty(len(images), len(model.attribute_names), dtype=torch.float64)
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault(tuple(img.shape), []).append(i)
         for idx in groups.values():
             x = torch.stack([images[i] for i in idx]).to(dist.device)
             with autocast(dist.device, amp):
-                scores = torch.stack(list(model.attributes(x).values()), dim=-1)  # (b, 5)
+                scores = torch.stack(list(model.attributes(x).values()), dim=-1)  # (b, A)
             out[idx] = scores.float().cpu().double()
         rows.extend(out.tolist())
     parts = all_gather_objects(rows, dist)
-    full = np.empty((len(ds), len(ATTRIBUTES)), dtype=np.float64)
+    width = len(model.attribute_names)
+    full = np.empty((len(ds), width), dtype=np.float64)
     for rank, part in enumerate(parts):
-        full[rank :: dist.world_size] = np.asarray(part, dtype=np.float64).reshape(-1, len(ATTRIBUTES))
+        full[rank :: dist.world_size] = np.asarray(part, dtype=np.float64).reshape(-1, width)
     return full

@@ -221,9 +221,10 @@ class AttiqaCfg:
     resize: int = 340  # folder images: short side resized to this first (0 = keep) ...
     crop_size: int = 320  # ... then a random crop of this side (and a random flip)
     margin: float = 0.1  # of the margin-ranking loss (the paper's)
-    # The teacher's prompt pairs: a YAML file mapping each of the five attributes to [positive, negative] (ATTIQA's
-    # Table 7: the pairs of median or lowest proxy-task score); None: Table 1's pairs. A CLIP teacher only.
-    prompts: str | None = None
+    # The teacher's prompt pairs: {head: [positive, negative]} for each of the student's heads (model attributes; the
+    # five by default), inline or a YAML file (ATTIQA's Table 7: the pairs of median or lowest proxy-task score, or
+    # the single {quality: [Good image, Bad image]}); None: Table 1's pairs. A CLIP teacher only.
+    prompts: str | dict[str, list[str]] | None = None
     # Pretraining loss: 'ranking' (the paper's margin ranking on in-batch pairs) or 'l2' (its Table 7 ablation: the
     # mean squared difference between the student's attribute outputs and the teacher scores, summed over attributes).
     loss: Literal["ranking", "l2"] = "ranking"

@@ -6,8 +6,8 @@ The teacher is any CLIP-layout checkpoint gamma loads (OpenAI CLIP, UniQA, a Gam
 - ``teacher.json``: how they were computed (prompts, teacher weights fingerprint, towers, preprocessing), written
   first; resuming with a different teacher or preprocessing is refused;
 - ``part-NNNNN.csv``: one file per chunk of images (``path, sharpness, contrast, brightness, colorfulness,
-  noisiness``), each written atomically, so a kill loses at most the chunk in progress and a rerun resumes after the
-  last complete chunk;
+  noisiness``, or the names of other prompt pairs), each written atomically, so a kill loses at most the chunk in
+  progress and a rerun resumes after the last complete chunk;
 - ``labels.csv``: every label in input order, written (atomically) once all images are done; ``skipped.csv`` lists
   images that could not be read when ``on_error='skip'``.
 
@@ -44,6 +44,7 @@ from .._files import atomic_write
 from ..archs.crops import CropProtocol
 from ..archs.gamma import GammaModel
 from ..archs.moae import MoAE
+from ..assess import pair_probabilities
 from ..data.transforms import resize_short_side
 from ..factory import create_model
 from ..families import is_family
@@ -57,16 +58,16 @@ LABELS_FILE = "labels.csv"
 SKIPPED_FILE = "skipped.csv"
 FORMAT_VERSION = 1
 _PART = re.compile(r"^part-(\d{5,})\.csv$")
-HEADER = ("path", *ATTRIBUTES)
 
 
 @dataclass
 class TeacherLabels:
-    """Pseudo-labels: ``scores[i]`` (5 attributes, :data:`gamma.prompts.ATTRIBUTES` order) belong to ``paths[i]``."""
+    """Pseudo-labels: ``scores[i]`` (one per attribute, in ``attributes`` order) belong to ``paths[i]``."""
 
     paths: list[str]
-    scores: np.ndarray  # (N, 5) float32, each in (0, 1); higher = better (a high noisiness score means little noise)
+    scores: np.ndarray  # (N, A) float32, each in (0, 1); higher = better (a high noisiness score means little noise)
     skipped: list[str]  # inputs that could not be read (on_error='skip')
+    attributes: tuple[str, ...] = ATTRIBUTES  # the columns: the five attributes, or the names of other prompt pairs
 
     def as_dict(self) -> dict[str, np.ndarray]:
         return dict(zip(self.paths, self.scores, strict=True))
@@ -160,10 +161,11 @@ def label_images(
         on_error: ``raise`` stops at an unreadable image (its name in the error; finished chunks stay on disk);
             ``skip`` logs it, lists it in ``skipped.csv`` and goes on.
         allow_unsafe: passed to :func:`gamma.create_model` for a teacher checkpoint that needs a full unpickle.
-        prompts: other (positive, negative) prompt pairs for the five attributes, ``{attribute: (pos, neg)}`` with
-            every name of :data:`ATTRIBUTES` (ATTIQA's Table 7: the pairs of median or lowest proxy-task score);
-            None: Table 1's pairs (:data:`gamma.prompts.ATTRIBUTE_PROMPTS`). Recorded in ``teacher.json``, so a cache
-            of other prompts is refused. A CLIP teacher only.
+        prompts: other (positive, negative) prompt pairs, ``{name: (pos, neg)}``, one label column per pair in this
+            order: the five attributes' (ATTIQA's Table 7: the pairs of median or lowest proxy-task score) or any
+            others (Table 7's single pair ``{"quality": ("Good image", "Bad image")}``); None: Table 1's pairs
+            (:data:`gamma.prompts.ATTRIBUTE_PROMPTS`). Recorded in ``teacher.json``, so a cache of other prompts is
+            refused. A CLIP teacher only.
 
     Returns:
         the labels of every readable input, in input order.
@@ -179,7 +181,7 @@ def label_images(
     files, keys = _inputs(inputs, root)
     if isinstance(teacher, str) and teacher == MEASURED:
         teacher = MeasuredTeacher()
-    pairs = check_prompts(prompts) if prompts is not None else dict(ATTRIBUTE_PROMPTS)
+    pairs = check_prompts(prompts, names=None) if prompts is not None else dict(ATTRIBUTE_PROMPTS)
     if isinstance(teacher, MeasuredTeacher):
         if prompts is not None:
             raise ValueError("prompts: the measured teacher has no prompts; give a CLIP-layout teacher")
@@ -205,23 +207,27 @@ def label_images(
         model.attribute_tokens = tokens  # the text cache compares prompts by value: nothing to invalidate
 
 
-def check_prompts(prompts: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, str]]:
-    """``prompts`` as ``{attribute: (positive, negative)}`` in :data:`ATTRIBUTES` order.
+def check_prompts(prompts: Mapping[str, Sequence[str]],
+                  names: Sequence[str] | None = ATTRIBUTES) -> dict[str, tuple[str, str]]:
+    """``prompts`` as ``{name: (positive, negative)}`` in the order of ``names``: the five attributes (the default),
+    or the attribute heads of an ATTIQA student of another kind (Table 7's single pair: ``("quality",)``); None: the
+    mapping's own names, in its order.
 
     Raises:
-        ValueError: not a mapping of the five attribute names to two non-empty strings each (the message names the
+        ValueError: not a mapping of exactly these names to two non-empty strings each (the message names the
             first problem).
     """
     if not isinstance(prompts, Mapping):
         raise ValueError(f"prompts must map each attribute to a (positive, negative) pair, got "
                          f"{type(prompts).__name__}")
-    unknown, missing = sorted(set(prompts) - set(ATTRIBUTES)), [a for a in ATTRIBUTES if a not in prompts]
-    if unknown or missing:
-        raise ValueError(f"prompts must give a pair for each of {', '.join(ATTRIBUTES)}"
-                         + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else "")
+    names = tuple(prompts) if names is None else tuple(names)
+    unknown, missing = sorted(map(str, set(prompts) - set(names))), [a for a in names if a not in prompts]
+    if unknown or missing or not names:
+        raise ValueError(f"prompts must give a pair for each of {', '.join(names) or '(no name)'}"
+                         + (f"; unknown: {', '.join(unknown)}" if unknown else "")
                          + (f"; missing: {', '.join(missing)}" if missing else ""))
     out = {}
-    for a in ATTRIBUTES:
+    for a in names:
         pair = prompts[a]
         if (isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2
                 or not all(isinstance(p, str) and p.strip() for p in pair)):
@@ -231,10 +237,10 @@ def check_prompts(prompts: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, 
 
 
 def _use_prompts(model: GammaModel, pairs: Mapping[str, tuple[str, str]]) -> None:
-    """Make ``model.attributes`` score these pairs (until the caller restores ``attribute_tokens``)."""
+    """Make the model score these pairs (until the caller restores ``attribute_tokens``)."""
     ctx = model.attribute_tokens.shape[-1]
-    tokens = open_clip.tokenize([p for a in ATTRIBUTES for p in pairs[a]], context_length=ctx)
-    model.attribute_tokens = tokens.view(len(ATTRIBUTES), 2, ctx).to(model.attribute_tokens.device)
+    tokens = open_clip.tokenize([p for a in pairs for p in pairs[a]], context_length=ctx)
+    model.attribute_tokens = tokens.view(len(pairs), 2, ctx).to(model.attribute_tokens.device)
 
 
 def _label(files: list[str], keys: list[str], model: GammaModel | MeasuredTeacher, cache: Path, settings: dict,
@@ -242,8 +248,9 @@ def _label(files: list[str], keys: list[str], model: GammaModel | MeasuredTeache
     """The cached loop of :func:`label_images`: check the settings, label what is missing chunk by chunk, then write
     ``labels.csv`` (and ``skipped.csv``)."""
     _check_settings(cache, settings)
+    names = tuple(settings["prompts"]) if "prompts" in settings else ATTRIBUTES
 
-    done = _read_parts(cache)
+    done = _read_parts(cache, names)
     todo = [(f, k) for f, k in zip(files, keys, strict=True) if k not in done]
     logger.info("teacher labels: %d images, %d cached in %s, %d to compute (%s)", len(keys), len(keys) - len(todo),
                 cache, len(todo), settings.get("towers", settings.get("teacher")))
@@ -253,19 +260,19 @@ def _label(files: list[str], keys: list[str], model: GammaModel | MeasuredTeache
         chunk = todo[start : start + chunk_size]
         rows = _label_chunk(model, chunk, batch_size, on_error, skipped)
         if rows:
-            _write_csv(cache / f"part-{part:05d}.csv", rows)
+            _write_csv(cache / f"part-{part:05d}.csv", rows, names)
             part += 1
             done.update((k, s) for k, *s in rows)
         logger.info("teacher labels: %d / %d images done", len(keys) - len(todo) + start + len(chunk), len(keys))
 
     paths = [k for k in keys if k in done]
-    scores = np.array([done[k] for k in paths], dtype=np.float32).reshape(len(paths), len(ATTRIBUTES))
-    _write_csv(cache / LABELS_FILE, [(k, *map(float, s)) for k, s in zip(paths, scores, strict=True)])
+    scores = np.array([done[k] for k in paths], dtype=np.float32).reshape(len(paths), len(names))
+    _write_csv(cache / LABELS_FILE, [(k, *map(float, s)) for k, s in zip(paths, scores, strict=True)], names)
     if skipped:
         atomic_write(cache / SKIPPED_FILE, lambda tmp: _write_rows(tmp, ("path", "error"), list(skipped.items())))
         logger.warning("teacher labels: %d unreadable images skipped (listed in %s)", len(skipped),
                        cache / SKIPPED_FILE)
-    return TeacherLabels(paths=paths, scores=scores, skipped=list(skipped))
+    return TeacherLabels(paths=paths, scores=scores, skipped=list(skipped), attributes=names)
 
 
 def read_labels(cache_dir: str | os.PathLike) -> TeacherLabels:
@@ -275,15 +282,26 @@ def read_labels(cache_dir: str | os.PathLike) -> TeacherLabels:
         ValueError: no labels there, or a malformed file (named, with its line).
     """
     cache = Path(cache_dir)
+    names = _cached_names(cache)
     if (cache / LABELS_FILE).is_file():
-        rows = _read_csv(cache / LABELS_FILE)
+        rows = _read_csv(cache / LABELS_FILE, names)
     else:
-        rows = list(_read_parts(cache).items())
+        rows = list(_read_parts(cache, names).items())
     if not rows:
         raise ValueError(f"no teacher labels in {cache}")
     skipped = [r[0] for r in _csv_rows(cache / SKIPPED_FILE)[1:]] if (cache / SKIPPED_FILE).is_file() else []
     return TeacherLabels(paths=[k for k, _ in rows], scores=np.array([s for _, s in rows], dtype=np.float32),
-                         skipped=skipped)
+                         skipped=skipped, attributes=names)
+
+
+def _cached_names(cache: Path) -> tuple[str, ...]:
+    """The label columns of a cache: the names of the prompt pairs in its ``teacher.json`` (the five attributes for
+    Table 1's pairs and for the measured teacher)."""
+    try:
+        settings = json.loads((cache / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return ATTRIBUTES
+    return tuple(settings["prompts"]) if isinstance(settings.get("prompts"), dict) else ATTRIBUTES
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -313,7 +331,7 @@ def _inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike],
 
 def _label_chunk(model: GammaModel | MeasuredTeacher, chunk: Sequence[tuple[str, str]], batch_size: int,
                  on_error: str, skipped: dict[str, str]) -> list[tuple]:
-    """Rows ``(key, 5 scores)`` of a chunk of (file, key), in chunk order (unreadable files skipped or raised)."""
+    """Rows ``(key, A scores)`` of a chunk of (file, key), in chunk order (unreadable files skipped or raised)."""
     clip = not isinstance(model, MeasuredTeacher)
     images: dict[str, torch.Tensor] = {}
     for file, key in chunk:
@@ -336,9 +354,17 @@ def _label_chunk(model: GammaModel | MeasuredTeacher, chunk: Sequence[tuple[str,
             for i in range(0, len(keys), batch_size):
                 batch = keys[i : i + batch_size]
                 x = torch.stack([images[k] for k in batch]).to(device)
-                out = torch.stack(list(model.attributes(x).values()), dim=-1).float().cpu()  # (b, 5)
+                out = _teacher_scores(model, x).float().cpu()  # (b, A)
                 scores.update(zip(batch, out.tolist(), strict=True))
     return [(key, *scores[key]) for _, key in chunk if key in scores]
+
+
+def _teacher_scores(model: GammaModel | MeasuredTeacher, images: torch.Tensor) -> torch.Tensor:
+    """Label columns (b, A) of a batch: the CLIP teacher's P(positive) of each prompt pair it holds (whatever their
+    number), or the five measures."""
+    if not isinstance(model, MeasuredTeacher):  # the CLIP teacher
+        return pair_probabilities(model, *model.crop_features(model.check_images(images)))
+    return torch.stack(list(model.attributes(images).values()), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------ cache files
@@ -349,7 +375,7 @@ def _settings(model: GammaModel, checkpoint: str | None, pairs: Mapping[str, tup
         digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return {
         "format_version": FORMAT_VERSION,
-        "prompts": {a: list(pairs[a]) for a in ATTRIBUTES},
+        "prompts": {a: list(pairs[a]) for a in pairs},
         "score": "softmax over (positive, negative) of logit_scale.exp() * cosine; P(positive)",
         "weights_sha1": digest.hexdigest(),
         "checkpoint": checkpoint,
@@ -385,21 +411,22 @@ def _check_settings(cache: Path, settings: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8"))
 
 
-def _read_parts(cache: Path) -> dict[str, list[float]]:
+def _read_parts(cache: Path, names: Sequence[str] = ATTRIBUTES) -> dict[str, list[float]]:
     done: dict[str, list[float]] = {}
     for path in sorted(p for p in cache.glob("part-*.csv") if _PART.match(p.name)):
-        done.update(_read_csv(path))
+        done.update(_read_csv(path, names))
     return done
 
 
-def _read_csv(path: Path) -> list[tuple[str, list[float]]]:
+def _read_csv(path: Path, names: Sequence[str] = ATTRIBUTES) -> list[tuple[str, list[float]]]:
+    header = ("path", *names)
     rows = _csv_rows(path)
-    if not rows or tuple(rows[0]) != HEADER:
-        raise ValueError(f"{path}: not a teacher-label file (header should be {','.join(HEADER)})")
+    if not rows or tuple(rows[0]) != header:
+        raise ValueError(f"{path}: not a teacher-label file (header should be {','.join(header)})")
     out = []
     for line, row in enumerate(rows[1:], start=2):
         try:
-            if len(row) != len(HEADER):
+            if len(row) != len(header):
                 raise ValueError(f"{len(row)} columns")
             out.append((row[0], [float(v) for v in row[1:]]))
         except ValueError as exc:
@@ -412,8 +439,8 @@ def _csv_rows(path: Path) -> list[list[str]]:
         return [r for r in csv.reader(fh) if r]
 
 
-def _write_csv(path: Path, rows: Sequence[tuple]) -> None:
-    atomic_write(path, lambda tmp: _write_rows(tmp, HEADER, rows))
+def _write_csv(path: Path, rows: Sequence[tuple], names: Sequence[str] = ATTRIBUTES) -> None:
+    atomic_write(path, lambda tmp: _write_rows(tmp, ("path", *names), rows))
 
 
 def _write_rows(tmp: str, header: Sequence[str], rows: Sequence[tuple]) -> None:

@@ -2,7 +2,7 @@
 
     gamma export Gamma.pth --onnx gamma.onnx                                   # score, distribution, attributes
     gamma export Gamma-Prompt.pth --prompt sdp --scene natural --onnx g.onnx   # one scene's prompts baked in
-    Scorer("gamma.onnx", backend="onnxruntime").score("photos/")               # the same scores, without PyTorch's model
+    Scorer("gamma.onnx", backend="onnxruntime").score("photos/")               # the same scores, run by onnxruntime
 
 What the ONNX graph holds: the image tower (with its MoAE blocks), Gamma's adapter and the level head, with the text
 features (the level prompts of every scene, or of the one ``--scene``; the attribute prompt pairs) computed once at
@@ -149,7 +149,8 @@ def export_onnx(model: GammaModel, path: str | os.PathLike, *, scene: str | None
 
 
 def quantize_onnx(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
-    """An int8 copy of an exported graph: onnxruntime's dynamic quantisation of the MatMul weights (per channel).
+    """An int8 copy of an exported graph: onnxruntime's dynamic quantisation of the MatMul weights, per tensor (its
+    per-channel scales fail at run time on this graph's MatMuls: "b zero point is not valid").
 
     The metadata is kept. Scores move by quantisation error: check the rank agreement on your images
     (``scripts/bench_web.py`` reports SRCC against fp32).
@@ -157,7 +158,7 @@ def quantize_onnx(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=[
+    quantize_dynamic(str(source), str(dest), weight_type=QuantType.QInt8, per_channel=False, op_types_to_quantize=[
         "MatMul"])
     proto = onnx.load(str(dest))
     if not any(p.key == "gamma" for p in proto.metadata_props):

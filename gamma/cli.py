@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 
 class UsageError(Exception):
@@ -250,6 +250,22 @@ class RowWriter:
             out.write("\n]\n" if not first else "]\n")
 
 
+def _open_writer(out: str | None, columns: list[str], resume: bool, overwrite: bool,
+                 metadata: dict[str, Any] | None = None) -> Any:
+    """The writer of ``--out``: :class:`gamma.parquet_out.ParquetRowWriter` for ``.parquet`` (the ``parquet`` extra),
+    else :class:`RowWriter`; both take the same calls."""
+    if out is None or Path(out).suffix.lower() != ".parquet":
+        return RowWriter(out, columns, resume=resume, overwrite=overwrite)
+    try:
+        from .parquet_out import ParquetRowWriter
+
+        return ParquetRowWriter(out, columns, resume=resume, overwrite=overwrite, metadata=metadata)
+    except ImportError:
+        raise UsageError("--out *.parquet needs pyarrow: pip install 'gamma-iqa[parquet]'") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
@@ -268,6 +284,16 @@ class _Tally:
 
 def _score(args: argparse.Namespace) -> int:
     _resolve_score_options(args)
+    if args.engine == "ray":  # Ray Data (gamma.integrations.ray), local or a ray:// cluster
+        from .integrations.ray import score_command
+
+        return score_command(args)
+    from .shard_score import score_shards, wants_shards  # tar shards (gamma.shards): whole shards per process
+
+    if wants_shards(args):
+        return score_shards(args)
+    if args.out_dir is not None:
+        raise UsageError("--out-dir writes one Parquet file per input shard: it applies to .tar shard inputs")
     if _world_size() > 1 or (args.out is not None and _part_files(Path(args.out))):
         return _score_sharded(args)  # torchrun; or the parts a crashed torchrun run left
     RowWriter.check_target(args.out, args.resume, args.overwrite)  # before the model loads
@@ -278,7 +304,7 @@ def _score(args: argparse.Namespace) -> int:
         return 130
     _announce(scorer)
     # The columns depend on the model (PromptIQA, SDP prompts for the scene column): known once it is built.
-    writer = RowWriter(args.out, scorer.columns(), resume=args.resume, overwrite=args.overwrite)
+    writer = _open_writer(args.out, scorer.columns(), args.resume, args.overwrite, scorer.metadata)
     try:
         writer.open()
         tally = _score_files(args, scorer, writer)
@@ -310,7 +336,7 @@ def _resolve_score_options(args: argparse.Namespace) -> None:
     """Check option combinations and fill in what ``--dataset`` implies (before any file is touched)."""
     if not args.paths and not args.list:
         raise UsageError("give the images to score: PATH ... (files, folders, globs) and/or --list FILE")
-    if args.resume and args.out is None:
+    if args.resume and args.out is None and args.out_dir is None:
         raise UsageError("--resume needs --out (the file to continue)")
     for listed in args.list or []:
         if not os.path.isfile(listed):
@@ -421,7 +447,7 @@ def _make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             attributes=args.attributes,
             distribution=args.distribution,
             prompt_flip=args.prompt_flip,
-            backend=args.promptiqa_backend,
+            backend="onnxruntime" if args.backend == "onnxruntime" else args.promptiqa_backend,
         )
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError(str(exc)) from None
@@ -565,7 +591,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     if info.is_main:
         _announce(scorer)
         try:
-            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
+            writer = _open_writer(args.out, columns, args.resume, args.overwrite, scorer.metadata)
             _prepare_parts(out, args, part_columns)
         except UsageError as exc:
             error = str(exc)
@@ -574,7 +600,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     error = None
     try:
         done_out = writer.done if writer is not None else (
-            RowWriter(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
+            _open_writer(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
         done_parts = _names_in_parts(out)
     except UsageError as exc:
         error = str(exc)
@@ -752,6 +778,41 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ export
+def _export(args: argparse.Namespace) -> int:
+    """``gamma export SRC --onnx FILE``: :func:`gamma.export.export_onnx`; prints what it wrote."""
+    import torch
+
+    from .export import export_onnx, quantize_onnx
+    from .factory import create_model
+
+    targets = [Path(args.onnx)] + ([Path(args.int8)] if args.int8 else [])
+    for target in targets:
+        if target.suffix != ".onnx":
+            raise UsageError(f"the exported file must end in .onnx, got {target}")
+        if target.exists() and not args.overwrite:
+            raise UsageError(f"{target} exists: pass --overwrite to replace it")
+    if args.source is None and args.model is None:
+        raise UsageError("give the weights to export (a file or a known name)")
+    torch.manual_seed(0)
+    try:
+        import onnx  # noqa: F401 - the `onnx` extra
+    except ImportError:
+        raise UsageError("gamma export needs onnx and onnxruntime: pip install 'gamma-iqa[onnx]'") from None
+    try:
+        model = create_model(args.model, pretrained=args.source, allow_unsafe=args.allow_unsafe_pickle,
+                             **({"prompt_set": args.prompt} if args.prompt else {}))
+        written = export_onnx(model, args.onnx, scene=args.scene, outputs=[o.strip() for o in args.outputs.split(",")
+                                                                            if o.strip()], source=args.source or "")
+    except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    print(f"wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB)")
+    if args.int8:
+        quantized = quantize_onnx(written, args.int8)
+        print(f"wrote {quantized} ({quantized.stat().st_size / 2**20:,.1f} MiB, int8)")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ list
 def _list(args: argparse.Namespace) -> int:
     from .factory import list_models
@@ -886,7 +947,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-time crop protocol (default: random, the release's 10 seeded random crops)")
     s.add_argument("--num-crops", type=_positive_int, help="crops per image for random/grid (default 10)")
     s.add_argument("--seed", type=int, help="seed of the random crop offsets (default 0)")
-    s.add_argument("--out", "-o", help="output file: .csv, .jsonl or .json (default: CSV on stdout)")
+    s.add_argument("--out", "-o", help="output file: .csv, .jsonl, .json or .parquet (default: CSV on stdout)")
+    s.add_argument("--out-dir", metavar="DIR", help="tar shard inputs: one Parquet file per shard, DIR/00000.parquet "
+                   "... (img2dataset's naming), each written when its shard is done")
+    s.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default; torchrun for several "
+                   "processes) or ray: Ray Data actors (docs/scale.md)")
+    s.add_argument("--ray-address", metavar="ADDR", help="--engine ray: the cluster (ray://host:10001 or auto); "
+                   "default: a local Ray")
+    s.add_argument("--ray-actors", type=_positive_int, default=2, help="--engine ray: scoring actors (default 2)")
+    s.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="torch (default), or "
+                   "onnxruntime: --weights is a graph written by `gamma export` (same crops and decoding)")
     s.add_argument("--resume", action="store_true", help="skip images already in --out and append the rest")
     s.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     s.add_argument("--mos-range", nargs=2, type=float, metavar=("LO", "HI"),
@@ -916,6 +986,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "file name, else naive)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
     c.add_argument("--allow-unsafe-pickle", action="store_true", help="allow a source that needs a full unpickle")
+
+    x = sub.add_parser("export", help="export a Gamma model to ONNX (image tower + adapter + level head)",
+                       description="Write an ONNX graph of a Gamma model with its text features baked in; input a "
+                       "batch of 224x224 crops in [0, 1] (CLIP normalisation inside), a dynamic batch axis; see "
+                       "gamma/export.py for the contract. Score with it: gamma score ... --backend onnxruntime "
+                       "--weights gamma.onnx")
+    x.add_argument("source", nargs="?", help=f"weight file, or a known name ({release_names}); with --model alone: "
+                   "random weights")
+    x.add_argument("--onnx", required=True, metavar="FILE", help="the .onnx file to write")
+    x.add_argument("--model", help=argparse.SUPPRESS)
+    x.add_argument("--prompt", "--prompt-set", dest="prompt", choices=PROMPT_SETS, help="prompts the weights expect")
+    x.add_argument("--scene", help="SDP models: bake this scene only (default: every scene)")
+    x.add_argument("--outputs", default="score,distribution,attributes", help="comma-separated: score, "
+                   "distribution, attributes (default: all three)")
+    x.add_argument("--int8", metavar="FILE", help="also write an int8 copy (onnxruntime dynamic quantisation)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    x.add_argument("--allow-unsafe-pickle", action="store_true", help="allow a source that needs a full unpickle")
 
     sub.add_parser("list", help="model variants, known weights (and whether they are found), scenes, crop modes")
 
@@ -976,6 +1063,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(lambda: _list(args))
     if args.command == "convert":
         return _run(lambda: _convert(args))
+    if args.command == "export":
+        return _run(lambda: _export(args))
     return _run(lambda: _analyze(args))
 
 

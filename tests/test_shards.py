@@ -180,3 +180,17 @@ def test_torchrun_assigns_whole_shards(shard_dir):
     one = gamma_cmd("{00000..00002}.tar", "--out", "one.parquet", cwd=shard_dir)
     assert one.returncode == 1
     assert pq.read_table(shard_dir / "two.parquet").to_pylist() == pq.read_table(shard_dir / "one.parquet").to_pylist()
+
+
+def test_import_gamma_and_help_load_no_optional_engine():
+    """`import gamma`, `gamma --help` and `gamma score --help` import none of pyarrow, ray, onnx, onnxruntime."""
+    code = ("import sys, contextlib, io\nimport gamma, gamma.cli, gamma.shards, gamma.export, gamma.shard_score\n"
+            "import gamma.parquet_out, gamma.integrations.ray\n"
+            "for argv in (['--help'], ['score', '--help'], ['export', '--help']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        gamma.cli.main(argv)\n"
+            "print(sorted(m for m in ('pyarrow', 'ray', 'onnx', 'onnxruntime', 'webdataset') if m in sys.modules))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"

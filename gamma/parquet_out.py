@@ -114,6 +114,7 @@ class ParquetRowWriter:
         return sorted(self.parts_dir.glob("*.parquet")) if self.parts_dir.is_dir() else []
 
     def _names_written(self) -> set[str]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         names: set[str] = set()
@@ -124,7 +125,7 @@ class ParquetRowWriter:
                     raise ValueError(f"cannot resume {source}: its columns {schema.names} differ from this run's "
                                      f"{self.columns}")
                 names.update(pq.read_table(source, columns=["name"]).column("name").to_pylist())
-            except (OSError, pq.lib.ArrowInvalid) as exc:
+            except (OSError, pa.ArrowInvalid) as exc:
                 if source == self.path:
                     raise ValueError(f"cannot resume {source}: not a readable Parquet file ({exc})") from None
                 logger.warning("%s: ignoring an unreadable part (%s)", source, exc)

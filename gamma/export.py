@@ -125,8 +125,11 @@ def export_onnx(model: GammaModel, path: str | os.PathLike, *, scene: str | None
     path.parent.mkdir(parents=True, exist_ok=True)
     # The fused MoAE kernels compute in place on views, which the TorchScript tracer does not record faithfully: the
     # graph is traced from the formula as written (the same sum; gamma/archs/moae.py), the kernels restored after.
+    # Likewise nn.MultiheadAttention's fused inference fast path (an op ONNX lacks) is switched off while tracing.
     kernels = [(m, m.kernel) for m in model.moae_modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        torch.backends.mha.set_fastpath_enabled(False)
         for m, _ in kernels:
             m.kernel = None
         axes = {name: {0: "batch"} for name in ["crops", *names]}
@@ -134,6 +137,7 @@ def export_onnx(model: GammaModel, path: str | os.PathLike, *, scene: str | None
             torch.onnx.export(head, (dummy,), str(path), dynamo=False, opset_version=opset, input_names=["crops"],
                               output_names=names, dynamic_axes=axes, do_constant_folding=True)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, kernel in kernels:
             m.kernel = kernel
     proto = onnx.load(str(path))

@@ -137,7 +137,8 @@ def bench_onnx(args: argparse.Namespace, work: Path) -> list[str]:
     model = gamma.create_model(args.onnx_model).eval()
     fp32_path = export_onnx(model, work / "g.onnx", outputs=["score"])
     int8_path = quantize_onnx(fp32_path, work / "g8.onnx")
-    runners = {"onnxruntime fp32": OnnxGammaModel(fp32_path), "onnxruntime int8": OnnxGammaModel(int8_path)}
+    runners = {"onnxruntime fp32": OnnxGammaModel(fp32_path, threads=args.threads),
+               "onnxruntime int8": OnnxGammaModel(int8_path, threads=args.threads)}
     torch.manual_seed(0)
     bf16 = gamma.create_model(args.onnx_model).eval().to_precision("bf16")
     crops = torch.rand(args.onnx_batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -185,9 +186,12 @@ def main() -> None:
     p.add_argument("--onnx-model", default="gamma_test")
     p.add_argument("--onnx-batch", type=int, default=16)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime threads in the onnx part (default 1: "
+                   "on a shared machine more threads than free cores slow PyTorch down far more than onnxruntime)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: input, writers, engines, onnx")
     args = p.parse_args()
     skip = set(args.skip.split(","))
+    torch.set_num_threads(args.threads)
     print(f"machine: {os.cpu_count()} cores (shared with other jobs: figures vary with load), torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:

@@ -132,3 +132,35 @@ def test_bad_files(tmp_path):
         OnnxGammaModel(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="precision"):
         Scorer(str(tmp_path / "missing.onnx"), backend="onnxruntime", precision="bf16")
+
+
+def test_cli_export_and_score_with_onnxruntime(photo_files, tmp_path):
+    """`gamma export` then `gamma score --backend onnxruntime`: the rows of the PyTorch command within 1e-4."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from helpers import read_rows
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def gamma_cli(*args):
+        r = subprocess.run([sys.executable, "-m", "gamma", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    out = tmp_path / "g.onnx"
+    gamma_cli("export", "--model", "gamma_test", "--onnx", str(out), "--int8", str(tmp_path / "g8.onnx"))
+    assert out.exists() and (tmp_path / "g8.onnx").exists()
+    files = photo_files[:12]
+    common = ["score", *files, "--distribution", "--no-progress", "--workers", "0"]
+    gamma_cli(*common, "--model", "gamma_test", "--out", str(tmp_path / "torch.csv"))
+    gamma_cli(*common, "--backend", "onnxruntime", "--weights", str(out), "--out", str(tmp_path / "onnx.csv"))
+    a, b = read_rows(tmp_path / "torch.csv"), read_rows(tmp_path / "onnx.csv")
+    assert a[0] == b[0] and [r[0] for r in a] == [r[0] for r in b]
+    delta = max(abs(float(x) - float(y)) for ra, rb in zip(a[1:], b[1:], strict=True) for x, y in
+                zip(ra[1:], rb[1:], strict=True))
+    assert delta <= 1e-4 + 2e-6, delta  # (6 decimals written)

@@ -74,7 +74,7 @@ def _gamma(args: list[str], procs: int, cwd: Path) -> tuple[float, float]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", "-m",
                 "gamma"] if procs > 1 else [sys.executable, "-m", "gamma"]
     start = time.perf_counter()
-    r = subprocess.run([*launcher, "score", *args, "--verbose", "--no-progress"], cwd=cwd, env=_env(),
+    r = subprocess.run([*launcher, "--verbose", "score", *args, "--no-progress"], cwd=cwd, env=_env(),
                        capture_output=True, text=True)
     wall = time.perf_counter() - start
     rate = re.search(r"rate: ([0-9.]+) images/s", r.stderr)

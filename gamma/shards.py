@@ -176,6 +176,9 @@ class ShardReader:
                         image = (member.name, fh.read())
                     else:
                         others.append(member.name)
+                end = tar.offset  # where the members end: a complete .tar has its two zero blocks after it
+            if self.path.lower().endswith(".tar") and os.path.getsize(self.path) < end + 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("cut at a member boundary: no end-of-archive marker")
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
             why = str(exc) or type(exc).__name__
             self.error = ShardError(f"{self.path}: unreadable after {self.members} member(s) ({why})")

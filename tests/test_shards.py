@@ -52,7 +52,7 @@ def make_shard(path: Path, keys: list[str], *, bad: str | None = None, no_image:
     with tarfile.open(path, "w") as tar:
         for i, key in enumerate(keys):
             if key != no_image:
-                data = b"not an image at all" if key == bad else _jpeg(hash((path.name, i)) % 1000)
+                data = b"not an image at all" if key == bad else _jpeg(i + 7 * len(keys))
                 _add(tar, f"{key}.jpg", data)
                 images[key] = data
             _add(tar, f"{key}.json", json.dumps({"key": key, "caption": f"picture {i}"}).encode())
@@ -104,7 +104,10 @@ def test_reader_groups_members_by_key(tmp_path):
 def test_truncated_tar_reports_members_read(tmp_path):
     make_shard(tmp_path / "full.tar", [f"k{i}" for i in range(6)])
     data = (tmp_path / "full.tar").read_bytes()
-    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2])
+    (tmp_path / "cut.tar").write_bytes(data[: len(data) // 2 + 100])  # inside a member
+    (tmp_path / "edge.tar").write_bytes(data[: (len(data) // 2) // 512 * 512])  # at a block boundary
+    edge = ShardReader(tmp_path / "edge.tar")
+    assert len(list(edge)) < 6 and edge.error is not None
     reader = ShardReader(tmp_path / "cut.tar")
     samples = list(reader)
     assert 1 <= len(samples) < 6 and all(s.image for s in samples)

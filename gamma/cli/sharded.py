@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .common import PeerError, UsageError
 from .score_setup import Tally, announce, iter_inputs, make_scorer, progress, report
-from .writers import RowWriter, truncate_partial_line
+from .writers import RowWriter, check_output, open_writer, truncate_partial_line
 
 if TYPE_CHECKING:
     from ..scorer import Scorer
@@ -92,7 +92,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     error, scorer = None, None
     try:
         if info.is_main:
-            RowWriter.check_target(args.out, args.resume, args.overwrite)
+            check_output(args.out, args.resume, args.overwrite)
         scorer = make_scorer(args, device=info.device)
     except UsageError as exc:
         error = str(exc)
@@ -104,7 +104,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     if info.is_main:
         announce(scorer)
         try:
-            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite)
+            writer = open_writer(args.out, columns, args.resume, args.overwrite, scorer.metadata)
             _prepare_parts(out, args, part_columns)
         except UsageError as exc:
             error = str(exc)
@@ -113,7 +113,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     error = None
     try:
         done_out = writer.done if writer is not None else (
-            RowWriter(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
+            open_writer(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
         done_parts = _names_in_parts(out)
     except UsageError as exc:
         error = str(exc)

@@ -213,3 +213,36 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
     return str(value)
+
+
+# ------------------------------------------------------------------------------------------------ choosing the writer
+def check_output(out: str | None, resume: bool, overwrite: bool) -> str:
+    """The output format of ``out`` (``stdout`` for None, ``parquet`` for ``.parquet``), checked as
+    :meth:`RowWriter.check_target` does; reads nothing, so it runs before the model is built."""
+    if out is not None and Path(out).suffix.lower() == ".parquet":
+        from ..parquet_out import ParquetRowWriter  # pyarrow is imported only when rows are written or read
+
+        try:
+            return ParquetRowWriter.check_target(out, resume, overwrite)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if out is not None and Path(out).suffix.lower() not in OUTPUT_FORMATS:
+        raise UsageError(f"--out must end in one of {', '.join([*OUTPUT_FORMATS, '.parquet'])}, got {out}")
+    return RowWriter.check_target(out, resume, overwrite)
+
+
+def open_writer(out: str | None, columns: list[str], resume: bool, overwrite: bool,
+                metadata: dict[str, Any] | None = None) -> Any:
+    """The writer of ``--out``: :class:`gamma.parquet_out.ParquetRowWriter` for ``.parquet`` (the ``parquet`` extra;
+    ``metadata`` goes into its schema metadata, and what a resumed file holds is its ``existing_metadata``), else a
+    :class:`RowWriter`. Both take the same calls (``done``, ``open``, ``write``, ``close``)."""
+    if check_output(out, resume, overwrite) != "parquet":
+        return RowWriter(out, columns, resume=resume, overwrite=overwrite)
+    try:
+        from ..parquet_out import ParquetRowWriter
+
+        return ParquetRowWriter(out, columns, resume=resume, overwrite=overwrite, metadata=metadata)
+    except ImportError:
+        raise UsageError("--out *.parquet needs pyarrow: pip install 'gamma-iqa[parquet]'") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

@@ -65,7 +65,7 @@ class _ExportHead(nn.Module):
         with torch.no_grad():
             text = model.text_features().detach().float()  # (S_all, 5, E)
             self.register_buffer("level_text", text[rows].clone())  # (S, 5, E)
-            attr = model._encoded_prompts("attributes", model.attribute_tokens).detach().float()  # (5, 2, E)
+            attr = model.text_features("attributes").detach().float()  # (5, 2, E)
             self.register_buffer("attribute_text", attr.clone())
             self.register_buffer("scale", model.clip_model.logit_scale.exp().detach().float().reshape(()).clone())
             self.register_buffer("levels", model.score_level.detach().float().clone())
@@ -178,6 +178,39 @@ def quantize_onnx(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
     return Path(dest)
 
 
+def onnx_session(path: Path, threads: int | None = None, providers: Sequence[str] | None = None) -> tuple[Any, dict]:
+    """An onnxruntime session of a graph written by ``gamma export``, and its ``gamma`` metadata."""
+    import onnxruntime as ort  # the `onnx` extra
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
+    raw = session.get_modelmeta().custom_metadata_map.get("gamma")
+    if raw is None:
+        raise ValueError(f"{path} was not written by gamma export (no 'gamma' metadata)")
+    return session, json.loads(raw)
+
+
+def open_onnx(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """The runner of a graph written by ``gamma export``: :class:`OnnxGammaModel`, or for a PromptIQA graph
+    :class:`gamma.export_promptiqa.OnnxPromptIQAModel` (``kwargs``: ``threads``, ``providers``)."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such ONNX file")
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    if json.loads(props.get("gamma", "{}")).get("family") == "promptiqa":
+        from .export_promptiqa import OnnxPromptIQAModel
+
+        return OnnxPromptIQAModel(path, **kwargs)
+    return OnnxGammaModel(path, **kwargs)
+
+
 #: How the scorer runs an exported graph: Gamma's row (the same calls: ``model(batch, scene=...)``, ``assess``, the
 #: crop protocol), without the per-image scene choice (``scene='auto'`` needs the text tower, which is not exported).
 ONNX_SCORING = dataclasses.replace(GAMMA_SCORING, outputs=frozenset({"distribution", "attributes"}))
@@ -205,23 +238,11 @@ class OnnxGammaModel:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
-        import onnxruntime as ort  # the `onnx` extra
-
         self.family = get_family("gamma")
-
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = int(threads)
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or [
-            "CPUExecutionProvider"]))
-        raw = self.session.get_modelmeta().custom_metadata_map.get("gamma")
-        if raw is None:
-            raise ValueError(f"{self.path} was not written by gamma export (no 'gamma' metadata)")
-        self.meta = json.loads(raw)
+        self.session, self.meta = onnx_session(self.path, threads, providers)
+        if "levels" not in self.meta:
+            raise ValueError(f"{self.path} is not a Gamma graph (open it with gamma.export.open_onnx)")
         self.levels = torch.tensor(self.meta["levels"], dtype=torch.float32)
         self.scenes: list[str] = list(self.meta["scenes"])
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -323,4 +344,5 @@ class OnnxGammaModel:
     __call__ = score_images
 
 
-__all__ = ["ONNX_OUTPUTS", "ONNX_SCORING", "OPSET", "OnnxGammaModel", "export_onnx", "quantize_onnx"]
+__all__ = ["ONNX_OUTPUTS", "ONNX_SCORING", "OPSET", "OnnxGammaModel", "export_onnx", "onnx_session", "open_onnx",
+           "quantize_onnx"]

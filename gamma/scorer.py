@@ -163,9 +163,9 @@ class Scorer:
             if model is not None or precision not in (None, "fp32"):
                 raise ValueError("backend='onnxruntime' runs the .onnx file given as weights, in fp32; pass no model "
                                  "or precision")
-            from .export import OnnxGammaModel
+            from .export import open_onnx
 
-            model, weights, backend, device = OnnxGammaModel(weights), None, None, "cpu"
+            model, weights, backend, device = open_onnx(weights), None, None, "cpu"
         self.device = torch.device(device) if device is not None else default_device()
         self.model = self._build(weights, model, prompt_set, allow_unsafe, precision, self.device).eval()
         self.family = family_of_model(self.model)

@@ -164,3 +164,35 @@ def test_cli_export_and_score_with_onnxruntime(photo_files, tmp_path):
     delta = max(abs(float(x) - float(y)) for ra, rb in zip(a[1:], b[1:], strict=True) for x, y in
                 zip(ra[1:], rb[1:], strict=True))
     assert delta <= 1e-4 + 2e-6, delta  # (6 decimals written)
+
+
+def test_runner_given_as_the_model(exported, photo_files):
+    """The runner is a model like any other to the Scorer: its own Scoring row, no backend switch needed."""
+    model, path = exported
+    runner = OnnxGammaModel(path)
+    df = Scorer(model=runner, num_workers=0).score(photo_files[:4])
+    with torch.inference_mode():
+        expected = Scorer(model=model, num_workers=0).score(photo_files[:4])
+    assert df.attrs["model"] == "gamma"
+    assert_close(df["score"].to_numpy(), expected["score"].to_numpy(), rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="PromptIQA"):
+        export_onnx(gamma.create_model("promptiqa_test"), "x.onnx")
+
+
+def test_promptiqa_with_baked_isp_agrees_with_pytorch(photo_files, tmp_path):
+    """PromptIQA with a fixed ISP set baked in: >= 60 photographs scored by onnxruntime within 1e-4 of PyTorch."""
+    from gamma.export import open_onnx
+    from gamma.export_promptiqa import OnnxPromptIQAModel, export_promptiqa_onnx
+
+    torch.manual_seed(0)
+    model = gamma.create_model("promptiqa_test").eval()
+    isp = {p: (i + 1) / 7 for i, p in enumerate(photo_files[-6:])}
+    path = export_promptiqa_onnx(model, tmp_path / "piqa.onnx", isp)
+    runner = open_onnx(path)
+    assert isinstance(runner, OnnxPromptIQAModel) and runner.meta["isp_pairs"] == 6
+    torch_df = Scorer(model=model, isp=isp, num_workers=0).score(photo_files)
+    onnx_df = Scorer(str(path), backend="onnxruntime", num_workers=0).score(photo_files)
+    assert list(onnx_df["name"]) == list(torch_df["name"]) and onnx_df.attrs["model"] == "promptiqa"
+    assert torch_df["score"].std() > 1e-4  # the scores spread
+    delta = float((onnx_df["score"] - torch_df["score"]).abs().max())
+    assert delta <= 1e-4, delta

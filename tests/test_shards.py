@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -61,10 +62,15 @@ def make_shard(path: Path, keys: list[str], *, bad: str | None = None, no_image:
 
 
 def gamma_cmd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "gamma", "score", *args, "--model", "gamma_test", "--no-progress",
-                           "--workers", "0", "--crops", "center"], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    """`gamma score ARGS` run in this process (the command's own entry point, :func:`gamma.cli.main`, in ``cwd``):
+    a fresh interpreter per call would cost seconds of imports; torchrun below runs the real processes."""
+    from gamma.cli import main
+
+    argv = ["score", *args, "--model", "gamma_test", "--no-progress", "--workers", "0", "--crops", "center"]
+    err = io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(argv)
+    return subprocess.CompletedProcess(argv, status, "", err.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------ specs

@@ -1,5 +1,6 @@
-"""``gamma export SRC --onnx FILE``: an ONNX graph of a Gamma model (:func:`gamma.export.export_onnx`), optionally
-an int8 copy; score with it by ``gamma score ... --backend onnxruntime --weights FILE``."""
+"""``gamma export SRC --onnx FILE``: an ONNX graph of a Gamma model (:func:`gamma.export.export_onnx`) or of a PromptIQA
+model with an ISP set baked in (``--isp``, :func:`gamma.export_promptiqa.export_promptiqa_onnx`), optionally an int8
+copy; score with it by ``gamma score ... --backend onnxruntime --weights FILE``."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ NAME = "export"
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     release_names = ", ".join(name for name, entry in KNOWN_WEIGHTS.items() if entry.prompt_set)
-    x = subparsers.add_parser(NAME, help="export a Gamma model to ONNX (image tower + adapter + level head)",
+    x = subparsers.add_parser(NAME, help="export a Gamma model (or PromptIQA with its ISPs) to ONNX",
                               description="Write an ONNX graph of a Gamma model with its text features baked in; "
                               "input a batch of 224x224 crops in [0, 1] (CLIP normalisation inside), a dynamic batch "
                               "axis; see docs/scale.md for the contract. Score with it: gamma score ... --backend "
@@ -31,6 +32,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     x.add_argument("--scene", help="SDP models: bake this scene only (default: every scene)")
     x.add_argument("--outputs", default="score,distribution,attributes", help="comma-separated: score, "
                    "distribution, attributes (default: all three)")
+    x.add_argument("--isp", metavar="CSV", help="PromptIQA: the image-score pairs to bake in (CSV image,score; "
+                   "paths relative to it): the graph scores against them")
     x.add_argument("--int8", metavar="FILE", help="also write an int8 copy (onnxruntime dynamic quantisation)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing file")
     x.add_argument("--allow-unsafe-pickle", action="store_true", help="allow a source that needs a full unpickle")
@@ -54,15 +57,25 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..export import export_onnx, quantize_onnx
+    from ..export_promptiqa import export_promptiqa_onnx
     from ..factory import create_model
+    from ..families import is_family
+    from ..prompt_file import PromptFileError
 
     torch.manual_seed(0)  # --model alone: the same random weights as `gamma score --model` uses
     try:
         model = create_model(args.model, pretrained=args.source, allow_unsafe=args.allow_unsafe_pickle,
                              **({"prompt_set": args.prompt_set} if args.prompt_set else {}))
-        outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
-        written = export_onnx(model, args.onnx, scene=args.scene, outputs=outputs, source=args.source or "")
-    except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
+        if is_family(model, "promptiqa"):
+            if args.isp is None:
+                raise UsageError("a PromptIQA model is exported with its image-score pairs baked in: pass --isp CSV")
+            written = export_promptiqa_onnx(model, args.onnx, args.isp, source=args.source or "")
+        else:
+            if args.isp is not None:
+                raise UsageError("--isp applies to PromptIQA models (their ISP set is baked into the graph)")
+            outputs = [o.strip() for o in args.outputs.split(",") if o.strip()]
+            written = export_onnx(model, args.onnx, scene=args.scene, outputs=outputs, source=args.source or "")
+    except (WeightsNotFoundError, CheckpointError, PromptFileError, ValueError) as exc:
         raise UsageError.from_library(exc) from None
     print(f"wrote {written} ({written.stat().st_size / 2**20:,.1f} MiB)")
     if args.int8:

@@ -44,6 +44,9 @@ def test_typed_columns_metadata_and_row_groups(tmp_path):
     assert df.attrs["model"] == "gamma" and df.attrs["columns"] == COLUMNS
     with pytest.raises(ValueError, match="--resume"):
         ParquetRowWriter(out, COLUMNS, resume=False, overwrite=False)
+    resumed = ParquetRowWriter(out, COLUMNS, resume=True, overwrite=False, metadata={"model": "other"})
+    assert resumed.existing_metadata == {"model": "gamma"}  # what the file holds, for a check before appending
+    assert ParquetRowWriter(tmp_path / "new.parquet", COLUMNS, resume=True, overwrite=False).existing_metadata is None
     with pytest.raises(ValueError, match="columns"):
         ParquetRowWriter(out, COLUMNS[:3], resume=True, overwrite=False)
 

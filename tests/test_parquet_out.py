@@ -78,3 +78,32 @@ def test_killed_writer_loses_at_most_the_open_row_group_and_resume_completes(tmp
     assert len(again.done) == 12
     meta = json.loads(pq.read_schema(out).metadata[b"gamma"])
     assert meta["columns"] == COLUMNS
+
+
+def test_cli_parquet_out_and_resume(tmp_path, capsys):
+    """`gamma score FILES --out s.parquet` (one process): the rows of the CSV output, typed; --resume adds the new
+    files only; an unknown suffix names the Parquet one among the choices."""
+    import numpy as np
+    from helpers import assert_close, read_rows
+    from PIL import Image
+
+    from gamma.cli import main
+    from gamma.data.photos import distorted_photos
+
+    images, _ = distorted_photos(4, size=(64, 72), seed=3)
+    for i, image in enumerate(images):
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(tmp_path / f"p{i}.png")
+    common = ["--model", "gamma_test", "--crops", "center", "--no-progress", "--workers", "0"]
+    files = sorted(str(p) for p in tmp_path.glob("p*.png"))
+    assert main(["score", *files[:3], *common, "--out", str(tmp_path / "s.parquet")]) == 0
+    assert main(["score", *files, *common, "--out", str(tmp_path / "s.parquet"), "--resume"]) == 0
+    assert "skipped 3" in capsys.readouterr().err
+    assert main(["score", *files, *common, "--out", str(tmp_path / "s.csv")]) == 0
+    table = pq.read_table(tmp_path / "s.parquet")
+    expected = read_rows(tmp_path / "s.csv")
+    assert table.column("name").to_pylist() == [row[0] for row in expected[1:]]
+    # other batches than the CSV run's (3 + 1 images): the same scores up to float rounding and the CSV's 6 decimals
+    assert_close(table.column("score").to_pylist(), [float(row[1]) for row in expected[1:]], rtol=0, atol=2e-6)
+    assert main(["score", *files, *common, "--out", str(tmp_path / "s.txt")]) == 2
+    assert ".parquet" in capsys.readouterr().err

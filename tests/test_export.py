@@ -196,3 +196,24 @@ def test_promptiqa_with_baked_isp_agrees_with_pytorch(photo_files, tmp_path):
     assert torch_df["score"].std() > 1e-4  # the scores spread
     delta = float((onnx_df["score"] - torch_df["score"]).abs().max())
     assert delta <= 1e-4, delta
+
+
+def test_cli_promptiqa_export_and_score(photo_files, tmp_path, capsys):
+    """`gamma export --model promptiqa --isp CSV` then `gamma score --backend onnxruntime`: the PyTorch command's rows
+    (in this process; the Gamma test above runs the commands as subprocesses)."""
+    from helpers import read_rows
+
+    from gamma.cli import main
+
+    isp = tmp_path / "isp.csv"
+    isp.write_text("image,score\n" + "".join(f"{p},{(i + 1) / 7:.4f}\n" for i, p in enumerate(photo_files[-6:])))
+    out = tmp_path / "piqa.onnx"
+    assert main(["export", "--model", "promptiqa_test", "--onnx", str(out)]) == 2
+    assert "--isp" in capsys.readouterr().err
+    assert main(["export", "--model", "promptiqa_test", "--isp", str(isp), "--onnx", str(out)]) == 0
+    common = ["score", *photo_files[:8], "--no-progress", "--workers", "0"]
+    assert main([*common, "--model", "promptiqa_test", "--isp", str(isp), "--out", str(tmp_path / "t.csv")]) == 0
+    assert main([*common, "--backend", "onnxruntime", "--weights", str(out), "--out", str(tmp_path / "o.csv")]) == 0
+    a, b = read_rows(tmp_path / "t.csv"), read_rows(tmp_path / "o.csv")
+    assert a[0] == b[0] and [r[0] for r in a] == [r[0] for r in b]
+    assert_close([float(r[1]) for r in b[1:]], [float(r[1]) for r in a[1:]], rtol=0, atol=1e-4 + 2e-6)

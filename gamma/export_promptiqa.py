@@ -69,7 +69,7 @@ def export_promptiqa_onnx(model: PromptIQA, path: str | os.PathLike, isp: Any, *
 
     model = model.eval().cpu()
     scorer = Scorer(model=model, isp=isp, backend=backend, num_workers=0, device="cpu")
-    encoded = scorer._isp.for_batch()  # the (n, dim) ISP features every batch is scored against
+    encoded = scorer.encoded_isp  # the (n, dim) ISP features every batch is scored against
     head = _PromptIQAHead(model, encoded).eval()
     size = model.config.image_size
     path = Path(path)

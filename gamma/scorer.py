@@ -235,6 +235,12 @@ class Scorer:
                             **overrides)
 
     @property
+    def encoded_isp(self) -> torch.Tensor | None:
+        """The encoded ISP set (n, dim) every batch is scored against; None without one, or with ``isp_flip`` (then
+        every batch encodes newly flipped ISP images). ``gamma export`` bakes it into a PromptIQA graph."""
+        return None if self._isp is None or self._isp.flip else self._isp.for_batch()
+
+    @property
     def takes_isp(self) -> bool:
         """Whether the model scores against an ISP set (PromptIQA, Gamma + ISP)."""
         return self.scoring.takes_isp

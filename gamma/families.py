@@ -203,7 +203,12 @@ def family_of_checkpoint(ckpt: Checkpoint) -> Family:
 
 
 def family_of_model(model: nn.Module) -> Family:
-    """The family of a model instance (its exact class first, then the nearest base class)."""
+    """The family of a model instance (its exact class first, then the nearest base class); a runner (a model that
+    is not an ``nn.Module``, e.g. an exported graph run by onnxruntime: :class:`gamma.export.OnnxGammaModel`) names
+    the family it was exported from in its ``family`` attribute."""
+    own = getattr(model, "family", None)
+    if isinstance(own, Family) and not isinstance(model, nn.Module):
+        return own
     for family in FAMILIES.values():
         if type(model) is family.model_class:
             return family
@@ -222,7 +227,11 @@ def is_family(model: nn.Module, name: str) -> bool:
 
 
 def scoring_of(model: nn.Module) -> Scoring:
-    """How ``model`` scores images; a family without one is an error naming it."""
+    """How ``model`` scores images: a runner's own row (its ``scoring`` attribute: how an exported graph is run), else
+    its family's; a family without one is an error naming it."""
+    own = getattr(model, "scoring", None)
+    if isinstance(own, Scoring) and not isinstance(model, nn.Module):
+        return own
     family = family_of_model(model)
     if family.scoring is None:
         raise ValueError(f"{family.title} models do not score images by themselves")
@@ -266,7 +275,7 @@ def _gamma_forward(model: GammaModel, batch: torch.Tensor, scene: Any) -> torch.
     return model(batch, scene=scene)
 
 
-def _gamma_assess(model: GammaModel, batch: torch.Tensor, scene: Any, attributes: bool) -> list[dict[str, Any]]:
+def gamma_assess_rows(model: GammaModel, batch: torch.Tensor, scene: Any, attributes: bool) -> list[dict[str, Any]]:
     """One dict per image of :meth:`GammaModel.assess`: score, std, p_<level>, scene, p_<scene>, attribute scores."""
     out = model.assess(batch, scene, attributes=attributes)
     columns: dict[str, list[Any]] = {"score": out.score.float().cpu().tolist(),
@@ -285,7 +294,7 @@ def _gamma_assess(model: GammaModel, batch: torch.Tensor, scene: Any, attributes
 GAMMA_SCORING = Scoring(
     forward=_gamma_forward,
     outputs=frozenset({"distribution", "attributes", "scene"}),
-    assess=_gamma_assess,
+    assess=gamma_assess_rows,
     check_scene=lambda model, scene: model.scene_index(scene, 1, torch.device("cpu")),
     set_crops=lambda model, mode, num, seed: model.set_crop_protocol(mode=mode, num=num, seed=seed),
     describe=lambda model: model.tower_description(),

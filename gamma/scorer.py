@@ -22,7 +22,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from .adapt import ADAPT_OUTPUTS, DISTRIBUTION_COLUMNS, MIN_PAIRS, Adaptation, N
 from .archs.precision import default_device, exact_fp32, place
 from .data.meta import from_mos, to_mos
 from .factory import create_model
-from .families import ReadOptions, family_of_model
+from .families import ReadOptions, Scoring, family_of_model, scoring_of
 from .inputs import InputReader, Item, decoded
 from .io import MAX_PIXELS, PROMPTIQA_BACKENDS, ImageDecodeError
 from .isp import IspPrompt
@@ -115,7 +115,9 @@ class Scorer:
         isp_flip: PromptIQA: flip each ISP image upside down with p = 0.5 for every batch, as the official test
             code does (scores then depend on the batch; for exact reproduction only). Old name: ``prompt_flip``.
         backend: PromptIQA: how files are decoded and resized, ``cv2`` (the official path; default) or ``pil``
-            (:func:`gamma.io.load_promptiqa_image`).
+            (:func:`gamma.io.load_promptiqa_image`). ``onnxruntime``: ``weights`` is a graph written by
+            ``gamma export`` (:class:`gamma.export.OnnxGammaModel`, which carries its own :class:`Scoring` row), run
+            on the CPU with the same decoding and crops.
     """
 
     def __init__(
@@ -157,12 +159,17 @@ class Scorer:
             if not (math.isfinite(lo) and math.isfinite(hi)) or lo == hi:
                 raise ValueError(f"mos_range must be two different finite numbers, got {mos_range}")
             mos_range = (lo, hi)
+        if backend == "onnxruntime":  # an exported graph (gamma.export): `weights` is the .onnx file
+            if model is not None or precision not in (None, "fp32"):
+                raise ValueError("backend='onnxruntime' runs the .onnx file given as weights, in fp32; pass no model "
+                                 "or precision")
+            from .export import open_onnx
+
+            model, weights, backend, device = open_onnx(weights), None, None, "cpu"
         self.device = torch.device(device) if device is not None else default_device()
         self.model = self._build(weights, model, prompt_set, allow_unsafe, precision, self.device).eval()
         self.family = family_of_model(self.model)
-        if self.family.scoring is None:
-            raise ValueError(f"{self.family.title} models do not score images by themselves")
-        self.scoring = self.family.scoring
+        self.scoring = scoring_of(self.model)
         self.batch_size = batch_size
         self.mos_range = mos_range
         self.lower_better = lower_better
@@ -209,6 +216,10 @@ class Scorer:
     @staticmethod
     def _build(weights: Any, model: Any, prompt_set: str | None, allow_unsafe: bool, precision: str | None,
                device: torch.device) -> nn.Module:
+        if isinstance(getattr(model, "scoring", None), Scoring):  # a runner (an exported graph): used as it is
+            if weights is not None or prompt_set is not None or precision not in (None, "fp32"):
+                raise ValueError("pass either a model instance or weights/prompt_set/precision, not both")
+            return model
         if isinstance(model, nn.Module):
             if weights is not None or prompt_set is not None:
                 raise ValueError("pass either a model instance or weights/prompt_set, not both")
@@ -222,6 +233,12 @@ class Scorer:
         overrides = {"prompt_set": prompt_set} if prompt_set else {}
         return create_model(model, pretrained=weights, allow_unsafe=allow_unsafe, precision=precision, device=device,
                             **overrides)
+
+    @property
+    def encoded_isp(self) -> torch.Tensor | None:
+        """The encoded ISP set (n, dim) every batch is scored against; None without one, or with ``isp_flip`` (then
+        every batch encodes newly flipped ISP images). ``gamma export`` bakes it into a PromptIQA graph."""
+        return None if self._isp is None or self._isp.flip else self._isp.for_batch()
 
     @property
     def takes_isp(self) -> bool:
@@ -398,6 +415,30 @@ class Scorer:
         """Like :meth:`iter_scores` for an iterable of file paths taken literally (no folder or glob expansion)."""
         items = ((os.fspath(p), self.inputs._file_loader(os.fspath(p))) for p in paths)
         return self._score_items(items, scene, on_error)
+    def iter_named_scores(
+        self, items: Iterable[tuple[str, Any]], scene: str | None = None, *, on_error: str = "skip"
+    ) -> Iterator[ScoreResult]:
+        """Like :meth:`iter_file_scores` for ``(name, source)`` pairs, each result named ``name``: ``source`` is the
+        encoded bytes or a path (decoded as files are), or an exception, which is that input's error (tar shards:
+        :mod:`gamma.shards`). A decoding error names the input by ``name``."""
+        return self._score_items(((name, self._named_loader(name, source)) for name, source in items), scene, on_error)
+
+    def _named_loader(self, name: str, source: Any) -> Callable[[], torch.Tensor]:
+        if isinstance(source, BaseException):
+            def failed() -> torch.Tensor:
+                raise source
+
+            return failed
+        load = self.inputs._file_loader(source)
+
+        def named() -> torch.Tensor:
+            try:
+                return load()
+            except ImageDecodeError as exc:
+                raise ImageDecodeError(name, exc.reason) from None
+
+        return named
+
     def _score_items(self, items: Iterable[Item], scene: str | None, on_error: str) -> Iterator[ScoreResult]:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")

@@ -37,7 +37,7 @@ from .. import __version__
 from .common import PeerError, UsageError, add_verbose, warn_renamed
 
 # The modules of the commands, in the order `gamma --help` lists them.
-COMMANDS: tuple[str, ...] = ("score", "convert", "listing", "analyze", "train", "demo", "report", "plot")
+COMMANDS: tuple[str, ...] = ("score", "convert", "export", "listing", "analyze", "train", "demo", "report", "plot")
 
 __all__ = ["COMMANDS", "UsageError", "build_parser", "main"]
 

@@ -19,7 +19,7 @@ from ..archs.precision import PRECISIONS
 from ..hub import KNOWN_WEIGHTS
 from ..io import MAX_PIXELS
 from ..prompts import ATTRIBUTES, PROMPT_SETS, SCENES
-from .common import add_renamed, positive_int
+from .common import UsageError, add_renamed, positive_int
 from .provenance import Provenance
 from .score_setup import (
     SkippedFiles,
@@ -33,7 +33,7 @@ from .score_setup import (
     resolve_options,
 )
 from .sharded import part_files, score_sharded, world_size
-from .writers import ErrorWriter, RowWriter, error_reason
+from .writers import ErrorWriter, RowWriter, check_output, error_reason, open_writer
 
 if TYPE_CHECKING:
     from ..scorer import Scorer
@@ -86,7 +86,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="test-time crop protocol (default: random, the release's 10 seeded random crops)")
     s.add_argument("--num-crops", type=positive_int, help="crops per image for random/grid (default 10)")
     s.add_argument("--seed", type=int, help="seed of the random crop offsets (default 0)")
-    s.add_argument("--out", "-o", help="output file: .csv, .jsonl or .json (default: CSV on stdout)")
+    s.add_argument("--out", "-o", help="output file: .csv, .jsonl, .json or .parquet (default: CSV on stdout)")
+    _add_scale_options(s)
     s.add_argument("--resume", action="store_true", help="skip images already in --out and append the rest (refused "
                    "when --out was scored with other weights, prompts, scene, crops, precision or columns: its "
                    "record is <out>.meta.json); files that could not be scored are tried again")
@@ -109,14 +110,37 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return s
 
 
+def _add_scale_options(s: argparse.ArgumentParser) -> None:
+    """Web-scale scoring (docs/scale.md): tar shards' per-shard Parquet files, Ray Data, the ONNX backend."""
+    s.add_argument("--out-dir", metavar="DIR", help="tar shard inputs: one Parquet file per shard, DIR/00000.parquet "
+                   "... (img2dataset's naming), each written when its shard is done")
+    s.add_argument("--engine", choices=["local", "ray"], default="local", help="local (default; torchrun for several "
+                   "processes) or ray: Ray Data actors (docs/scale.md)")
+    s.add_argument("--ray-address", metavar="ADDR", help="--engine ray: the cluster (ray://host:10001 or auto); "
+                   "default: a local Ray")
+    s.add_argument("--ray-actors", type=positive_int, default=2, help="--engine ray: scoring actors (default 2)")
+    s.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch", help="torch (default), or "
+                   "onnxruntime: --weights is a graph written by `gamma export` (same crops and decoding)")
+
+
 def run(args: argparse.Namespace) -> int:
     args.max_pixels = MAX_PIXELS if args.max_pixels is None else args.max_pixels
     resolve_options(args)
+    if args.engine == "ray":  # Ray Data actors, local or a ray:// cluster
+        from .ray_engine import score_with_ray
+
+        return score_with_ray(args)
+    from .shards import score_shards, wants_shards  # tar shards: whole shards per process, per-shard files
+
+    if wants_shards(args):
+        return score_shards(args)
+    if args.out_dir is not None:
+        raise UsageError("--out-dir writes one Parquet file per input shard: it applies to .tar shard inputs")
     if not check_not_empty(args):  # before the model loads; the same answer in every process of a sharded run
         return 1
     if world_size() > 1 or (args.out is not None and part_files(Path(args.out))):
         return score_sharded(args)  # torchrun; or the parts a crashed torchrun run left
-    RowWriter.check_target(args.out, args.resume, args.overwrite)  # before the model loads
+    check_output(args.out, args.resume, args.overwrite)  # before the model loads
     try:
         scorer = make_scorer(args)
     except KeyboardInterrupt:
@@ -126,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
     # The columns depend on the model (PromptIQA, SDP prompts for the scene column): known once it is built; so is
     # the record of what the scores depend on, which --resume checks before anything is appended.
     provenance = Provenance.from_scorer(scorer, args) if args.out is not None else None
-    writer = RowWriter(args.out, scorer.columns(), resume=args.resume, overwrite=args.overwrite,
-                       provenance=provenance)
+    writer = open_writer(args.out, scorer.columns(), args.resume, args.overwrite, provenance)
     errors, skipped = ErrorWriter(args.errors), SkippedFiles()
     try:
         writer.open()

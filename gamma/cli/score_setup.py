@@ -63,8 +63,8 @@ def resolve_options(args: argparse.Namespace) -> None:
     ``--isp`` file (every image in it checked to exist) before the model loads."""
     if not args.paths and not args.list:
         raise UsageError("give the images to score: PATH ... (files, folders, globs) and/or --list FILE")
-    if args.resume and args.out is None:
-        raise UsageError("--resume needs --out (the file to continue)")
+    if args.resume and args.out is None and getattr(args, "out_dir", None) is None:
+        raise UsageError("--resume needs --out (the file to continue) or --out-dir")
     for listed in args.list or []:
         if not os.path.isfile(listed):
             raise UsageError(f"--list {listed}: no such file")
@@ -157,7 +157,7 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             attributes=args.attributes,
             distribution=args.distribution,
             isp_flip=args.isp_flip,
-            backend=args.promptiqa_backend,
+            backend="onnxruntime" if getattr(args, "backend", None) == "onnxruntime" else args.promptiqa_backend,
         )
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError.from_library(exc) from None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 from .common import PeerError, UsageError
 from .provenance import Provenance, check_resume, sidecar_path, write_sidecar
 from .score_setup import SkippedFiles, Tally, announce, iter_inputs, make_scorer, progress, report
-from .writers import ErrorWriter, RowWriter, error_reason, truncate_partial_line
+from .writers import ErrorWriter, RowWriter, check_output, error_reason, open_writer, truncate_partial_line
 
 if TYPE_CHECKING:
     from ..scorer import Scorer
@@ -100,7 +100,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     error, scorer = None, None
     try:
         if info.is_main:
-            RowWriter.check_target(args.out, args.resume, args.overwrite)
+            check_output(args.out, args.resume, args.overwrite)
         scorer = make_scorer(args, device=info.device)
     except UsageError as exc:
         error = str(exc)
@@ -113,8 +113,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
         announce(scorer)
         try:
             provenance = Provenance.from_scorer(scorer, args)  # rank 0 only: the weights are hashed once
-            writer = RowWriter(args.out, columns, resume=args.resume, overwrite=args.overwrite,
-                               provenance=provenance)
+            writer = open_writer(args.out, columns, args.resume, args.overwrite, provenance)
             _prepare_parts(out, args, provenance.with_columns(part_columns))
         except UsageError as exc:
             error = str(exc)
@@ -123,7 +122,7 @@ def _score_share(args: argparse.Namespace, info: DistInfo) -> int:
     error = None
     try:
         done_out = writer.done if writer is not None else (
-            RowWriter(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
+            open_writer(args.out, columns, resume=True, overwrite=False).done if args.resume else set())
         done_parts = _names_in_parts(out)
     except UsageError as exc:
         error = str(exc)

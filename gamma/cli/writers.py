@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from .._files import atomic_write
 from ..data.meta import is_number
 from .common import UsageError
-from .provenance import Provenance, check_resume, sidecar_path, write_sidecar
+from .provenance import Provenance, check_resume, refusal, sidecar_path, write_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -270,3 +270,53 @@ def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6f}"
     return str(value)
+
+
+# ------------------------------------------------------------------------------------------------ choosing the writer
+def check_output(out: str | None, resume: bool, overwrite: bool) -> str:
+    """The output format of ``out`` (``stdout`` for None, ``parquet`` for ``.parquet``), checked as
+    :meth:`RowWriter.check_target` does; reads nothing, so it runs before the model is built."""
+    if out is not None and Path(out).suffix.lower() == ".parquet":
+        from ..parquet_out import ParquetRowWriter  # pyarrow is imported only when rows are written or read
+
+        try:
+            return ParquetRowWriter.check_target(out, resume, overwrite)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if out is not None and Path(out).suffix.lower() not in OUTPUT_FORMATS:
+        raise UsageError(f"--out must end in one of {', '.join([*OUTPUT_FORMATS, '.parquet'])}, got {out}")
+    return RowWriter.check_target(out, resume, overwrite)
+
+
+def open_writer(out: str | None, columns: list[str], resume: bool, overwrite: bool,
+                provenance: Provenance | None = None) -> Any:
+    """The writer of ``--out``: :class:`gamma.parquet_out.ParquetRowWriter` for ``.parquet`` (the ``parquet`` extra;
+    ``provenance`` goes into its schema metadata and a resumed file's record is checked against it), else a
+    :class:`RowWriter` (``provenance`` in the ``.meta.json`` sidecar). Both take the same calls (``done``, ``open``,
+    ``write``, ``close``).
+
+    Raises:
+        UsageError: ``--resume`` of an output scored differently (each difference named), or without a record.
+    """
+    if check_output(out, resume, overwrite) != "parquet":
+        return RowWriter(out, columns, resume=resume, overwrite=overwrite, provenance=provenance)
+    record = provenance.with_columns(columns) if provenance is not None else None
+    try:
+        from ..parquet_out import ParquetRowWriter
+
+        writer = ParquetRowWriter(out, columns, resume=resume, overwrite=overwrite,
+                                  metadata={"provenance": record.to_dict()} if record is not None else None)
+    except ImportError:
+        raise UsageError("--out *.parquet needs pyarrow: pip install 'gamma-iqa[parquet]'") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if record is not None and resume and (writer.done or writer.existing_metadata is not None):
+        recorded = (writer.existing_metadata or {}).get("provenance")
+        if recorded is None:
+            raise UsageError(f"cannot resume {out}: its schema metadata has no record of how it was scored (written "
+                             "by an older gamma?), so this run may not match it; score into another --out or pass "
+                             "--overwrite")
+        differences = record.check_against(recorded)
+        if differences:
+            raise UsageError(refusal(str(out), differences))
+    return writer

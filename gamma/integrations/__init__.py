@@ -1,0 +1,1 @@
+"""Adapters to data engines (Ray Data: :mod:`gamma.integrations.ray`); each needs its optional extra."""

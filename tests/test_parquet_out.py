@@ -107,3 +107,34 @@ def test_cli_parquet_out_and_resume(tmp_path, capsys):
     assert_close(table.column("score").to_pylist(), [float(row[1]) for row in expected[1:]], rtol=0, atol=2e-6)
     assert main(["score", *files, *common, "--out", str(tmp_path / "s.txt")]) == 2
     assert ".parquet" in capsys.readouterr().err
+
+
+def test_cli_parquet_resume_checks_the_recorded_provenance(tmp_path, capsys):
+    """A Parquet output records how it was scored in its schema metadata; `--resume` with another crop protocol is
+    refused, naming the difference, and leaves the file as it was."""
+    import hashlib
+
+    import numpy as np
+    from PIL import Image
+
+    from gamma.cli import main
+    from gamma.data.photos import distorted_photos
+
+    images, _ = distorted_photos(3, size=(64, 72), seed=5)
+    for i, image in enumerate(images):
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(tmp_path / f"q{i}.png")
+    files = sorted(str(p) for p in tmp_path.glob("q*.png"))
+    out = tmp_path / "s.parquet"
+    common = ["--model", "gamma_test", "--no-progress", "--workers", "0", "--out", str(out)]
+    assert main(["score", *files[:2], *common, "--crops", "center"]) == 0
+    record = json.loads(pq.read_schema(out).metadata[b"gamma"])["provenance"]
+    assert record["crops"]["mode"] == "center" and record["model"]["variant"] == "gamma_test"
+    before = hashlib.sha256(out.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert main(["score", *files, *common, "--crops", "five", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "crop" in err
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == before
+    assert main(["score", *files, *common, "--crops", "center", "--resume"]) == 0  # the same protocol continues
+    assert pq.read_table(out).num_rows == 3

@@ -192,11 +192,12 @@ def test_renamed_options_give_the_same_result_and_warn_once(image_dir, tmp_path,
     assert main(["score", one, *FAST, "--prompt-flip"]) == 2
     assert "--isp-flip applies together with --isp" in capsys.readouterr().err
     assert _renamed_warnings(caplog, "--prompt-flip") == 1
-    # gamma convert and gamma analyze take --prompt-set, and --prompt as before.
-    weights = tmp_path / "naive.pt"
-    from gamma.weights import read_checkpoint, save_checkpoint
+    # gamma convert and gamma analyze take --prompt-set, and --prompt as before (a release-layout file: it records no
+    # prompt set to contradict).
+    weights = tmp_path / "weights.pt"
+    from gamma.weights import read_checkpoint, release_state_dict
 
-    save_checkpoint(gamma.create_model("gamma_test"), weights)
+    torch.save(release_state_dict(gamma.create_model("gamma_test")), weights)
     for flag, dest in (("--prompt-set", "a.safetensors"), ("--prompt", "b.safetensors")):
         assert main(["convert", str(weights), str(tmp_path / dest), flag, "sdp"]) == 0
         assert read_checkpoint(tmp_path / dest).config.prompt_set == "sdp"

@@ -59,10 +59,10 @@ from ..data.promptiqa import draw_label_augment, random_vertical_flip
 from ..data.requirements import write_requirement
 from ..data.transforms import TestTransform
 from ..factory import create_model, list_models
-from ..hub import resolve_weights
+from ..hub import PromptSetError, resolve_weights
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, broadcast_object
-from .loop import Objective, Run, train
+from .loop import Objective, Run, prompt_set_conflict, train
 from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also reached through this module
     GAMMA_AS_IS,
     GAMMA_MAPPED,
@@ -232,7 +232,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         overrides.setdefault("vit_weights", cfg.promptiqa.vit_weights)  # where official training starts
     pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
     try:
-        model = create_model(name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **overrides)
+        model = create_model(name, pretrained=pretrained, allow_unsafe=m.allow_unsafe,
+                             prompt_set_override=m.prompt_set_override, **overrides)
+    except PromptSetError as exc:
+        raise prompt_set_conflict(exc) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}") from exc
     if not isinstance(model, (PromptedIQA, GammaModel)):

@@ -107,7 +107,7 @@ class Provenance:
         isp = None
         if args.isp is not None:
             isp = {"path": str(Path(args.isp).absolute()), "sha256": file_sha256(args.isp)}
-            isp.update({"backend": scorer.backend, "flip": scorer.prompt_flip} if promptiqa
+            isp.update({"backend": scorer.backend, "flip": scorer.isp_flip} if promptiqa
                        else {"outputs": args.adapt_outputs or "score"})
         return cls(
             gamma_version=__version__,

@@ -76,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             print(f"gamma demo: model: {service.describe()}", file=sys.stderr)
         except (OSError, ValueError) as exc:
-            print(f"gamma: error: cannot load {service.weights}: {exc}", file=sys.stderr)
+            from ..cli.common import cli_words  # the library's advice in the command line's words
+
+            print(f"gamma: error: cannot load {service.weights}: {cli_words(str(exc))}", file=sys.stderr)
             return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"gamma demo: binding {args.host}: other machines can reach this page", file=sys.stderr)

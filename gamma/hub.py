@@ -18,6 +18,11 @@ The authors publish their files on Google Drive and Baidu NetDisk pages, not at 
 or checksum yet and step 4 is skipped: the error then says which file to fetch from which page and where to put it.
 The download code is real and tested (with a local ``file://`` URL); filling in ``url`` and ``sha256`` enables it.
 Nothing downloads when ``GAMMA_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
+
+Which prompt set a Gamma file's weights are used with is decided here, once, by :func:`resolve_prompt_set`: the one
+the file records, else the one of a known file (:func:`identify_weights`: a known name, the release's file names, an
+entry's environment variable, the sha256), else ``naive`` with a warning; a stated prompt set that contradicts a
+recorded one is a :class:`PromptSetError` unless declared deliberate (``prompt_set_override=True``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ from .config import (
     ModelConfig,
     PromptIQAConfig,
 )
-from .hub import resolve_weights
+from .hub import resolve_prompt_set, resolve_weights
 from .io import load_image, load_promptiqa_image
 from .weights import (
     PROMPTIQA_TELLTALE,
@@ -259,10 +259,9 @@ def build_gamma(name: str | None, ckpt: Checkpoint | None, *, strict: bool = Tru
     if name is not None or ckpt.kind == "native":
         config = _config("gamma", name, ckpt, overrides)
     else:
+        if ckpt.kind == "release" and "prompt_set" not in overrides:  # create_model gives it; other callers: the rule
+            overrides = {**overrides, "prompt_set": resolve_prompt_set(ckpt)[0]}
         config = infer_config(ckpt.state_dict, **overrides)
-        if ckpt.kind == "release" and "prompt_set" not in overrides:
-            logger.warning("%s does not record its prompt set; assuming 'naive' (pass prompt_set='sdp' for the "
-                           "Gamma-Prompt weights)", ckpt.path)
     if ckpt is None:
         return place(GammaModel(config), device).eval().to_precision(precision or "fp32")
     stored, target = stored_and_target(ckpt, precision, torch.device(device if device is not None else "cpu"))
@@ -441,7 +440,10 @@ def build_gamma_isp(name: str | None, ckpt: Checkpoint | None, *, strict: bool =
     gamma_ckpt = read_checkpoint(resolve_weights(path=gamma_weights), allow_unsafe=allow_unsafe)
     if family_of_checkpoint(gamma_ckpt).name != "gamma":
         raise CheckpointError(f"gamma_weights={gamma_weights}: not a Gamma model")
-    gamma = build_gamma(None, gamma_ckpt, allow_unsafe=allow_unsafe)
+    known = os.fspath(gamma_weights) if not os.path.isfile(gamma_weights) else None  # a known name: its prompt set
+    prompt_set, _ = resolve_prompt_set(gamma_ckpt, name=known)
+    gamma = build_gamma(None, gamma_ckpt, allow_unsafe=allow_unsafe,
+                        **({"prompt_set": prompt_set} if gamma_ckpt.kind == "release" else {}))
     return place(GammaISP(config.replace(gamma=gamma.config), gamma=gamma).eval(), device, precision)
 
 

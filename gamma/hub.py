@@ -18,6 +18,11 @@ The authors publish their files on Google Drive and Baidu NetDisk pages, not at 
 or checksum yet and step 4 is skipped: the error then says which file to fetch from which page and where to put it.
 The download code is real and tested (with a local ``file://`` URL); filling in ``url`` and ``sha256`` enables it.
 Nothing downloads when ``GAMMA_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``.
+
+Which prompt set a Gamma file's weights are used with is decided here, once, by :func:`resolve_prompt_set`: the one
+the file records, else the one of a known file (:func:`identify_weights`: a known name, the release's file names, an
+entry's environment variable, the sha256), else ``naive`` with a warning; a stated prompt set that contradicts a
+recorded one is a :class:`PromptSetError` unless declared deliberate (``prompt_set_override=True``).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from pathlib import Path
 import torch.hub
 
 from ._files import atomic_write
-from .weights import converted_from
+from .prompts import PROMPT_SETS
+from .weights import Checkpoint, CheckpointError, converted_from, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +108,111 @@ def known_file(path: str | os.PathLike) -> WeightFile | None:
     """The :class:`WeightFile` whose file name (or an alias) ``path`` has, if any."""
     name = Path(path).name
     return next((w for w in KNOWN_WEIGHTS.values() if name in (w.filename, *w.aliases)), None)
+
+
+def identify_weights(path: str | os.PathLike, name: str | None = None) -> tuple[WeightFile, str] | None:
+    """Which known weight file ``path`` is, and how that is known, in this order: ``name``, the known name it was
+    asked for by (``"name"``); its file name or an alias (``"file name"``); the file an entry's environment variable
+    names (``"environment variable"``); its sha256, where the table has the entry's digest (``"sha256"``). None: a
+    file gamma does not know."""
+    if name is not None and name in KNOWN_WEIGHTS:
+        return KNOWN_WEIGHTS[name], "name"
+    entry = known_file(path)
+    if entry is not None:
+        return entry, "file name"
+    for entry in KNOWN_WEIGHTS.values():
+        env = os.environ.get(entry.env_var)
+        if env and os.path.isfile(env) and os.path.samefile(env, path):
+            return entry, "environment variable"
+    digests = {w.sha256.lower(): w for w in KNOWN_WEIGHTS.values() if w.sha256}
+    if digests:  # hashing a 1 GB file costs seconds: only when there is something to compare with
+        entry = digests.get(sha256sum(path))
+        if entry is not None:
+            return entry, "sha256"
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ the prompt set
+class PromptSetError(CheckpointError):
+    """A prompt set asked for contradicts the one a checkpoint records (and the contradiction was not declared
+    deliberate)."""
+
+    def __init__(self, path: str | None, recorded: str, requested: str, hint: str = "") -> None:
+        self.path, self.recorded, self.requested = path, recorded, requested
+        super().__init__(
+            f"{path or 'the checkpoint'} records prompt set {recorded!r} (the prompts its weights were trained with); "
+            f"prompt_set={requested!r} contradicts it. Drop prompt_set={requested!r} to use {recorded!r}, or add "
+            f"prompt_set_override=True to use {requested!r} prompts with these weights deliberately (a prompt "
+            f"ablation){hint}")
+
+
+def resolve_prompt_set(ckpt: Checkpoint | str | os.PathLike, requested: str | None = None, *,
+                       deliberate: bool = False, name: str | None = None) -> tuple[str | None, str]:
+    """The prompt set a Gamma checkpoint's weights are used with: the one rule every way of loading one follows
+    (``create_model`` and so the ``Scorer``, ``gamma score``, ``gamma convert``, ``gamma demo``, the pyiqa metrics
+    and training's ``model.pretrained``).
+
+    1. The file records one (our checkpoints; a ``gamma convert`` output): that one. A ``requested`` set that
+       contradicts it is an error (:class:`PromptSetError`) unless ``deliberate`` (e.g. scoring a model with other
+       prompts to measure what they change; logged).
+    2. Else (the release's files record none) a set ``requested`` is used; where the file is a known one
+       (:func:`identify_weights`: the known name it was asked for by, ``Gamma.pth`` / ``Gamma-Prompt.pth`` or an
+       alias, its environment variable, its sha256) that says otherwise, with a warning.
+    3. Else the known file's set (``Gamma-Prompt.pth``: ``sdp``, ``Gamma.pth``: ``naive``), logged.
+    4. Else ``naive``, with a warning (the release's ``Gamma.pth`` is the likelier file; refusing would break the many
+       scripts that load a renamed release file of naive prompts).
+
+    A plain CLIP backbone has no prompt set: ``(requested, "backbone")``, the caller's (or the variant's) choice.
+
+    Args:
+        ckpt: the checkpoint (:func:`gamma.weights.read_checkpoint`), or its file.
+        requested: the prompt set asked for explicitly (``prompt_set=`` / ``--prompt-set``); None: none.
+        deliberate: a ``requested`` set that contradicts the recorded one is meant (``prompt_set_override=True``,
+            CLI ``--prompt-set-override``, training's ``model.prompt_set_override``).
+        name: the known weight name the file was asked for by (``gamma_sdp``), if any.
+
+    Returns:
+        ``(prompt_set, how)``, ``how`` one of ``recorded``, ``override`` (requested over the record, deliberately),
+        ``requested``, ``name``, ``file name``, ``environment variable``, ``sha256`` (rule 3, by that),
+        ``assumed`` (rule 4), ``backbone``.
+
+    Raises:
+        PromptSetError: ``requested`` contradicts the recorded set and ``deliberate`` is not set.
+        ValueError: ``requested`` is not a prompt set.
+    """
+    if requested is not None and requested not in PROMPT_SETS:
+        raise ValueError(f"prompt_set must be one of {', '.join(PROMPT_SETS)}, got {requested!r}")
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = read_checkpoint(ckpt)
+    where = ckpt.path or "the checkpoint"
+    recorded = getattr(ckpt.config, "prompt_set", None) if ckpt.config is not None else None
+    if recorded is not None:
+        if requested is None or requested == recorded:
+            return recorded, "recorded"
+        if not deliberate:
+            raise PromptSetError(ckpt.path, recorded, requested)
+        logger.info("%s records prompt set %r; using %r as asked (prompt_set_override=True)", where, recorded,
+                    requested)
+        return requested, "override"
+    if ckpt.kind != "release":
+        return requested, "backbone" if ckpt.kind == "clip" else "requested"
+    known = identify_weights(ckpt.path, name) if ckpt.path is not None else None
+    if requested is not None:
+        if known is not None and known[0].prompt_set not in (None, requested):
+            entry, how = known
+            logger.warning("%s is the release's %r weights by its %s, trained with %r prompts, but prompt_set=%r "
+                           "was asked for: using %r (the file does not record its prompt set)", where, entry.name,
+                           how, entry.prompt_set, requested, requested)
+        return requested, "requested"
+    if known is not None and known[0].prompt_set is not None:
+        entry, how = known
+        logger.info("%s: prompt set %r, as the release's %r weights (known by its %s; the file does not record "
+                    "it)", where, entry.prompt_set, entry.name, how)
+        return entry.prompt_set, how
+    logger.warning("%s does not record its prompt set and is not a file gamma knows (%s); assuming 'naive' (the "
+                   "Gamma weights): pass prompt_set='sdp' for the Gamma-Prompt weights, or prompt_set='naive' to "
+                   "say so", where, ", ".join(w.filename for w in KNOWN_WEIGHTS.values() if w.prompt_set))
+    return "naive", "assumed"
 
 
 class WeightsNotFoundError(FileNotFoundError):

@@ -43,7 +43,7 @@ from ._deprecation import renamed_options
 from .archs.precision import PRECISIONS, place, resolve_precision
 from .factory import create_model
 from .families import ReadOptions, scoring_of
-from .hub import KNOWN_WEIGHTS
+from .hub import KNOWN_WEIGHTS, PromptSetError
 from .io import PROMPTIQA_BACKENDS, load_image
 from .isp import IspPrompt, default_isp_set
 from .prompt_file import PromptFileError, as_prompt_pairs
@@ -55,7 +55,10 @@ class GammaMetric(nn.Module):
     Args:
         pretrained_model_path: a weight file; default: the file of ``weights``.
         weights: known weight name used when no path is given (``gamma`` or ``gamma_sdp``).
-        prompt_set: prompts the weights expect (the release's files do not record it).
+        prompt_set: prompts the weights expect (the metric's: ``naive`` for ``gamma``, ``sdp`` for ``gamma_sdp``);
+            a file that records another is refused unless ``prompt_set_override``; ``None``: the file's
+            (:func:`gamma.hub.resolve_prompt_set`).
+        prompt_set_override: use ``prompt_set`` even where the file records another (deliberately).
         scene: default scene for SDP prompts; ``metric(x, scene=...)`` overrides it per call.
         test_sample: number of test-time crops (default: the model's, 10 random 224 crops).
         crop_mode: test-time crop protocol (``random``, ``grid``, ``five``, ``center``, ``resize``).
@@ -71,6 +74,7 @@ class GammaMetric(nn.Module):
         pretrained_model_path: str | os.PathLike | None = None,
         weights: str = "gamma",
         prompt_set: str | None = None,
+        prompt_set_override: bool = False,
         scene: str | None = None,
         test_sample: int | None = None,
         crop_mode: str | None = None,
@@ -88,7 +92,8 @@ class GammaMetric(nn.Module):
             name, kwargs = model_name or "gamma_vitb16", overrides
         else:
             source = pretrained_model_path if pretrained_model_path is not None else weights
-            name, kwargs = model_name, {"pretrained": source, "allow_unsafe": allow_unsafe, **overrides}
+            name, kwargs = model_name, {"pretrained": source, "allow_unsafe": allow_unsafe,
+                                        "prompt_set_override": prompt_set_override, **overrides}
 
         def build(precision: str | None = None, device: torch.device | None = None) -> nn.Module:
             net = create_model(name, precision=precision, device=device, **kwargs)
@@ -99,7 +104,11 @@ class GammaMetric(nn.Module):
             return net
 
         self._build = build
-        self.net = build()
+        try:
+            self.net = build()
+        except PromptSetError as exc:  # the metric's name chose the prompt set, not the user: say how to choose
+            raise PromptSetError(exc.path, exc.recorded, exc.requested, hint="; the metric 'gamma' asks for 'naive' "
+                                 "prompts, 'gamma_sdp' for 'sdp': pass prompt_set=None to take the file's") from None
         self._precision = precision  # applied at the first call, on the device pyiqa moved the network to
         self.scene = scene
         if scene is not None:

@@ -85,8 +85,12 @@ class Scorer:
             :func:`gamma.hub.resolve_weights`.
         model: a model of a registered family to use as is, or a variant name from :func:`gamma.list_models`
             (random-init unless ``weights`` is given: for tests and demos).
-        prompt_set: prompts the weights expect (``naive`` | ``sdp`` | ``quality``). The release's files do not record
-            it; ``None`` takes it from the named weights or our checkpoint, else ``naive``.
+        prompt_set: prompts the weights expect (``naive`` | ``sdp`` | ``quality``). ``None``: the one the file
+            records (ours), else the one a known file was trained with (``Gamma-Prompt.pth``, ``gamma_sdp``: ``sdp``;
+            ``Gamma.pth``: ``naive``), else ``naive`` with a warning (:func:`gamma.hub.resolve_prompt_set`). One
+            that contradicts what the file records is an error unless ``prompt_set_override``.
+        prompt_set_override: use ``prompt_set`` even where the file records another (deliberately: other prompts
+            on the same weights).
         scene: default scene for SDP models (``natural``, ``aigc``, ``underwater``, ``face``, ``aesthetics``), or
             ``auto`` to let the model choose per image (adds a ``scene`` column; docs/explain.md).
         device: where to run (default: CUDA, else MPS, else CPU).
@@ -126,6 +130,7 @@ class Scorer:
         *,
         model: nn.Module | str | None = None,
         prompt_set: str | None = None,
+        prompt_set_override: bool = False,
         scene: str | None = None,
         device: str | torch.device | None = None,
         precision: str | None = None,
@@ -167,7 +172,8 @@ class Scorer:
 
             model, weights, backend, device = open_onnx(weights), None, None, "cpu"
         self.device = torch.device(device) if device is not None else default_device()
-        self.model = self._build(weights, model, prompt_set, allow_unsafe, precision, self.device).eval()
+        self.model = self._build(weights, model, prompt_set, prompt_set_override, allow_unsafe, precision,
+                                 self.device).eval()
         self.family = family_of_model(self.model)
         self.scoring = scoring_of(self.model)
         self.batch_size = batch_size
@@ -214,14 +220,14 @@ class Scorer:
                 self.adapt(isp, outputs=adapt_outputs)
 
     @staticmethod
-    def _build(weights: Any, model: Any, prompt_set: str | None, allow_unsafe: bool, precision: str | None,
-               device: torch.device) -> nn.Module:
+    def _build(weights: Any, model: Any, prompt_set: str | None, prompt_set_override: bool, allow_unsafe: bool,
+               precision: str | None, device: torch.device) -> nn.Module:
         if isinstance(getattr(model, "scoring", None), Scoring):  # a runner (an exported graph): used as it is
             if weights is not None or prompt_set is not None or precision not in (None, "fp32"):
                 raise ValueError("pass either a model instance or weights/prompt_set/precision, not both")
             return model
         if isinstance(model, nn.Module):
-            if weights is not None or prompt_set is not None:
+            if weights is not None or prompt_set is not None or prompt_set_override:
                 raise ValueError("pass either a model instance or weights/prompt_set, not both")
             family_of_model(model)  # a model of a registered family, or an error naming the class
             return place(model, device, precision)
@@ -232,7 +238,7 @@ class Scorer:
             weights = "gamma_sdp" if prompt_set == "sdp" else "gamma"
         overrides = {"prompt_set": prompt_set} if prompt_set else {}
         return create_model(model, pretrained=weights, allow_unsafe=allow_unsafe, precision=precision, device=device,
-                            **overrides)
+                            prompt_set_override=prompt_set_override, **overrides)
 
     @property
     def encoded_isp(self) -> torch.Tensor | None:

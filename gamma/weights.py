@@ -3,7 +3,8 @@
 Formats read (detected from the file, never from its name):
 
 - ``release``: the authors' ``{'params': state_dict}`` pickle; keys ``clip_model.<OpenAI key>``, ``adapter.*``,
-  ``score_level`` (docs/model.md#checkpoint-layout). Carries no prompt set: the caller states it (default ``naive``).
+  ``score_level`` (docs/model.md#checkpoint-layout). Carries no prompt set: :func:`gamma.hub.resolve_prompt_set`
+  decides it (what the caller states, else the release's file names, else ``naive``).
 - ``clip``: a plain OpenAI / UniQA CLIP state_dict (also TorchScript archives and ``{'state_dict': ...}`` wrappers).
   It becomes the backbone; every adaptive expert starts as a copy of its block's MLP, as at the start of training.
 - ``native`` (earlier ``gamma``, which still compares equal): our own checkpoint, ``{'format': 'gamma', 'config':

@@ -164,6 +164,76 @@ def test_sdp_scene_and_weights_file(image_dir, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[1] != under
 
 
+@pytest.fixture
+def release_files(tmp_path) -> Path:
+    """One tiny model in the release layout (no prompt set recorded) under the release's names and an unknown one,
+    and the same weights in our format, which records 'naive'."""
+    from gamma.weights import release_state_dict, save_checkpoint
+
+    torch.manual_seed(0)
+    model = gamma.create_model("gamma_test")
+    for name in ("Gamma.pth", "Gamma-Prompt.pth", "renamed.pth"):
+        torch.save(release_state_dict(model), tmp_path / name)
+    save_checkpoint(model, tmp_path / "ours_naive.pth")
+    return tmp_path
+
+
+def test_gamma_prompt_pth_scores_with_sdp_prompts_without_prompt_set(image_dir, release_files, capsys):
+    one = str(image_dir / "coffee.jpg")
+    common = ["--crops", "center", "--no-progress", "--workers", "1"]
+    prompt = str(release_files / "Gamma-Prompt.pth")
+    assert main(["score", one, "--weights", prompt, "--scene", "natural", *common]) == 0
+    implied = capsys.readouterr().out
+    assert main(["score", one, "--weights", prompt, "--prompt-set", "sdp", "--scene", "natural", *common]) == 0
+    assert capsys.readouterr().out == implied
+    assert main(["score", one, "--weights", prompt, "--prompt-set", "naive", *common]) == 0  # what it did before
+    assert capsys.readouterr().out != implied
+    # Without --scene it is an SDP model asking for its scene, not a naive one scored silently.
+    assert main(["score", one, "--weights", prompt, *common]) == 2
+    assert "pass --scene" in capsys.readouterr().err
+
+
+def test_a_prompt_set_against_the_files_record_is_refused_unless_overridden(image_dir, release_files, tmp_path,
+                                                                             caplog, capsys):
+    one = str(image_dir / "coffee.jpg")
+    common = ["--crops", "center", "--no-progress", "--workers", "1"]
+    ours = str(release_files / "ours_naive.pth")
+    out = tmp_path / "s.csv"
+    assert main(["score", one, "--weights", ours, *common]) == 0
+    recorded = capsys.readouterr().out
+    assert main(["score", one, "--weights", ours, "--prompt-set", "sdp", "--scene", "natural", "--out", str(out),
+                 *common]) == 2
+    err = capsys.readouterr().err
+    assert "records prompt set 'naive'" in err and "--prompt-set sdp contradicts it" in err
+    assert "--prompt-set-override" in err and "prompt_set=" not in err and "prompt_set_override" not in err
+    assert not out.exists()
+    assert main(["score", one, "--weights", ours, "--prompt-set", "sdp", "--prompt-set-override", "--scene",
+                 "natural", *common]) == 0
+    overridden = capsys.readouterr().out
+    assert overridden != recorded
+    # The same weights in the release layout, named as the sdp release: scored the same way (sdp, from the name).
+    assert main(["score", one, "--weights", str(release_files / "Gamma-Prompt.pth"), "--scene", "natural",
+                 *common]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == overridden.splitlines()[1:]
+    # The library's warnings are said in CLI words on the command line.
+    caplog.clear()
+    assert main(["score", one, "--weights", str(release_files / "renamed.pth"), *common]) == 0
+    warned = [r.getMessage() for r in caplog.records if "does not record its prompt set" in r.getMessage()]
+    assert len(warned) == 1 and "--prompt-set sdp" in warned[0] and "prompt_set=" not in warned[0], warned
+    # gamma convert writes the prompt set it resolved, and refuses a contradiction the same way.
+    conv = tmp_path / "Gamma-Prompt.safetensors"
+    assert main(["convert", str(release_files / "Gamma-Prompt.pth"), str(conv)]) == 0
+    from gamma.weights import read_checkpoint
+
+    assert read_checkpoint(conv).config.prompt_set == "sdp"
+    capsys.readouterr()
+    assert main(["convert", str(conv), str(tmp_path / "b.safetensors"), "--prompt-set", "naive"]) == 2
+    assert "--prompt-set-override" in capsys.readouterr().err and not (tmp_path / "b.safetensors").exists()
+    assert main(["convert", str(conv), str(tmp_path / "b.safetensors"), "--prompt-set", "naive",
+                 "--prompt-set-override"]) == 0
+    assert read_checkpoint(tmp_path / "b.safetensors").config.prompt_set == "naive"
+
+
 def test_version_and_list(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
@@ -192,11 +262,12 @@ def test_renamed_options_give_the_same_result_and_warn_once(image_dir, tmp_path,
     assert main(["score", one, *FAST, "--prompt-flip"]) == 2
     assert "--isp-flip applies together with --isp" in capsys.readouterr().err
     assert _renamed_warnings(caplog, "--prompt-flip") == 1
-    # gamma convert and gamma analyze take --prompt-set, and --prompt as before.
-    weights = tmp_path / "naive.pt"
-    from gamma.weights import read_checkpoint, save_checkpoint
+    # gamma convert and gamma analyze take --prompt-set, and --prompt as before (a release-layout file: it records no
+    # prompt set to contradict).
+    weights = tmp_path / "weights.pt"
+    from gamma.weights import read_checkpoint, release_state_dict
 
-    save_checkpoint(gamma.create_model("gamma_test"), weights)
+    torch.save(release_state_dict(gamma.create_model("gamma_test")), weights)
     for flag, dest in (("--prompt-set", "a.safetensors"), ("--prompt", "b.safetensors")):
         assert main(["convert", str(weights), str(tmp_path / dest), flag, "sdp"]) == 0
         assert read_checkpoint(tmp_path / dest).config.prompt_set == "sdp"

@@ -274,6 +274,29 @@ def test_import_gamma_and_help_load_no_gradio_or_matplotlib():
     assert out.strip() == "[]"
 
 
+def test_the_demo_follows_the_prompt_set_rule(tmp_path):
+    """gamma demo --weights Gamma-Prompt.pth (release layout, no record) serves SDP prompts; --prompt-set against a
+    file's record is refused unless --prompt-set-override."""
+    from gamma.cli import build_parser
+    from gamma.demo import make_service
+    from gamma.hub import PromptSetError
+    from gamma.weights import release_state_dict, save_checkpoint
+
+    torch.manual_seed(0)
+    model = gamma.create_model("gamma_test")
+    torch.save(release_state_dict(model), tmp_path / "Gamma-Prompt.pth")
+    ours = save_checkpoint(model, tmp_path / "ours.pth")
+    parse = build_parser().parse_args
+    sdp = make_service(parse(["demo", "--weights", str(tmp_path / "Gamma-Prompt.pth"), "--device", "cpu"]))
+    assert sdp.describe().endswith("prompts sdp") and sdp.scenes[0] == "auto"
+    refused = make_service(parse(["demo", "--weights", str(ours), "--prompt-set", "sdp", "--device", "cpu"]))
+    with pytest.raises(PromptSetError, match="records prompt set 'naive'"):
+        refused.scorer()
+    meant = make_service(parse(["demo", "--weights", str(ours), "--prompt-set", "sdp", "--prompt-set-override",
+                                "--device", "cpu"]))
+    assert meant.describe().endswith("prompts sdp")
+
+
 def test_without_weights_the_page_and_the_service_say_so(tmp_path, monkeypatch):
     from gamma.cli import build_parser
     from gamma.demo import make_service

@@ -168,6 +168,26 @@ def test_pretrained_model_path_and_model_name(tmp_path, monkeypatch):
     assert torch.allclose(rand(x), metric(x))
 
 
+def test_the_metrics_follow_the_prompt_set_rule(tmp_path, weights_home, monkeypatch):
+    """gamma_sdp asks for sdp prompts: the cache's Gamma-Prompt.pth (no record) gives them; a file recording 'naive'
+    is refused, naming the way out, and scored with its own prompts with prompt_set=None."""
+    from gamma.hub import PromptSetError
+    from gamma.weights import save_checkpoint
+
+    assert pyiqa.create_metric("gamma_sdp", device="cpu").net.net.config.prompt_set == "sdp"
+    torch.manual_seed(3)
+    ours = save_checkpoint(gamma.create_model("gamma_test"), tmp_path / "ours.pth")
+    with pytest.raises(PromptSetError, match=r"records prompt set 'naive'.*prompt_set='sdp' contradicts.*"
+                       r"prompt_set_override=True.*'gamma_sdp' for 'sdp': pass prompt_set=None"):
+        pyiqa.create_metric("gamma_sdp", device="cpu", pretrained_model_path=str(ours))
+    own = pyiqa.create_metric("gamma_sdp", device="cpu", pretrained_model_path=str(ours), prompt_set=None)
+    deliberate = pyiqa.create_metric("gamma_sdp", device="cpu", pretrained_model_path=str(ours),
+                                     prompt_set_override=True)
+    assert own.net.net.config.prompt_set == "naive" and deliberate.net.net.config.prompt_set == "sdp"
+    x = torch.rand(1, 3, 224, 224)
+    assert not torch.allclose(own(x), deliberate(x))
+
+
 def test_grayscale_input_is_accepted():
     metric = pyiqa.create_metric("gamma", device="cpu")
     metric.net.test_sample = 1

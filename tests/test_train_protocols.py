@@ -119,7 +119,13 @@ def test_prompt_analysis_scores_one_model_with_three_prompt_sets_and_writes_a_ta
     # The sdp row is the model scored as it is; the naive row is the same file loaded as a naive-prompt model.
     plain = run(workspace, "name=t15_plain", *common)
     assert sets["sdp"]["datasets"] == plain["final"]["datasets"]
-    naive = run(workspace, "name=t15_naive", *common, "model.overrides.prompt_set=naive")
+    # Loading it with other prompts than it records must be said to be deliberate (model.prompt_set_override).
+    with pytest.raises(ConfigError, match=r"records prompt set 'sdp'.*'naive' contradicts it.*"
+                       r"model\.prompt_set_override=true"):
+        run(workspace, "name=t15_naive", *common, "model.overrides.prompt_set=naive")
+    assert not (workspace / "runs" / "t15_naive" / "split_1" / "results.json").exists()
+    naive = run(workspace, "name=t15_naive", *common, "model.overrides.prompt_set=naive",
+                "model.prompt_set_override=true")
     assert sets["naive"]["datasets"] == naive["final"]["datasets"]
     md = (Path(out["run_dir"]) / "table.md").read_text()
     rows = [line.split("|")[1].strip() for line in md.splitlines()[2:5]]

@@ -201,3 +201,89 @@ def test_create_model_needs_name_or_weights():
     with pytest.raises(ValueError, match="variant name or a checkpoint"):
         gamma.create_model()
     assert {"gamma_vitb16", "gamma_vitb16_sdp", "gamma_test"} <= set(gamma.list_models())
+
+
+# ------------------------------------------------------------------------------------------------ the prompt set
+def _release_files(folder, model):
+    """The same tiny weights in the release layout under the release's two names and an unknown one."""
+    sd = release_state_dict(model)
+    for name in ("Gamma.pth", "Gamma-Prompt.pth", "renamed.pth"):
+        torch.save(sd, folder / name)
+    return folder
+
+
+def test_the_prompt_set_of_a_release_file_follows_its_name_a_known_name_or_its_digest(tmp_path, trained, images,
+                                                                                        monkeypatch, caplog):
+    from gamma.hub import KNOWN_WEIGHTS, resolve_prompt_set, sha256sum
+
+    _release_files(tmp_path, trained)
+    for var in ("GAMMA_WEIGHTS", "GAMMA_SDP_WEIGHTS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GAMMA_HOME", str(tmp_path / "empty_cache"))
+    caplog.set_level("INFO", logger="gamma.hub")
+    # Gamma-Prompt.pth without prompt_set: sdp (it was naive after a warning), said in the log.
+    sdp = gamma.create_model(pretrained=tmp_path / "Gamma-Prompt.pth")
+    assert sdp.config.prompt_set == "sdp"
+    said = [r for r in caplog.records if "Gamma-Prompt.pth: prompt set 'sdp'" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO" and "file name" in said[0].getMessage()
+    stated = gamma.create_model(pretrained=tmp_path / "Gamma-Prompt.pth", prompt_set="sdp")
+    assert torch.equal(_scores(sdp, images, "natural"), _scores(stated, images, "natural"))
+    assert gamma.create_model(pretrained=tmp_path / "Gamma.pth").config.prompt_set == "naive"
+    # A name gamma does not know: naive, with the warning; the rule's answer says how it was decided.
+    caplog.clear()
+    assert resolve_prompt_set(tmp_path / "renamed.pth") == ("naive", "assumed")
+    assert any(r.levelname == "WARNING" and "does not record its prompt set" in r.getMessage()
+               and "prompt_set='sdp'" in r.getMessage() for r in caplog.records)
+    # A known name, and the file its environment variable names, are the known weights whatever the file is called.
+    monkeypatch.setenv("GAMMA_SDP_WEIGHTS", str(tmp_path / "renamed.pth"))
+    assert gamma.create_model(pretrained="gamma_sdp").config.prompt_set == "sdp"
+    assert resolve_prompt_set(tmp_path / "renamed.pth") == ("sdp", "environment variable")
+    monkeypatch.delenv("GAMMA_SDP_WEIGHTS")
+    # By content, where the table knows the digest.
+    entry = KNOWN_WEIGHTS["gamma_sdp"]
+    monkeypatch.setitem(KNOWN_WEIGHTS, "gamma_sdp", type(entry)(**{**entry.__dict__,
+                                                                    "sha256": sha256sum(tmp_path / "renamed.pth")}))
+    assert resolve_prompt_set(tmp_path / "renamed.pth") == ("sdp", "sha256")
+
+
+def test_a_stated_prompt_set_beats_a_file_name_with_a_warning(tmp_path, trained, images, caplog):
+    _release_files(tmp_path, trained)
+    naive = gamma.create_model(pretrained=tmp_path / "Gamma-Prompt.pth", prompt_set="naive")
+    assert naive.config.prompt_set == "naive"
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("'gamma_sdp' weights by its file name" in m and "prompt_set='naive'" in m for m in warned), warned
+    sdp = gamma.create_model(pretrained=tmp_path / "Gamma-Prompt.pth")
+    assert not torch.equal(_scores(naive, images), _scores(sdp, images, "natural"))  # the prompt set matters
+
+
+def test_a_prompt_set_that_contradicts_the_recorded_one_is_refused_unless_deliberate(tmp_path, trained, images):
+    from gamma.hub import PromptSetError
+    from gamma.scorer import Scorer
+
+    path = save_checkpoint(trained, tmp_path / "naive_model.pth")  # records 'naive'
+    with pytest.raises(PromptSetError, match=r"naive_model\.pth records prompt set 'naive'.*prompt_set='sdp' "
+                       r"contradicts it.*prompt_set_override=True"):
+        gamma.create_model(pretrained=path, prompt_set="sdp")
+    with pytest.raises(PromptSetError, match="prompt_set_override=True"):
+        Scorer(path, prompt_set="sdp", scene="natural", device="cpu")
+    # Stating the recorded one is fine; so is another one, said to be deliberate.
+    assert gamma.create_model(pretrained=path, prompt_set="naive").config.prompt_set == "naive"
+    other = gamma.create_model(pretrained=path, prompt_set="sdp", prompt_set_override=True)
+    assert other.config.prompt_set == "sdp"
+    assert not torch.equal(_scores(other, images, "natural"), _scores(trained, images))
+    # A variant name's own prompt set gives way to the recorded one (the weights were trained with it).
+    assert gamma.create_model("gamma_test_sdp", pretrained=path).config.prompt_set == "naive"
+
+
+def test_convert_records_the_resolved_prompt_set(tmp_path, trained):
+    from gamma.factory import convert_checkpoint
+    from gamma.hub import PromptSetError
+
+    _release_files(tmp_path, trained)
+    out = convert_checkpoint(tmp_path / "Gamma-Prompt.pth", tmp_path / "Gamma-Prompt.safetensors")
+    assert read_checkpoint(out).config.prompt_set == "sdp"
+    assert gamma.create_model(pretrained=out).config.prompt_set == "sdp"  # recorded: no name needed any more
+    with pytest.raises(PromptSetError, match="records prompt set 'sdp'"):
+        convert_checkpoint(out, tmp_path / "again.safetensors", prompt_set="naive")
+    again = convert_checkpoint(out, tmp_path / "again.safetensors", prompt_set="naive", prompt_set_override=True)
+    assert read_checkpoint(again).config.prompt_set == "naive"

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 
 from .. import __version__
-from .common import PeerError, UsageError, add_verbose, warn_renamed
+from .common import CliWordsFilter, PeerError, UsageError, add_verbose, warn_renamed
 
 # The modules of the commands, in the order `gamma --help` lists them.
 COMMANDS: tuple[str, ...] = ("score", "convert", "export", "listing", "analyze", "train", "demo", "report", "plot")
@@ -75,7 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return _run(args.run, args)
+    words, handlers = CliWordsFilter(), list(logging.getLogger().handlers)
+    for handler in handlers:  # the library's advice in the command line's words, for this command only
+        handler.addFilter(words)
+    try:
+        return _run(args.run, args)
+    finally:
+        for handler in handlers:
+            handler.removeFilter(words)
 
 
 def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
@@ -94,3 +101,4 @@ def _run(command: Callable[[argparse.Namespace], int], args: argparse.Namespace)
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, stream=sys.stderr,
                         format="gamma: %(levelname)s: %(message)s")
+

@@ -12,7 +12,7 @@ from ..archs.crops import CROP_MODES
 from ..hub import WeightsNotFoundError
 from ..prompts import PROMPT_SETS, SCENES
 from ..weights import CheckpointError
-from .common import UsageError, add_renamed, add_verbose
+from .common import UsageError, add_prompt_set_override, add_renamed, add_verbose
 
 NAME = "analyze"
 
@@ -27,6 +27,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     prompt_set = common.add_argument("--prompt-set", choices=PROMPT_SETS, help="the CLIP text prompts the weights "
                                      "expect")
     add_renamed(common, "--prompt", prompt_set)
+    add_prompt_set_override(common)
     common.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
     common.add_argument("--batch-size", "-b", type=int, default=8)
     common.add_argument("--crops", choices=CROP_MODES, help="crop protocol")
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     from ..scorer import Scorer
 
     try:
-        scorer = Scorer(args.weights, model=args.model, prompt_set=args.prompt_set, device=args.device,
+        scorer = Scorer(args.weights, model=args.model, prompt_set=args.prompt_set,
+                        prompt_set_override=args.prompt_set_override, device=args.device,
                         batch_size=args.batch_size, crops=args.crops, num_crops=args.num_crops, num_workers=0)
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError.from_library(exc) from None

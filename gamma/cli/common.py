@@ -30,6 +30,7 @@ _CLI_WORDS: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"\b(?:allow_slow|allow_unsafe|prompt_set|precision|prompt)=\S+ \(CLI: (--[\w-]+)\)"), r"\1"),
     (re.compile(r"\ballow_slow=True\b"), "--allow-slow"),
     (re.compile(r"\ballow_unsafe=True\b"), "--allow-unsafe-pickle"),
+    (re.compile(r"\bprompt_set_override=True\b"), "--prompt-set-override"),
     (re.compile(r"\bprompt_set=(['\"])(\w+)\1"), r"--prompt-set \2"),
     (re.compile(r"\bprecision=(['\"])(\w+)\1"), r"--precision \2"),
     (re.compile(r"\bprompt=(['\"])([^'\"]+)\1"), r"--isp \2"),
@@ -41,6 +42,26 @@ def cli_words(message: str) -> str:
     for pattern, replacement in _CLI_WORDS:
         message = pattern.sub(replacement, message)
     return message
+
+
+class CliWordsFilter(logging.Filter):
+    """Says the library's log messages in command-line words (:func:`cli_words`): a warning that suggests
+    ``prompt_set='sdp'`` reads ``--prompt-set sdp`` on the command line. Put on the handler that prints them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        worded = cli_words(message)
+        if worded != message:
+            record.msg, record.args = worded, None
+        return True
+
+
+def add_prompt_set_override(parser: argparse.ArgumentParser) -> None:
+    """``--prompt-set-override``: a ``--prompt-set`` that contradicts the prompt set the weight file records is meant
+    (the library's ``prompt_set_override=True``; :func:`gamma.hub.resolve_prompt_set`)."""
+    parser.add_argument("--prompt-set-override", action="store_true", help="use --prompt-set even where the weight "
+                        "file records another prompt set (deliberately: other prompts on the same weights); without "
+                        "it that is an error")
 
 
 def positive_int(text: str) -> int:

@@ -9,7 +9,7 @@ from typing import Any
 from ..hub import KNOWN_WEIGHTS, WeightsNotFoundError
 from ..prompts import PROMPT_SETS
 from ..weights import STORED_DTYPES, CheckpointError
-from .common import UsageError, add_renamed
+from .common import UsageError, add_prompt_set_override, add_renamed
 
 NAME = "convert"
 
@@ -25,9 +25,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--precision", choices=list(STORED_DTYPES), default="fp32", help="store the model in this "
                    "precision (default fp32: exact); bf16/fp16 store the image tower's matmul weights as "
                    "to_precision does (a smaller file that loads as a bf16/fp16 model; scores as with --precision)")
-    prompt_set = c.add_argument("--prompt-set", choices=PROMPT_SETS, help="the CLIP text prompts the weights expect "
-                                "(default: from a known name or file name, else naive)")
+    prompt_set = c.add_argument("--prompt-set", choices=PROMPT_SETS, help="the CLIP text prompts the weights expect, "
+                                "recorded in DEST (default: the one the source records, else from a known name or "
+                                "file name, else naive)")
     add_renamed(c, "--prompt", prompt_set)
+    add_prompt_set_override(c)
     c.add_argument("--overwrite", action="store_true", help="replace an existing DEST")
     c.add_argument("--allow-unsafe-pickle", action="store_true", help="allow a source that needs a full unpickle")
     return c
@@ -44,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{dest} exists: pass --overwrite to replace it")
     try:
         written = convert_checkpoint(args.source, dest, precision=args.precision, prompt_set=args.prompt_set,
+                                     prompt_set_override=args.prompt_set_override,
                                      allow_unsafe=args.allow_unsafe_pickle)
     except (WeightsNotFoundError, CheckpointError, ValueError) as exc:
         raise UsageError.from_library(exc) from None

@@ -98,25 +98,25 @@ class Provenance:
             name = args.weights or ("gamma_sdp" if args.prompt_set == "sdp" else "gamma")
             path = resolve_weights(path=name, download=False)
             weights = {"path": str(Path(path).absolute()), "sha256": file_sha256(path)}
-        prompt_set = None if promptiqa else model.config.prompt_set
+        prompt_set = getattr(model.config, "prompt_set", None)  # None: a family without text prompts
         crops = None
-        if not promptiqa:
-            protocol = model.crop_protocol
+        protocol = getattr(model, "crop_protocol", None)  # None: a family that scores the whole image
+        if protocol is not None:
             crops = {"mode": protocol.mode, "num": protocol.crops_per_image,
                      "seed": protocol.seed if protocol.mode == "random" else None}
         isp = None
         if args.isp is not None:
             isp = {"path": str(Path(args.isp).absolute()), "sha256": file_sha256(args.isp)}
-            isp.update({"backend": scorer.backend, "flip": scorer.prompt_flip} if promptiqa
+            isp.update({"backend": scorer.backend, "flip": scorer.isp_flip} if promptiqa
                        else {"outputs": args.adapt_outputs or "score"})
         return cls(
             gamma_version=__version__,
             weights=weights,
-            model={"family": "promptiqa" if promptiqa else "gamma", "variant": args.model},
+            model={"family": scorer.family.name, "variant": args.model},
             prompt_set=prompt_set,
             scene=scorer.scene if prompt_set == "sdp" else None,
             crops=crops,
-            precision="fp32" if promptiqa else model.precision,
+            precision=getattr(model, "precision", "fp32"),
             isp=isp,
             mos_range=list(scorer.mos_range) if scorer.mos_range is not None else None,
             lower_better=bool(scorer.lower_better) if scorer.mos_range is not None else False,

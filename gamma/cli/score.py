@@ -19,7 +19,7 @@ from ..archs.precision import PRECISIONS
 from ..hub import KNOWN_WEIGHTS
 from ..io import MAX_PIXELS
 from ..prompts import ATTRIBUTES, PROMPT_SETS, SCENES
-from .common import UsageError, add_renamed, positive_int
+from .common import UsageError, add_prompt_set_override, add_renamed, positive_int
 from .provenance import Provenance
 from .score_setup import (
     SkippedFiles,
@@ -55,8 +55,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--model", help="a model variant (`gamma list`), e.g. promptiqa: the weights are loaded into it "
                    "(default: read from the file; alone: random weights, for tests)")
     prompt_set = s.add_argument("--prompt-set", choices=PROMPT_SETS, help="the CLIP text prompts the weights expect "
-                                "(the release files: naive for Gamma, sdp for Gamma-Prompt)")
+                                "(default: the one the file records, else by the release's file names: naive for "
+                                "Gamma.pth, sdp for Gamma-Prompt.pth, else naive)")
     add_renamed(s, "--prompt", prompt_set)
+    add_prompt_set_override(s)
     s.add_argument("--scene", help=f"scene for SDP models: {', '.join(SCENES)}, or auto (chosen per image; adds a "
                    "scene column)")
     s.add_argument("--attributes", action="store_true", help="add the zero-shot attribute scores (columns "

@@ -143,6 +143,7 @@ def make_scorer(args: argparse.Namespace, device: Any = None) -> Scorer:
             args.weights,
             model=args.model,
             prompt_set=args.prompt_set,
+            prompt_set_override=args.prompt_set_override,
             device=device,
             precision=None if slow else args.precision,
             batch_size=args.batch_size,

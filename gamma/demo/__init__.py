@@ -16,12 +16,15 @@ logger = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``gamma demo``."""
+    from ..cli.common import add_prompt_set_override
     from ..prompts import PROMPT_SETS
 
     parser.add_argument("--weights", "-w", help="weight file, or a known name (default: find the release file as "
                         "`gamma score` does); e.g. experiments/demo_gamma/split_1/best.pth after the offline demo")
     parser.add_argument("--prompt-set", "--prompt", dest="prompt_set", choices=PROMPT_SETS,
-                        help="prompts the weights expect (default: from the file)")
+                        help="prompts the weights expect (default: the one the file records, else by the release's "
+                        "file names: naive for Gamma.pth, sdp for Gamma-Prompt.pth, else naive)")
+    add_prompt_set_override(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
     parser.add_argument("--device", help="cpu, cuda ... (default: cuda if available)")
@@ -52,7 +55,8 @@ def make_service(args: argparse.Namespace) -> object:
         weights = resolve_weights("gamma", args.weights, download=False)
     except WeightsNotFoundError as exc:
         missing = str(exc)
-    return DemoService(weights, missing=missing, prompt_set=args.prompt_set, device=args.device,
+    return DemoService(weights, missing=missing, prompt_set=args.prompt_set,
+                       prompt_set_override=getattr(args, "prompt_set_override", False), device=args.device,
                        max_pixels=args.max_pixels, max_upload_bytes=int(args.max_upload_mb * 2**20))
 
 
@@ -72,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             print(f"gamma demo: model: {service.describe()}", file=sys.stderr)
         except (OSError, ValueError) as exc:
-            print(f"gamma: error: cannot load {service.weights}: {exc}", file=sys.stderr)
+            from ..cli.common import cli_words  # the library's advice in the command line's words
+
+            print(f"gamma: error: cannot load {service.weights}: {cli_words(str(exc))}", file=sys.stderr)
             return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"gamma demo: binding {args.host}: other machines can reach this page", file=sys.stderr)

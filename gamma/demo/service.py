@@ -42,7 +42,8 @@ class DemoService:
     Args:
         weights: the weight file (``None``: no model; every call then raises :class:`DemoInputError` with ``missing``).
         missing: why there is no model (shown on the page when ``weights`` is ``None``).
-        prompt_set: prompts the weights expect (``None``: from the file).
+        prompt_set: prompts the weights expect (``None``: from the file; :func:`gamma.hub.resolve_prompt_set`).
+        prompt_set_override: use ``prompt_set`` even where the file records another (deliberately).
         device: where to run.
         max_pixels: the decoder's pixel limit.
         max_upload_bytes: the largest upload accepted.
@@ -51,6 +52,7 @@ class DemoService:
     weights: str | os.PathLike | None
     missing: str | None = None
     prompt_set: str | None = None
+    prompt_set_override: bool = False
     device: str | None = None
     max_pixels: int = DEMO_MAX_PIXELS
     max_upload_bytes: int = MAX_UPLOAD_BYTES
@@ -70,7 +72,8 @@ class DemoService:
                     base = self.scorer(None)
                 gamma_model = base is None or {"attributes", "distribution"} <= scoring_of(base.model).outputs
                 self._scorers[key] = Scorer(
-                    self.weights, prompt_set=self.prompt_set, device=self.device, precision=precision,
+                    self.weights, prompt_set=self.prompt_set, prompt_set_override=self.prompt_set_override,
+                    device=self.device, precision=precision,
                     max_pixels=self.max_pixels, num_workers=0, attributes=gamma_model, distribution=gamma_model)
             return self._scorers[key]
 

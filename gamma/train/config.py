@@ -70,6 +70,9 @@ class ModelCfg:
     pretrained: str | None = None  # starting weights: UniQA/OpenAI CLIP file, the release's file or ours
     allow_unsafe: bool = False  # allow a full unpickle of `pretrained` (trusted files only)
     overrides: dict[str, Any] = field(default_factory=dict)  # GammaConfig fields: {prompt_set: sdp, num_experts: 5}
+    # overrides.prompt_set may contradict the prompt set `pretrained` records (deliberately: other prompts on the
+    # same weights); without this that is an error (gamma.hub.resolve_prompt_set)
+    prompt_set_override: bool = False
 
 
 @dataclass

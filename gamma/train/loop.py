@@ -45,7 +45,7 @@ from ..archs import GammaModel
 from ..archs.precision import check_precision, resolve_precision, tf32_mode
 from ..data import IQADataset, build_dataset, collate
 from ..factory import create_model
-from ..hub import KNOWN_WEIGHTS, WeightsNotFoundError, resolve_weights
+from ..hub import KNOWN_WEIGHTS, PromptSetError, WeightsNotFoundError, resolve_weights
 from ..weights import load_into
 from .checkpoint import (
     LAST,
@@ -193,12 +193,23 @@ def build_model(cfg: TrainConfig) -> GammaModel:
         where = "" if given in KNOWN_WEIGHTS else f" (resolved to {Path(given).expanduser().absolute()})"
         raise ConfigError(f"model.pretrained: {given!r}{where}: {exc}") from None
     try:
-        model = create_model(m.name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **m.overrides)
+        model = create_model(m.name, pretrained=pretrained, allow_unsafe=m.allow_unsafe,
+                             prompt_set_override=m.prompt_set_override, **m.overrides)
+    except PromptSetError as exc:
+        raise prompt_set_conflict(exc) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}") from exc
     if cfg.stage == "attiqa_finetune" and cfg.attiqa.finetune == "linear_probe":
         model.set_stage("probe")  # only the regressor trains (docs/attiqa.md#trainer-stages)
     return model
+
+
+def prompt_set_conflict(exc: PromptSetError) -> ConfigError:
+    """The option file's words for a prompt set that contradicts the one ``model.pretrained`` records."""
+    return ConfigError(f"model.overrides.prompt_set: {exc.path} (model.pretrained) records prompt set "
+                       f"{exc.recorded!r}, the prompts its weights were trained with; {exc.requested!r} contradicts "
+                       f"it. Drop model.overrides.prompt_set, or set model.prompt_set_override=true to use "
+                       f"{exc.requested!r} prompts with these weights deliberately (a prompt ablation)")
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[list[IQADataset], dict[str, IQADataset]]:

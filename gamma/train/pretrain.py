@@ -199,7 +199,7 @@ def _backbone(cfg: TrainConfig) -> GammaModel:
     torch.manual_seed(cfg.seed)
     overrides = {**cfg.model.overrides, "moae_layers": 0, "num_experts": 0}
     model = create_model(cfg.model.name, pretrained=cfg.model.pretrained, allow_unsafe=cfg.model.allow_unsafe,
-                         **overrides)
+                         prompt_set_override=cfg.model.prompt_set_override, **overrides)
     model.clip_model.requires_grad_(True)
     model.clip_model.train()
     return model

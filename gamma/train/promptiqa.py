@@ -60,10 +60,10 @@ from ..data.requirements import write_requirement
 from ..data.transforms import TestTransform
 from ..factory import create_model, list_models
 from ..families import is_family
-from ..hub import resolve_weights
+from ..hub import PromptSetError, resolve_weights
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, broadcast_object
-from .loop import Objective, Run, train
+from .loop import Objective, Run, prompt_set_conflict, train
 from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also reached through this module
     GAMMA_AS_IS,
     GAMMA_MAPPED,
@@ -235,7 +235,10 @@ def build_model(cfg: TrainConfig) -> nn.Module:
         overrides.setdefault("vit_weights", cfg.promptiqa.vit_weights)  # where official training starts
     pretrained = resolve_weights(path=m.pretrained) if m.pretrained else None
     try:
-        model = create_model(name, pretrained=pretrained, allow_unsafe=m.allow_unsafe, **overrides)
+        model = create_model(name, pretrained=pretrained, allow_unsafe=m.allow_unsafe,
+                             prompt_set_override=m.prompt_set_override, **overrides)
+    except PromptSetError as exc:
+        raise prompt_set_conflict(exc) from None
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"model: {exc}") from exc
     if not (takes_isp(model) or is_family(model, "gamma")):

@@ -181,16 +181,16 @@ def test_runner_given_as_the_model(exported, photo_files):
 
 def test_promptiqa_with_baked_isp_agrees_with_pytorch(photo_files, tmp_path):
     """PromptIQA with a fixed ISP set baked in: >= 60 photographs scored by onnxruntime within 1e-4 of PyTorch."""
-    from gamma.export import open_onnx
-    from gamma.export_promptiqa import OnnxPromptIQAModel, export_promptiqa_onnx
+    from gamma.export import OnnxPromptIQAModel, export_promptiqa_onnx, open_onnx
 
     torch.manual_seed(0)
     model = gamma.create_model("promptiqa_test").eval()
     isp = {p: (i + 1) / 7 for i, p in enumerate(photo_files[-6:])}
-    path = export_promptiqa_onnx(model, tmp_path / "piqa.onnx", isp)
+    torch_scorer = Scorer(model=model, isp=isp, num_workers=0)
+    path = export_promptiqa_onnx(model, tmp_path / "piqa.onnx", torch_scorer.encoded_isp, isp_source="test pairs")
     runner = open_onnx(path)
     assert isinstance(runner, OnnxPromptIQAModel) and runner.meta["isp_pairs"] == 6
-    torch_df = Scorer(model=model, isp=isp, num_workers=0).score(photo_files)
+    torch_df = torch_scorer.score(photo_files)
     onnx_df = Scorer(str(path), backend="onnxruntime", num_workers=0).score(photo_files)
     assert list(onnx_df["name"]) == list(torch_df["name"]) and onnx_df.attrs["model"] == "promptiqa"
     assert torch_df["score"].std() > 1e-4  # the scores spread

@@ -1,5 +1,5 @@
 """``gamma export SRC --onnx FILE``: an ONNX graph of a Gamma model (:func:`gamma.export.export_onnx`) or of a PromptIQA
-model with an ISP set baked in (``--isp``, :func:`gamma.export_promptiqa.export_promptiqa_onnx`), optionally an int8
+model with an ISP set baked in (``--isp``, :func:`gamma.export.export_promptiqa_onnx`), optionally an int8
 copy; score with it by ``gamma score ... --backend onnxruntime --weights FILE``."""
 
 from __future__ import annotations
@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("gamma export needs onnx and onnxruntime: pip install 'gamma-iqa[onnx]'") from None
     import torch
 
-    from ..export import export_onnx, quantize_onnx
-    from ..export_promptiqa import export_promptiqa_onnx
+    from ..export import export_onnx, export_promptiqa_onnx, quantize_onnx
     from ..factory import create_model
     from ..families import is_family
     from ..prompt_file import PromptFileError
@@ -69,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
         if is_family(model, "promptiqa"):
             if args.isp is None:
                 raise UsageError("a PromptIQA model is exported with its image-score pairs baked in: pass --isp CSV")
-            written = export_promptiqa_onnx(model, args.onnx, args.isp, source=args.source or "")
+            from ..scorer import Scorer  # the ISP set read and encoded as `gamma score --isp` does
+
+            scorer = Scorer(model=model, isp=args.isp, num_workers=0, device="cpu")
+            written = export_promptiqa_onnx(model, args.onnx, scorer.encoded_isp, isp_source=str(args.isp),
+                                            backend=scorer.backend, source=args.source or "")
         else:
             if args.isp is not None:
                 raise UsageError("--isp applies to PromptIQA models (their ISP set is baked into the graph)")

@@ -41,15 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .archs.crops import CropProtocol, prepare, unique_crops
-from .archs.gamma import Assessment, GammaModel
-from .families import GAMMA_SCORING, family_of_model, get_family
-from .prompts import ATTRIBUTES, AUTO_SCENE, SCENES, canonical_scene
+from ..archs.crops import CropProtocol, prepare, unique_crops
+from ..archs.gamma import Assessment, GammaModel
+from ..families import GAMMA_SCORING, family_of_model, get_family, is_family
+from ..prompts import ATTRIBUTES, AUTO_SCENE, SCENES, canonical_scene
+from .runtime import OPSET, onnx_session
 
 logger = logging.getLogger(__name__)
 
-#: The ONNX opset of exported graphs.
-OPSET = 17
 #: The outputs ``export_onnx`` can write, by name.
 ONNX_OUTPUTS = ("score", "distribution", "attributes")
 _GRAPH_OUTPUTS = {"score": "score", "distribution": "level_probs", "attributes": "attributes"}
@@ -104,7 +103,7 @@ def export_onnx(model: GammaModel, path: str | os.PathLike, *, scene: str | None
     """
     import onnx  # the `onnx` extra
 
-    if not isinstance(model, GammaModel):
+    if not is_family(model, "gamma"):
         title = getattr(family_of_model(model), "title", type(model).__name__)
         raise ValueError(f"ONNX export covers Gamma models; this is a {title} model (docs/scale.md says why)")
     unknown = [o for o in outputs if o not in ONNX_OUTPUTS]
@@ -176,39 +175,6 @@ def quantize_onnx(source: str | os.PathLike, dest: str | os.PathLike) -> Path:
             entry.key, entry.value = prop.key, prop.value
         onnx.save(proto, str(dest))
     return Path(dest)
-
-
-def onnx_session(path: Path, threads: int | None = None, providers: Sequence[str] | None = None) -> tuple[Any, dict]:
-    """An onnxruntime session of a graph written by ``gamma export``, and its ``gamma`` metadata."""
-    import onnxruntime as ort  # the `onnx` extra
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX file")
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-        options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=list(providers or ["CPUExecutionProvider"]))
-    raw = session.get_modelmeta().custom_metadata_map.get("gamma")
-    if raw is None:
-        raise ValueError(f"{path} was not written by gamma export (no 'gamma' metadata)")
-    return session, json.loads(raw)
-
-
-def open_onnx(path: str | os.PathLike, **kwargs: Any) -> Any:
-    """The runner of a graph written by ``gamma export``: :class:`OnnxGammaModel`, or for a PromptIQA graph
-    :class:`gamma.export_promptiqa.OnnxPromptIQAModel` (``kwargs``: ``threads``, ``providers``)."""
-    import onnx
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX file")
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    if json.loads(props.get("gamma", "{}")).get("family") == "promptiqa":
-        from .export_promptiqa import OnnxPromptIQAModel
-
-        return OnnxPromptIQAModel(path, **kwargs)
-    return OnnxGammaModel(path, **kwargs)
 
 
 #: How the scorer runs an exported graph: Gamma's row (the same calls: ``model(batch, scene=...)``, ``assess``, the
@@ -344,5 +310,4 @@ class OnnxGammaModel:
     __call__ = score_images
 
 
-__all__ = ["ONNX_OUTPUTS", "ONNX_SCORING", "OPSET", "OnnxGammaModel", "export_onnx", "onnx_session", "open_onnx",
-           "quantize_onnx"]
+__all__ = ["ONNX_OUTPUTS", "ONNX_SCORING", "OnnxGammaModel", "export_onnx", "quantize_onnx"]

@@ -6,8 +6,8 @@
 PromptIQA scores an image against a set of image-score pairs (ISPs). With the set fixed, its encoding (the ISP
 features, :meth:`gamma.archs.promptiqa.PromptedIQA.encode_prompt`: the ISP images through the ViT and the prompt
 encoder) is a constant: it is computed once at export, through the scorer's own reading of the ISP files
-(:class:`gamma.Scorer` with ``isp=``), and stored in the graph. The graph is the rest: the image path (ViT + MAL) and
-the fusion with the stored ISP features.
+(:attr:`gamma.Scorer.encoded_isp` of a ``Scorer`` with ``isp=``), and stored in the graph. The graph is the rest:
+the image path (ViT + MAL) and the fusion with the stored ISP features.
 
 The graph's contract: input ``images``: float32 (N, 3, S, S), RGB in [0, 1], already resized to the model's input S
 (the scorer's reader does it the official way, :func:`gamma.io.load_promptiqa_image`); the (x - 0.5) / 0.5
@@ -25,14 +25,14 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from .archs.promptiqa import PIXEL_MEAN, PIXEL_STD, PromptIQA
-from .families import Scoring, fit_promptiqa, get_family, read_promptiqa
+from ..archs.promptiqa import PIXEL_MEAN, PIXEL_STD, PromptIQA
+from ..families import Scoring, fit_promptiqa, get_family, read_promptiqa
+from .runtime import OPSET, onnx_session
 
 logger = logging.getLogger(__name__)
 
@@ -50,26 +50,28 @@ class _PromptIQAHead(nn.Module):
         return self.model.fuse(self.model.image_features(pixels), self.isp[None])
 
 
-def export_promptiqa_onnx(model: PromptIQA, path: str | os.PathLike, isp: Any, *, backend: str = "cv2",
-                          source: str = "", opset: int | None = None) -> Path:
-    """Write ``model`` with the ISP set ``isp`` baked in as an ONNX graph (the contract is in the module docstring).
+def export_promptiqa_onnx(model: PromptIQA, path: str | os.PathLike, encoded: torch.Tensor, *,
+                          isp_source: str | None = None, backend: str = "cv2", source: str = "",
+                          opset: int | None = None) -> Path:
+    """Write ``model`` with one encoded ISP set baked in as an ONNX graph (the contract is in the module docstring).
+
+    The ISP set is encoded by the scorer's own reading of its files, e.g.
+    ``encoded = Scorer(model=model, isp="isp.csv", device="cpu").encoded_isp`` (what ``gamma export --isp`` does).
 
     Args:
         model: a PromptIQA model (fp32).
         path: the ``.onnx`` file to write.
-        isp: the image-score pairs, as :class:`gamma.Scorer` takes them (a CSV ``image,score``, a dict, pairs).
-        backend: how the ISP images are decoded and resized (``cv2``, the official path, or ``pil``).
+        encoded: the ISP features (n, dim) every image is scored against (:attr:`gamma.Scorer.encoded_isp`).
+        isp_source: where the ISP set came from (its file), for the metadata.
+        backend: how the ISP images were decoded and resized (``cv2``, the official path, or ``pil``), for the
+            metadata: the runner reads the targets the same way.
         source: where the weights came from, for the metadata.
         opset: the ONNX opset (default :data:`gamma.export.OPSET`).
     """
     import onnx  # the `onnx` extra
 
-    from .export import OPSET
-    from .scorer import Scorer
-
     model = model.eval().cpu()
-    scorer = Scorer(model=model, isp=isp, backend=backend, num_workers=0, device="cpu")
-    encoded = scorer.encoded_isp  # the (n, dim) ISP features every batch is scored against
+    encoded = encoded.detach().float().cpu()
     head = _PromptIQAHead(model, encoded).eval()
     size = model.config.image_size
     path = Path(path)
@@ -84,7 +86,7 @@ def export_promptiqa_onnx(model: PromptIQA, path: str | os.PathLike, isp: Any, *
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     proto = onnx.load(str(path))
-    meta = {"family": "promptiqa", "image_size": size, "isp": scorer.metadata.get("prompt"),
+    meta = {"family": "promptiqa", "image_size": size, "isp": isp_source,
             "isp_pairs": int(encoded.shape[0]), "backend": backend, "source": str(source),
             "input": "images in [0, 1], RGB, resized to image_size"}
     entry = proto.metadata_props.add()
@@ -107,8 +109,6 @@ class OnnxPromptIQAModel:
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None,
                  providers: Sequence[str] | None = None) -> None:
-        from .export import onnx_session
-
         self.family = get_family("promptiqa")
         self.path = Path(path)
         self.session, self.meta = onnx_session(self.path, threads, providers)

@@ -141,9 +141,10 @@ def test_score_shards_to_parquet_and_out_dir(shard_dir):
     assert table.column("name").to_pylist() == ["00000/a0", "00000/a2", "00001/b0", "00002/c0", "00002/c1",
                                                 "00002/c2"]
     assert str(table.schema.field("name").type) == "string" and str(table.schema.field("score").type) == "double"
-    assert "p_good" in table.schema.names and json.loads(table.schema.metadata[b"gamma"])["model"] == "gamma"
+    record = json.loads(table.schema.metadata[b"gamma"])["provenance"]
+    assert "p_good" in table.schema.names and record["model"]["family"] == "gamma"
     assert sorted(p.name for p in (shard_dir / "per").iterdir()) == ["00000.parquet", "00001.parquet",
-                                                                    "00002.parquet"]
+                                                                    "00002.parquet", "shards.meta.json"]
     per = pq.read_table(shard_dir / "per" / "00002.parquet").to_pylist()
     merged = {row["name"]: row for row in table.to_pylist()}
     assert all(merged[row["name"]] == row for row in per)  # the same rows, joinable by name
@@ -154,7 +155,7 @@ def test_resume_skips_finished_shards_and_redoes_half_done(shard_dir):
     first = gamma_cmd("00000.tar", "00001.tar", "--out", "s.csv", cwd=shard_dir)
     assert first.returncode == 1
     staging = shard_dir / ".s.csv.shards"
-    assert sorted(p.name for p in staging.iterdir()) == ["00000.done", "00001.done"]
+    assert sorted(p.name for p in staging.iterdir()) == ["00000.done", "00001.done", "shards.meta.json"]
     (staging / ".00002.jsonl.123.tmp").write_text('{"name": "00002/c0"')  # what a killed shard leaves
     again = gamma_cmd("{00000..00002}.tar", "--out", "s.csv", cwd=shard_dir)
     assert again.returncode == 2 and "--resume" in again.stderr
@@ -167,6 +168,20 @@ def test_resume_skips_finished_shards_and_redoes_half_done(shard_dir):
     once = gamma_cmd("{00000..00002}.tar", "--out", "single.csv", cwd=shard_dir)
     rows_once = read_rows(shard_dir / "single.csv")
     assert read_rows(shard_dir / "s.csv") == rows_once and once.returncode == 1
+
+
+def test_resume_over_shards_scored_differently_is_refused_before_scoring(shard_dir):
+    """The staged shards record how they were scored; --resume with other outputs (the level distribution's columns)
+    is refused, naming the difference, and neither the output nor the finished shards change."""
+    assert gamma_cmd("00002.tar", "--out", "s.csv", cwd=shard_dir).returncode == 0
+    before = (shard_dir / "s.csv").read_bytes()
+    staging = shard_dir / ".s.csv.shards"
+    finished = sorted(p.name for p in staging.iterdir())
+    other = gamma_cmd("00001.tar", "00002.tar", "--out", "s.csv", "--resume", "--distribution", cwd=shard_dir)
+    assert other.returncode == 2 and "cannot resume" in other.stderr and "column" in other.stderr, other.stderr
+    assert (shard_dir / "s.csv").read_bytes() == before and sorted(p.name for p in staging.iterdir()) == finished
+    same = gamma_cmd("00001.tar", "00002.tar", "--out", "s.csv", "--resume", cwd=shard_dir)
+    assert same.returncode == 1 and "1 shard(s) already finished" in same.stderr  # 00001/b1 has no image
 
 
 def test_shards_mixed_with_images_refused(shard_dir):

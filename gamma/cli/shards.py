@@ -45,12 +45,14 @@ from ..shards import (
     write_jsonl_rows,
 )
 from .common import PeerError, UsageError
-from .provenance import Provenance
+from .provenance import Provenance, check_resume, write_sidecar
 from .score_setup import Tally, announce, make_scorer, report
 from .sharded import world_size
 from .writers import open_writer
 
 logger = logging.getLogger(__name__)
+
+STAGING_RECORD = "shards"  # <staging>/shards.meta.json: how the staged shards were scored
 
 
 def wants_shards(args: argparse.Namespace) -> bool:
@@ -130,6 +132,9 @@ def _run(args: argparse.Namespace, shards: list[str], info: Any) -> int:
         if is_main:
             _check_outputs(args, staging, suffix)
         scorer = make_scorer(args, device=info.device if info is not None else None)
+        provenance = Provenance.from_scorer(scorer, args).with_columns(scorer.columns())
+        if is_main:
+            _check_provenance(provenance, args, staging)
     except UsageError as exc:
         error = str(exc)
     if info is not None:
@@ -150,7 +155,7 @@ def _run(args: argparse.Namespace, shards: list[str], info: Any) -> int:
     tallies, start = [], time.perf_counter()
     try:
         for shard in mine:
-            tallies.append(_score_one(scorer, shard, staging, suffix, columns, args))
+            tallies.append(_score_one(scorer, shard, staging, suffix, columns, provenance))
     except KeyboardInterrupt:
         if is_main:
             print("gamma: interrupted; run again with --resume to continue (finished shards are kept)", file=sys.stderr)
@@ -167,8 +172,7 @@ def _run(args: argparse.Namespace, shards: list[str], info: Any) -> int:
     tally.seconds = max(e[3] for e in everyone)
     shards_skipped, truncated = sum(e[2] for e in everyone), sum(e[4] for e in everyone)
     if args.out is not None:
-        writer = open_writer(args.out, columns, resume=True, overwrite=False,
-                             provenance=Provenance.from_scorer(scorer, args))
+        writer = open_writer(args.out, columns, resume=True, overwrite=False, provenance=provenance)
         tally.scored, dup = _merge(shards, staging, suffix, writer, keep=bool(args.out_dir))
         tally.skipped += dup
     else:
@@ -203,8 +207,19 @@ def _check_outputs(args: argparse.Namespace, staging: Path, suffix: str) -> None
                          "are skipped), or --overwrite to start again")
 
 
+def _check_provenance(provenance: Provenance, args: argparse.Namespace, staging: Path) -> None:
+    """``--resume`` over shards finished by a run scored differently (other weights, prompts, crops, precision ...) is
+    refused, naming each difference, before anything is scored: no shard of another model is merged with this run's.
+    The record of the staged shards is ``<staging>/shards.meta.json``."""
+    finished = staging.is_dir() and any(p.suffix in (".parquet", ".jsonl", ".done") for p in staging.iterdir())
+    if args.resume and finished:
+        check_resume(staging / STAGING_RECORD, provenance, what=f"the shards finished in {staging}")
+    staging.mkdir(parents=True, exist_ok=True)
+    write_sidecar(staging / STAGING_RECORD, provenance)
+
+
 def _score_one(scorer: Any, shard: str, staging: Path, suffix: str, columns: list[str],
-               args: argparse.Namespace) -> ShardTally:
+               provenance: Provenance) -> ShardTally:
     """Score one shard into its per-shard file (written when the shard is done)."""
     from ..parquet_out import write_table
 
@@ -224,7 +239,8 @@ def _score_one(scorer: Any, shard: str, staging: Path, suffix: str, columns: lis
         print(f"gamma: {reader.error}; the {tally.rows + tally.failed} sample(s) before it are kept", file=sys.stderr)
     dest = staging / f"{tally.shard}{suffix}"
     if suffix == ".parquet":
-        write_table(dest, rows, columns, metadata={**scorer.metadata, "shard": os.fspath(shard)})
+        write_table(dest, rows, columns, metadata={**scorer.metadata, "shard": os.fspath(shard),
+                                                   "provenance": provenance.to_dict()})
     else:
         atomic_write(dest, lambda tmp: write_jsonl_rows(tmp, rows))
     logger.info("%s: %d row(s), %d failed, %d member(s)", shard, tally.rows, tally.failed, tally.members)

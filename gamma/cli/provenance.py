@@ -211,12 +211,16 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
 
 def check_resume(path: str | os.PathLike, provenance: Provenance, what: str | None = None) -> None:
     """Refuse (:class:`UsageError`) to continue ``path`` unless its sidecar records the same as ``provenance``."""
-    what = what or str(path)
-    recorded = read_sidecar(path)
+    check_recorded(read_sidecar(path), provenance, what or str(path), f"{sidecar_path(path).name} is missing")
+
+
+def check_recorded(recorded: dict[str, Any] | None, provenance: Provenance, what: str, missing: str) -> None:
+    """Refuse (:class:`UsageError`) to continue ``what`` unless ``recorded`` (its record, wherever it is kept; None:
+    it has none, which ``missing`` says where) is the same as ``provenance``."""
     if recorded is None:
-        raise UsageError(f"cannot resume {what}: it has no record of how it was scored ({sidecar_path(path).name} is "
-                         "missing: written by an older gamma, or copied without it), so this run may not match it; "
-                         "score into another --out or pass --overwrite")
+        raise UsageError(f"cannot resume {what}: it has no record of how it was scored ({missing}: written by an "
+                         "older gamma, or copied without it), so this run may not match it; score into another --out "
+                         "or pass --overwrite")
     differences = provenance.check_against(recorded)
     if differences:
         raise UsageError(refusal(what, differences))

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 from .._files import atomic_write
 from ..data.meta import is_number
 from .common import UsageError
-from .provenance import Provenance, check_resume, refusal, sidecar_path, write_sidecar
+from .provenance import Provenance, check_recorded, check_resume, sidecar_path, write_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -311,12 +311,6 @@ def open_writer(out: str | None, columns: list[str], resume: bool, overwrite: bo
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if record is not None and resume and (writer.done or writer.existing_metadata is not None):
-        recorded = (writer.existing_metadata or {}).get("provenance")
-        if recorded is None:
-            raise UsageError(f"cannot resume {out}: its schema metadata has no record of how it was scored (written "
-                             "by an older gamma?), so this run may not match it; score into another --out or pass "
-                             "--overwrite")
-        differences = record.check_against(recorded)
-        if differences:
-            raise UsageError(refusal(str(out), differences))
+        check_recorded((writer.existing_metadata or {}).get("provenance"), record, str(out),
+                       "its Parquet schema metadata has none")
     return writer

@@ -55,7 +55,8 @@ from .checkpoint import LAST, write_json
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, all_gather_objects, barrier, broadcast_object, cleanup, setup, wait_for_main
 from .evaluate import METRICS, autocast
-from .loop import Objective, Run, build_datasets, build_model, train
+from .loop import Run, build_datasets, build_model, train
+from .objective import Objective
 from .run_folder import finished_results, run_dir_of, split_config
 from .teacher import MEASURED, check_prompts, label_images, read_labels
 

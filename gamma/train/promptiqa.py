@@ -63,7 +63,8 @@ from ..families import is_family
 from ..hub import PromptSetError, resolve_weights
 from .config import ConfigError, TrainConfig
 from .distributed import DistInfo, broadcast_object
-from .loop import Objective, Run, prompt_set_conflict, train
+from .loop import Run, prompt_set_conflict, train
+from .objective import Objective
 from .promptiqa_eval import (  # noqa: F401 - the test protocol's names, also reached through this module
     GAMMA_AS_IS,
     GAMMA_MAPPED,

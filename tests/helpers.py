@@ -136,6 +136,32 @@ def write_noise_dataset(root: Path, name: str, n: int, lo: float, hi: float, see
     save_splits(make_splits(n, seed=seed), folder / "split.pkl")
 
 
+def write_two_dataset_run(root: Path, sizes: tuple[int, int] = (20, 15), **options: Any) -> Path:
+    """Two noise datasets under ``root/data`` with different MOS scales and scenes (alpha: 0-100, natural; beta: 1-5,
+    aigc) and ``root/base.yml`` training the tiny SDP model on them; ``options`` override or add top-level keys.
+    Returns the option file."""
+    import yaml
+
+    write_noise_dataset(root / "data", "alpha", sizes[0], 0, 100, seed=1, size=(72, 96))
+    write_noise_dataset(root / "data", "beta", sizes[1], 1, 5, seed=2, size=(96, 64))
+    base = {
+        "name": "tiny", "output_dir": str(root / "runs"), "epochs": 2, "batch_size": 4, "workers": 0,
+        "device": "cpu", "model": {"name": "gamma_test_sdp"}, "optim": {"lr": 1e-3},
+        "data_root": str(root / "data"),
+        "data": [
+            {"name": "alpha", "root": "alpha/img", "meta_file": "alpha/meta.csv", "split_file": "alpha/split.pkl",
+             "mos_range": [0, 100]},
+            {"name": "beta", "root": "beta/img", "meta_file": "beta/meta.csv", "split_file": "beta/split.pkl",
+             "mos_range": [1, 5], "scene": "aigc"},
+        ],
+        "eval": {"crops": 3},
+        "log": {"every_steps": 1, "progress": False, "tensorboard": False},
+    }
+    path = root / "base.yml"
+    path.write_text(yaml.safe_dump({**base, **options}, sort_keys=False))
+    return path
+
+
 def interrupt_at(monkeypatch, step: int) -> None:
     """Deliver a real SIGINT while step ``step`` is being logged (the trainer stops after the next step)."""
     write = loop.MetricsLog.write

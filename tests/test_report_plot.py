@@ -11,8 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from helpers import write_noise_dataset
+from helpers import write_two_dataset_run
 from PIL import Image
 
 import gamma
@@ -124,22 +123,7 @@ def run_root(tmp_path_factory) -> Path:
     from gamma.train.main import main as train_main
 
     root = tmp_path_factory.mktemp("plotrun")
-    write_noise_dataset(root / "data", "alpha", 16, 0, 100, seed=1, size=(72, 96))
-    write_noise_dataset(root / "data", "beta", 12, 1, 5, seed=2, size=(96, 64))
-    options = {
-        "name": "tiny", "output_dir": str(root / "runs"), "epochs": 2, "batch_size": 4, "workers": 0,
-        "device": "cpu", "model": {"name": "gamma_test_sdp"}, "optim": {"lr": 1e-3}, "data_root": str(root / "data"),
-        "max_steps_per_epoch": 3, "splits": [1, 2],
-        "data": [
-            {"name": "alpha", "root": "alpha/img", "meta_file": "alpha/meta.csv", "split_file": "alpha/split.pkl",
-             "mos_range": [0, 100]},
-            {"name": "beta", "root": "beta/img", "meta_file": "beta/meta.csv", "split_file": "beta/split.pkl",
-             "mos_range": [1, 5], "scene": "aigc"},
-        ],
-        "eval": {"crops": 2},
-        "log": {"every_steps": 1, "progress": False, "tensorboard": False},
-    }
-    (root / "base.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+    write_two_dataset_run(root, sizes=(16, 12), max_steps_per_epoch=3, splits=[1, 2], eval={"crops": 2})
     train_main(["-opt", str(root / "base.yml"), "--all_splits"])
     return root / "runs" / "tiny"
 

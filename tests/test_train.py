@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
-from helpers import assert_close, interrupt_at, launch_ddp, write_noise_dataset
+from helpers import assert_close, interrupt_at, launch_ddp, write_two_dataset_run
 from PIL import Image
 
 from gamma.train import loop
@@ -35,22 +34,7 @@ BATCH = 4
 def workspace(tmp_path_factory) -> Path:
     """Two datasets with different MOS scales and scenes, and a base option file for the tiny model."""
     root = tmp_path_factory.mktemp("trainer")
-    write_noise_dataset(root / "data", "alpha", 20, 0, 100, seed=1, size=(72, 96))
-    write_noise_dataset(root / "data", "beta", 15, 1, 5, seed=2, size=(96, 64))
-    options = {
-        "name": "tiny", "output_dir": str(root / "runs"), "epochs": 2, "batch_size": BATCH, "workers": 0,
-        "device": "cpu", "model": {"name": "gamma_test_sdp"}, "optim": {"lr": 1e-3},
-        "data_root": str(root / "data"),
-        "data": [
-            {"name": "alpha", "root": "alpha/img", "meta_file": "alpha/meta.csv", "split_file": "alpha/split.pkl",
-             "mos_range": [0, 100]},
-            {"name": "beta", "root": "beta/img", "meta_file": "beta/meta.csv", "split_file": "beta/split.pkl",
-             "mos_range": [1, 5], "scene": "aigc"},
-        ],
-        "eval": {"crops": 3},
-        "log": {"every_steps": 1, "progress": False, "tensorboard": False},
-    }
-    (root / "base.yml").write_text(yaml.safe_dump(options, sort_keys=False))
+    write_two_dataset_run(root, batch_size=BATCH)
     return root
 
 
